@@ -1,0 +1,41 @@
+"""`python -m pipeline COMMAND …`: each command lives in its own module, imported only when used."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "complexity": ("pipeline.complexity", "Params and MAdds of backbones and heads at ImageNet settings"),
+    "prepare": ("pipeline.data.prepare", "Build a prepared dataset (manifest, classes, stats)"),
+    "plan": ("pipeline.plan", "Count the trials of every table and estimate their compute"),
+    "train": ("pipeline.train", "Train and evaluate one trial"),
+    "benchmark": ("pipeline.speed", "Table 10: frames/s of baseline vs NOAH models"),
+    "bench-head": ("pipeline.bench_head", "Head latency, train step and saved memory: ours vs straightforward"),
+    "bench-prepare": ("pipeline.data.bench", "Prepare throughput vs a one-process PIL loop"),
+    "bench-train": ("pipeline.bench_train", "Trainer images/s vs a bare PyTorch loop"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: python -m pipeline COMMAND [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    module_name, help_ = COMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {argv[0]}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return module.run(args) or 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

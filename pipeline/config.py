@@ -1,0 +1,202 @@
+"""The one schema of the project's configuration.
+
+Every option that `params.yaml`, the command line or a test can set is declared here as a typed,
+frozen dataclass. `parse` turns plain mappings into these dataclasses and rejects bad input with one
+`ConfigError` naming the key, the value given and what is allowed, before any expensive work starts.
+`params.yaml` only fills this schema in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An option that cannot be used: the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}: got {value!r}; allowed: {allowed}")
+
+
+def choice(*values: Any, default: Any = dataclasses.MISSING) -> Any:
+    """A field that only takes one of `values`."""
+    return field(default=default, metadata={"choices": values})
+
+
+def checked(check: Callable[[Any], bool], allowed: str, default: Any = dataclasses.MISSING,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field whose value must satisfy `check`; `allowed` says in words what passes."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"check": check, "allowed": allowed})
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, recursing into dataclasses, lists and dicts."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, value, _type_name(tp))
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, value, "one of " + ", ".join(map(repr, typing.get_args(tp))))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, f"a list ({_type_name(tp)})")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, f"a mapping ({_type_name(tp)})")
+        _, val_tp = typing.get_args(tp)
+        return {k: _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, key)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, value, "null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "a string")
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def parse(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and bad values."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where or cls.__name__, data, "a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(key, data[unknown[0]], "a known key: " + ", ".join(fields))
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, None, f"a value is required ({_type_name(hints[name])})")
+            continue
+        value = _coerce(hints[name], data[name], key)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(key, value, "one of " + ", ".join(map(repr, choices)))
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(key, value, f.metadata["allowed"])
+        values[name] = value
+    return cls(**values)
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain-data form of a config dataclass (for YAML, JSON and MLflow params)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a.b": 1}` from `{"a": {"b": 1}}`: the form MLflow params and hashes use."""
+    data = to_dict(obj)
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Head
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A classifier head; the NOAH options are the paper's design by default (interface.md)."""
+
+    kind: str = choice("baseline", "gap", "noah", default="noah")
+    N: int | None = checked(lambda n: n >= 1, "an integer >= 1", default=None)
+    r: float | None = checked(lambda r: 0 < r < 1, "a number with 0 < r < 1", default=None)
+    feature_split: str = choice("both", "first", "none", default="both")
+    activation: str = choice("softmax", "sigmoid", default="softmax")
+    softmax_axis: str = choice("spatial", "channel", default="spatial")
+    aggregation: str = choice("sum", "avg", "max", default="sum")
+    kernel_size: int = choice(1, 3, default=1)
+    shared_attention: bool = False
+    extra_linear: bool = False
+    dropout: float = checked(lambda p: 0 <= p < 1, "a number with 0 <= dropout < 1", default=0.0)
+
+    @property
+    def name(self) -> str:
+        """A short readable label, e.g. `noah(N=4,r=0.5)` or `noah(N=4,r=0.5,aggregation=max)`."""
+        if self.kind != "noah":
+            return self.kind
+        parts = [f"N={self.N}", f"r={self.r:g}"] if self.N is not None and self.r is not None else []
+        defaults = HeadConfig()
+        for f in dataclasses.fields(self):
+            if f.name not in ("kind", "N", "r") and getattr(self, f.name) != getattr(defaults, f.name):
+                parts.append(f"{f.name}={getattr(self, f.name)}")
+        return f"noah({','.join(parts)})"
+
+
+def parse_head(head: dict[str, Any] | HeadConfig | None, where: str = "head") -> HeadConfig:
+    """A `HeadConfig` from a mapping such as `{"kind": "noah", "N": 4, "r": 0.5}`."""
+    return parse(HeadConfig, head, where)
+
+
+def parse_head_spec(spec: str) -> HeadConfig:
+    """A `HeadConfig` from the command line form `kind=noah,N=4,r=0.5,aggregation=max`."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise ConfigError("--head", item, "comma-separated key=value pairs, e.g. kind=noah,N=4,r=0.5")
+        key, value = item.split("=", 1)
+        data[key.strip()] = yaml.safe_load(value)
+    return parse_head(data, "--head")
