@@ -200,3 +200,60 @@ def parse_head_spec(spec: str) -> HeadConfig:
         key, value = item.split("=", 1)
         data[key.strip()] = yaml.safe_load(value)
     return parse_head(data, "--head")
+
+
+# ---- Study (lead): profiles, tables, Ray
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One printed row of a paper table: the paper's row number, a backbone and a head."""
+
+    row: int = checked(lambda r: r >= 1, "a paper row number >= 1")
+    backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """A table's grid: the recipe its rows train with and the rows as the paper lays them out.
+
+    A `reid` table (Table 9) trains every row twice: from scratch with `recipe` and fine-tuned from
+    the same backbone and head's classification checkpoint with `finetune_recipe`.
+    """
+
+    recipe: str = checked(lambda r: bool(r), "a key of `recipes`")
+    rows: tuple[TableRow, ...] = checked(lambda rows: len(rows) > 0, "a non-empty list of rows")
+    task: str = choice("classify", "reid", default="classify")
+    finetune_recipe: str | None = None
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The scale a study runs at: which prepared data, image size and how much of each recipe.
+
+    `epochs` and `batch_size` override the recipe's (null keeps the paper's); the recipe's shape
+    (schedule fractions, warm-up share, lr per image) is kept, and lr follows the batch linearly.
+    """
+
+    dataset: str = checked(lambda d: bool(d), "a key of `datasets`")
+    reid_dataset: str | None = None
+    img_size: int = checked(lambda s: s >= 16, "an image size >= 16", default=224)
+    reid_img_size: int | None = checked(lambda s: s >= 16, "an image size >= 16", default=None)
+    epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
+    batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
+    train_images: int | None = checked(lambda n: n >= 1, "an integer >= 1 or null", default=None)
+    gpu_tflops: float = checked(lambda t: t > 0, "a positive number (effective TFLOP/s per GPU)", default=30.0)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where sweeps run: a cluster address (or RAY_ADDRESS) or a local Ray, and per-trial resources."""
+
+    address: str | None = None
+    num_cpus: int | None = checked(lambda n: n >= 1, "an integer >= 1 or null (all cores)", default=None)
+    cpus_per_trial: float = checked(lambda c: c > 0, "a positive number", default=1.0)
+    gpus_per_trial: float = checked(lambda g: g >= 0, "a number >= 0 (fractions share a GPU)", default=0.0)
+    max_concurrent: int = checked(lambda n: n >= 1, "an integer >= 1", default=2)
+    max_failures: int = checked(lambda n: n >= 0, "an integer >= 0", default=2)
+    storage_path: str = ".ray_results"
