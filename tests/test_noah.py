@@ -1,0 +1,139 @@
+"""The batched NOAH head against a per-group, loop-based reading of Eq. (1), for every option."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, HeadConfig, parse_head
+from pipeline.models.noah import NoahHead
+
+C, M, H, W, B = 16, 5, 3, 4, 2
+
+
+def eq1_logits(head: NoahHead, x: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) read literally: one POCA block per group, each a pair of `conv2d` calls."""
+    cfg = head.cfg
+    n, ck, pad = cfg.N, head.key_channels, cfg.kernel_size // 2
+    blocks = []
+    for i in range(n):
+        group = x if cfg.feature_split == "none" else x[:, i * C // n:(i + 1) * C // n]
+        if cfg.feature_split == "both" and not cfg.shared_attention:
+            f_k, f_v = group[:, :ck], group[:, ck:]
+        else:
+            f_k = f_v = group
+        if cfg.extra_linear:
+            f_k = F.conv2d(f_k, head.key_linear[i][..., None, None], head.key_linear_bias[i])
+            f_v = F.conv2d(f_v, head.value_linear[i][..., None, None], head.value_linear_bias[i])
+        key = F.conv2d(f_k, head.key_weight[i], head.key_bias[i], padding=pad)
+        value = F.conv2d(f_v, head.value_weight[i], head.value_bias[i], padding=pad)
+        if cfg.activation == "sigmoid":
+            attn = torch.sigmoid(key)
+        elif cfg.softmax_axis == "spatial":
+            attn = key.flatten(2).softmax(-1).view_as(key)
+        else:
+            attn = key.softmax(1)
+        blocks.append(attn * value)
+    poca = torch.stack(blocks, 1)  # (B, N, M, H, W)
+    if cfg.aggregation == "max":
+        return poca.amax(dim=(1, 3, 4))
+    logits = poca.sum(dim=(1, 3, 4))
+    return logits / (n * H * W) if cfg.aggregation == "avg" else logits
+
+
+def variants():
+    """Every combination of the head's options (sigmoid ignores the softmax axis)."""
+    options = itertools.product(("both", "first", "none"), ("softmax", "sigmoid"), ("spatial", "channel"),
+                                ("sum", "avg", "max"), (1, 3), (False, True), (False, True))
+    for split, act, axis, agg, k, shared, extra in options:
+        if (act == "sigmoid" and axis == "channel") or (shared and act == "softmax" and axis == "channel"):
+            continue
+        yield HeadConfig(N=4, r=0.5, feature_split=split, activation=act, softmax_axis=axis, aggregation=agg,
+                         kernel_size=k, shared_attention=shared, extra_linear=extra, dropout=0.25)
+
+
+def _grads(logits: torch.Tensor, x: torch.Tensor, head: NoahHead, weight: torch.Tensor):
+    return torch.autograd.grad((logits * weight).sum(), [x, *head.parameters()])
+
+
+@pytest.mark.parametrize("cfg", list(variants()), ids=lambda c: c.name)
+def test_head_equals_per_group_eq1(cfg: HeadConfig):
+    torch.manual_seed(0)
+    head = NoahHead(cfg, C, M).double().eval()  # eval: dropout is the identity
+    with torch.no_grad():  # a non-zero init for the extra linear biases too
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(B, M, dtype=torch.float64)
+    ours, ref = head(x), eq1_logits(head, x)
+    assert ours.shape == (B, M)
+    torch.testing.assert_close(ours, ref)
+    for g_ours, g_ref in zip(_grads(ours, x, head, weight), _grads(ref, x, head, weight)):
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("cfg", [HeadConfig(N=4, r=0.5), HeadConfig(N=4, r=0.5, shared_attention=True)],
+                         ids=lambda c: c.name)
+def test_forward_maps_shapes_and_product(cfg: HeadConfig):
+    head = NoahHead(cfg, C, M)
+    attn, value, poca = head.forward_maps(torch.randn(B, C, H, W))
+    assert attn.shape == (B, 4, 1 if cfg.shared_attention else M, H * W)
+    assert value.shape == poca.shape == (B, 4, M, H * W)
+    torch.testing.assert_close(poca, attn * value)
+    torch.testing.assert_close(attn.sum(-1), torch.ones_like(attn[..., 0]))
+
+
+def test_dropout_acts_on_values_in_training_only():
+    torch.manual_seed(0)
+    head = NoahHead(HeadConfig(N=4, r=0.5, dropout=0.5), C, M)
+    x = torch.randn(B, C, H, W)
+    _, value, _ = head.forward_maps(x)
+    assert (value == 0).float().mean() > 0.3  # about half of the values dropped
+    head.eval()
+    _, value, _ = head.forward_maps(x)
+    assert (value != 0).all()
+
+
+def test_paper_parameter_count():
+    """MC weights plus biases: ResNet18 (C=512, N=4, r=1/2) adds 2·N·M biases to C·M weights."""
+    head = NoahHead(HeadConfig(N=4, r=0.5), 512, 1000)
+    assert sum(p.numel() for p in head.parameters()) == 512 * 1000 + 2 * 4 * 1000
+
+
+@pytest.mark.parametrize(("cfg", "channels", "key", "fragments"), [
+    (HeadConfig(N=3, r=0.5), 16, "head.N", ["3", "divisor of the 16 feature channels", "[1, 2, 4, 8, 16]"]),
+    (HeadConfig(N=4, r=0.2), 16, "head.r", ["0.2", "1..3 key channels of the 4 per group", "C=16, N=4"]),
+    (HeadConfig(N=16, r=0.5), 16, "head.r", ["0.5", "1..0 key channels", "N=16"]),
+    (HeadConfig(N=None, r=0.5), 16, "head.N", ["None", "backbone's default"]),
+    (HeadConfig(N=4, r=None), 16, "head.r", ["None", "backbone's default"]),
+    (HeadConfig(N=4, r=0.5, shared_attention=True, softmax_axis="channel"), 16, "head.softmax_axis",
+     ["'channel'", "'spatial' with shared_attention"]),
+])
+def test_head_errors(cfg: HeadConfig, channels: int, key: str, fragments: list[str]):
+    with pytest.raises(ConfigError) as err:
+        NoahHead(cfg, channels, M)
+    assert err.value.key == key
+    message = str(err.value)
+    assert message.startswith(f"{key}: got ")
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.parametrize(("data", "key", "fragment"), [
+    ({"N": 0}, "head.N", "an integer >= 1"),
+    ({"r": 1.5}, "head.r", "0 < r < 1"),
+    ({"feature_split": "half"}, "head.feature_split", "'both', 'first', 'none'"),
+    ({"activation": "relu"}, "head.activation", "'softmax', 'sigmoid'"),
+    ({"softmax_axis": "batch"}, "head.softmax_axis", "'spatial', 'channel'"),
+    ({"aggregation": "median"}, "head.aggregation", "'sum', 'avg', 'max'"),
+    ({"kernel_size": 5}, "head.kernel_size", "1, 3"),
+    ({"shared_attention": "yes"}, "head.shared_attention", "true or false"),
+    ({"dropout": 1.0}, "head.dropout", "0 <= dropout < 1"),
+    ({"heads": 4}, "head.heads", "a known key"),
+])
+def test_head_option_errors(data: dict, key: str, fragment: str):
+    with pytest.raises(ConfigError) as err:
+        parse_head(data)
+    assert err.value.key == key and fragment in str(err.value)
