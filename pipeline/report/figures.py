@@ -1,0 +1,240 @@
+"""The paper's figures from our own runs: Fig. 3 (top-1 curves, baseline vs NOAH) and Fig. 2 (A_i, V_i, P_i maps).
+
+Every figure is optional: when what it needs (an MLflow run, its per-epoch metrics, saved weights) is not there,
+the function returns a sentence saying why instead of a path, and the report prints that sentence.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .specs import backbones, is_baseline  # noqa: E402
+from .tables import Line  # noqa: E402
+
+TRAIN_KEYS = ("train_top1", "train/top1", "train_acc1")
+VAL_KEYS = ("top1", "val_top1", "val/top1")
+WEIGHT_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure the README links (`path`), or the reason it could not be drawn (`note`)."""
+
+    title: str
+    path: Path | None = None
+    note: str | None = None
+
+
+def is_design(row: dict[str, str]) -> bool:
+    """A NOAH row with the paper's design for its backbone (the row Fig. 3 compares with the baseline)."""
+    defaults = {"feature_split": "both", "softmax_axis": "spatial", "aggregation": "sum", "variant": "poca"}
+    if row.get("head") != "noah" or any(row.get(k, "") not in ("", v) for k, v in defaults.items()):
+        return False
+    bb = backbones()[row["key"]]
+    return float(row["N"]) == float(bb["noah_N"]) and float(row["r"]) == float(bb["noah_r"])
+
+
+def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
+    """(label, baseline, NOAH) for every block whose baseline and paper-design NOAH both have a run, once each."""
+    pairs, seen = [], set()
+    for name, lines in tables.items():
+        for line in lines:
+            base = line.baseline
+            if base is None or is_baseline(line.paper) or not is_design(line.paper):
+                continue
+            ids = (base.result.get("run_id"), line.result.get("run_id"))
+            if None in ids or ids in seen:
+                continue
+            seen.add(ids)
+            label = f"{backbones()[line.paper['key']]['paper_name']} ({name.replace('table', 'Table ')})"
+            pairs.append((label, base, line))
+    return pairs
+
+
+def _history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
+    """Per-epoch values of the first of `keys` the run logged (last value per step)."""
+    logged = client.get_run(run_id).data.metrics
+    key = next((k for k in keys if k in logged), None)
+    if key is None:
+        return [], []
+    by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    steps = sorted(by_step)
+    return [float(s) for s in steps], [by_step[s] for s in steps]
+
+
+def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -> Figure:
+    """Fig. 3: top-1 training (dashed) and validation (solid) accuracy per epoch, baseline vs NOAH."""
+    title = "Top-1 training (dashed) and validation (solid) accuracy, baseline vs NOAH (like Fig. 3)"
+    pairs = design_pairs(tables)
+    if not pairs:
+        return Figure(title, note="no table has both a baseline run and a paper-design NOAH run with MLflow run ids")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    drawn, skipped = [], []
+    for label, base, noah in pairs:
+        try:
+            series = {(head, split): _history(client, line.result["run_id"], keys)
+                      for head, line in (("baseline", base), ("NOAH", noah))
+                      for split, keys in (("train", TRAIN_KEYS), ("val", VAL_KEYS))}
+        except (MlflowException, OSError) as err:
+            skipped.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        if not any(ys for _, ys in series.values()):
+            skipped.append(f"{label}: runs have no per-epoch {'/'.join(TRAIN_KEYS[:1] + VAL_KEYS[:1])} metrics")
+            continue
+        drawn.append((label, series))
+    if not drawn:
+        return Figure(title, note="; ".join(skipped))
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.4), squeeze=False)
+    for ax, (label, series) in zip(axes[0], drawn):
+        for (head, split), (xs, ys) in series.items():
+            if ys:
+                ax.plot(xs, ys, linestyle="--" if split == "train" else "-", marker="." if len(ys) < 20 else None,
+                        color="tab:blue" if head == "baseline" else "tab:red", label=f"{head} {split}")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out)
+    return Figure(title, out, "; ".join(skipped) or None)
+
+
+def _save(fig: plt.Figure, out: Path) -> None:
+    """Atomic PNG write: a half-written figure never sits where the README points."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def head_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """A_i, V_i (B, N, H, W) and ΣP_i (B, H, W) of each image's ground-truth class, from the model's NoahHead."""
+    from ..models.noah import NoahHead
+
+    head = next((m for m in model.modules() if isinstance(m, NoahHead)), None)
+    if head is None:
+        raise ValueError("the model has no NoahHead")
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+            attn, value, poca = head.forward_maps(seen[0])
+    finally:
+        hook.remove()
+    h, w = seen[0].shape[-2:]
+    index = torch.arange(len(labels))
+    a = attn[index, :, labels if attn.shape[2] > 1 else 0]
+    return a.unflatten(-1, (h, w)), value[index, :, labels].unflatten(-1, (h, w)), \
+        poca[index, :, labels].sum(1).unflatten(-1, (h, w)), (h, w)
+
+
+def attention_figure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: list[float],
+                     std: list[float], out: Path, title: str) -> Figure:
+    """Fig. 2: per image, the input, A_i in [0, 1] and V_i in [-1, 1] per POCA block, and ΣP_i in [-1, 1]."""
+    attn, value, poca, _ = head_maps(model, images, labels)
+    n = attn.shape[1]
+    fig, axes = plt.subplots(len(images), 2 + 2 * n, figsize=(1.6 * (2 + 2 * n), 1.7 * len(images)), squeeze=False)
+    pixels = (images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+    for b in range(len(images)):
+        panels = [(pixels[b].permute(1, 2, 0), "image", None)]
+        for i in range(n):
+            a = attn[b, i]
+            panels.append(((a - a.min()) / (a.max() - a.min()).clamp_min(1e-12), f"A{i + 1}", (0, 1)))
+        for i in range(n):
+            panels.append((value[b, i] / value[b, i].abs().max().clamp_min(1e-12), f"V{i + 1}", (-1, 1)))
+        panels.append((poca[b] / poca[b].abs().max().clamp_min(1e-12), "ΣP", (-1, 1)))
+        for ax, (img, name, limits) in zip(axes[b], panels):
+            if limits is None:
+                ax.imshow(img.numpy())
+            else:
+                ax.imshow(img.numpy(), cmap="viridis" if limits[0] == 0 else "coolwarm", vmin=limits[0],
+                          vmax=limits[1], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if b == 0:
+                ax.set_title(name, fontsize=8)
+        axes[b][0].set_ylabel(f"class {int(labels[b])}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, out)
+    return Figure(title, out)
+
+
+def _weights_artifact(client: Any, run_id: str, path: str = "") -> str | None:
+    """The first `.pt`/`.pth` artifact of a run, searched breadth-first."""
+    folders = []
+    for item in client.list_artifacts(run_id, path or None):
+        if item.is_dir:
+            folders.append(item.path)
+        elif item.path.endswith(WEIGHT_SUFFIXES):
+            return item.path
+    for folder in folders:
+        found = _weights_artifact(client, run_id, folder)
+        if found:
+            return found
+    return None
+
+
+def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], tracking_uri: str | None,
+                      data_dir: Path | None, out: Path, images: int = 3) -> Figure:
+    """Fig. 2 from a finished paper-design NOAH run whose weights were logged as an MLflow artifact."""
+    title = "Attention A_i, value V_i and ΣP_i of the ground-truth class (like Fig. 2)"
+    candidates = [noah for _, _, noah in design_pairs(tables)]
+    candidates.sort(key=lambda ln: ln.paper["key"] != "resnet18")
+    if not candidates:
+        return Figure(title, note="no finished paper-design NOAH run to visualise")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    reasons = []
+    for line in candidates:
+        run_id = line.result["run_id"]
+        try:
+            artifact = _weights_artifact(client, run_id)
+            if artifact is None:
+                reasons.append(f"run {run_id} logged no weights (.pt/.pth artifact)")
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                state = torch.load(client.download_artifacts(run_id, artifact, tmp), map_location="cpu",
+                                   weights_only=True)
+        except (MlflowException, OSError) as err:
+            reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        return _draw_trained(line, state, meta, data_dir, out, title, images)
+    return Figure(title, note="; ".join(reasons))
+
+
+def _draw_trained(line: Line, state: dict[str, Any], meta: dict[str, Any], data_dir: Path | None, out: Path,
+                  title: str, images: int) -> Figure:
+    from ..data.loaders import build_loader
+    from ..models import build_model
+
+    if data_dir is None or not (Path(data_dir) / "stats.json").exists():
+        return Figure(title, note=f"prepared validation data not found at {data_dir}")
+    state = state.get("model", state) if isinstance(state, dict) else state
+    img_size = int(meta.get("img_size", 224))
+    backbone = line.result.get("backbone") or line.paper["key"]
+    model = build_model(backbone, line.result.get("head") or {"kind": "noah"}, int(meta["num_classes"]), img_size)
+    model.load_state_dict(state)
+    batch, labels = next(iter(build_loader(data_dir, "val", img_size, images, train=False)))[:2]
+    stats = json.loads((Path(data_dir) / "stats.json").read_text())
+    name = f"{title}: {backbones()[line.paper['key']]['paper_name']}, run {line.result['run_id'][:8]}"
+    return attention_figure(model, batch, labels, stats["mean"], stats["std"], out, name)

@@ -1,0 +1,165 @@
+"""What each of Tables 4–11 looks like in the paper: rows come from `pipeline/paper/*.csv`, the rest is here.
+
+A `TableSpec` names the paper CSV that fixes the rows and their order, the setting columns the paper prints
+(with the paper's wording), the metric columns with their units, and how each row's network is labelled.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+from .. import PAPER_TABLES
+
+PaperRow = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric column: `name` in results and CSVs, `paper` in the paper CSV (× `scale` gives our unit)."""
+
+    name: str
+    label: str
+    paper: str
+    kind: str = "pct"  # pct | params | madds | params_m | fps
+    better: str | None = "max"  # which value is bold: max, min or none
+    delta: bool = True  # printed with (↑x)/(↓x) against the block's baseline
+    scale: float = 1.0
+    trained: bool = True  # needs a finished training run (params and MAdds do not)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting column as the paper prints it, derived from the paper CSV row."""
+
+    label: str
+    show: Callable[[PaperRow], str]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    paper_csv: str
+    settings: tuple[Setting, ...]
+    metrics: tuple[Metric, ...]
+    network: Callable[[PaperRow], str]
+    decimals: int = 2
+    producer: str = "sweep"  # the DVC stage that writes its results file
+    groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
+
+
+def backbones() -> dict[str, PaperRow]:
+    """`backbones.csv` keyed by backbone key."""
+    with open(PAPER_TABLES / "backbones.csv", newline="") as f:
+        return {r["key"]: r for r in csv.DictReader(f)}
+
+
+def paper_rows(spec: TableSpec) -> list[PaperRow]:
+    """The paper's rows of a table in print order, each with a `row` number (Table 10 numbers them 1…26)."""
+    with open(PAPER_TABLES / spec.paper_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows, 1):
+        r.setdefault("row", str(i))
+    return rows
+
+
+def is_baseline(row: PaperRow) -> bool:
+    return row.get("head", "") in ("baseline", "baseline_fc")
+
+
+def _ratio(value: str) -> str:
+    return str(Fraction(value).limit_denominator(64)) if value else "-"
+
+
+def _dash(value: str) -> str:
+    return value or "-"
+
+
+def _choice(column: str, words: dict[str, str]) -> Setting:
+    return Setting(column, lambda r: words.get(r.get(column, ""), r.get(column, "") or "-"))
+
+
+def _network(row: PaperRow) -> str:
+    return backbones()[row["key"]]["paper_name"] if is_baseline(row) else "+ NOAH"
+
+
+ACCURACY = (Metric("top1", "Top-1 (%)", "top1"), Metric("top5", "Top-5 (%)", "top5"))
+COMPLEXITY = (
+    Metric("params", "Params", "params_m", kind="params", better=None, delta=False, scale=1e6, trained=False),
+    Metric("madds", "MAdds", "madds_g", kind="madds", better=None, delta=False, scale=1e9, trained=False),
+)
+IMAGENET = COMPLEXITY + ACCURACY
+
+
+def _split_label(column: str, level: int) -> Setting:
+    """Tables 5: ✓ where the first / second level feature split is used."""
+    uses = {"both": (True, True), "first": (True, False), "none": (False, False)}
+    return Setting(["1st FS", "2nd FS"][level],
+                   lambda r: "✓" if uses.get(r.get(column, ""), (False, False))[level] else "-")
+
+
+def _table8_network(row: PaperRow) -> str:
+    suffix = {"both": "", "first": " (w/o 2nd FS)", "none": " (w/ no FS)"}
+    return _network(row) + ("" if is_baseline(row) else suffix.get(row["feature_split"], f" ({row['feature_split']})"))
+
+
+def _table9_network(row: PaperRow) -> str:
+    return "ResNet50-FC" if is_baseline(row) else "+ NOAH"
+
+
+def _table10_network(row: PaperRow) -> str:
+    return backbones()[row["key"]]["paper_name"]
+
+
+SPEED = tuple(
+    Metric(col, label, col, kind=kind, better=better, delta=False, trained=False)
+    for col, label, kind, better in (
+        ("vanilla_params_m", "Vanilla Params", "params_m", None),
+        ("vanilla_gpu_fps", "Vanilla GPU (frames/s)", "fps", None),
+        ("vanilla_cpu_fps", "Vanilla CPU (frames/s)", "fps", None),
+        ("noah_params_m", "NOAH Params", "params_m", None),
+        ("noah_gpu_fps", "NOAH GPU (frames/s)", "fps", None),
+        ("noah_cpu_fps", "NOAH CPU (frames/s)", "fps", None),
+        ("gpu_overhead_pct", "+ GPU (%)", "fps", "min"),
+        ("cpu_overhead_pct", "+ CPU (%)", "fps", "min"),
+    )
+)
+
+TABLES: dict[str, TableSpec] = {s.name: s for s in (
+    TableSpec("table4", "Ablation with ResNet50: key ratio r and number of POCA blocks N", "table4_N_r.csv",
+              (Setting("r", lambda r: _ratio(r["r"])), Setting("N", lambda r: _dash(r["N"]))), IMAGENET, _network),
+    TableSpec("table5", "Ablation with ResNet backbones: NOAH without vs. with feature split (FS)",
+              "table5_feature_split.csv", (_split_label("feature_split", 0), _split_label("feature_split", 1)),
+              IMAGENET, _network),
+    TableSpec("table6", "Ablation with ResNet18: the softmax of the POCA block along different dimensions",
+              "table6_softmax_axis.csv",
+              (_choice("softmax_axis", {"spatial": "Along spatial (our design)", "channel": "Along channel"}),),
+              IMAGENET, _network),
+    TableSpec("table7", "Ablation with ResNet18: operators aggregating local POCAs into a global POCA vector",
+              "table7_aggregation.csv",
+              (_choice("aggregation", {"sum": "Sum (our design)", "max": "Max pooling", "avg": "Average pooling"}),),
+              IMAGENET, _network),
+    TableSpec("table8", "ResNet50 in the aggressive from-scratch training regime (ConvNeXt recipe)",
+              "table8_aggressive.csv", (), IMAGENET, _table8_network),
+    TableSpec("table9", "Person ReID on Market-1501 with ResNet50: from scratch and fine-tuned", "table9_reid.csv",
+              (), (Metric("scratch_top1", "From scratch Top-1 (%)", "scratch_top1"),
+                   Metric("scratch_map", "From scratch mAP (%)", "scratch_map"),
+                   Metric("finetune_top1", "Fine-tuning Top-1 (%)", "finetune_top1"),
+                   Metric("finetune_map", "Fine-tuning mAP (%)", "finetune_map")),
+              _table9_network, decimals=1),
+    TableSpec("table10", "Inference speed (frames/s) of baseline vs. NOAH models and NOAH's overhead",
+              "table10_speed.csv", (), SPEED, _table10_network, producer="benchmark", groups=True),
+    TableSpec("table11", "ResNet18: attention designs of the POCA block", "table11_poca_variants.csv",
+              (_choice("variant", {
+                  "poca": "The POCA block (our design)",
+                  "sigmoid": "Replacing the softmax by the sigmoid",
+                  "kernel3x3": "Replacing 1×1 conv. kernels by 3×3 ones",
+                  "shared_attention": "Sharing a single spatial attention to M image categories",
+                  "extra_linear": "Adding an extra linear layer before W_ki and W_vi"}),),
+              IMAGENET, _network),
+)}
+"""Tables 4–11 by results name (`results/<name>.json` → `reports/<name>.md|.csv`)."""
+
+FAMILIES = {"cnn": "CNNs", "vit": "ViTs", "mlp": "MLPs"}
