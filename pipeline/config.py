@@ -257,3 +257,55 @@ class RayConfig:
     max_concurrent: int = checked(lambda n: n >= 1, "an integer >= 1", default=2)
     max_failures: int = checked(lambda n: n >= 0, "an integer >= 0", default=2)
     storage_path: str = ".ray_results"
+
+
+# ---- Data (data helper): prepared datasets and training augmentation
+
+
+@dataclass(frozen=True)
+class BuiltinDataConfig:
+    """Size of the generated datasets (`builtin` shapes, `builtin_reid` persons); all drawn from `seed`."""
+
+    seed: int = 0
+    num_classes: int = checked(lambda n: 2 <= n <= 10, "an integer from 2 to 10 (one per shape kind)", default=8)
+    train_per_class: int = checked(lambda n: n >= 1, "an integer >= 1", default=40)
+    val_per_class: int = checked(lambda n: n >= 1, "an integer >= 1", default=16)
+    image_size: int = checked(lambda n: n >= 16, "an integer >= 16 (pixels, square)", default=96)
+    train_ids: int = checked(lambda n: n >= 2, "an integer >= 2", default=30)
+    test_ids: int = checked(lambda n: n >= 2, "an integer >= 2", default=30)
+    cameras: int = checked(lambda n: 2 <= n <= 6, "an integer from 2 to 6", default=4)
+    images_per_id: int = checked(lambda n: n >= 2, "an integer >= 2", default=8)
+    distractors: int = checked(lambda n: n >= 0, "an integer >= 0", default=20)
+    junk: int = checked(lambda n: n >= 0, "an integer >= 0", default=20)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """One entry of `datasets:`: where the images come from and how the prepared copy is stored."""
+
+    source: str = choice("builtin", "builtin_reid", "imagefolder", "market1501", default="builtin")
+    root: str | None = None
+    out: str = checked(lambda s: bool(s), "a non-empty folder path", default="data/builtin")
+    resize: int = checked(lambda n: n >= 8, "an integer >= 8 (short side in pixels)", default=256)
+    quality: int = checked(lambda q: 1 <= q <= 100, "an integer from 1 to 100 (JPEG quality)", default=90)
+    builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+
+    def __post_init__(self) -> None:
+        if self.source in ("imagefolder", "market1501") and not self.root:
+            raise ConfigError("root", self.root, f"a folder path (source {self.source!r} reads images from it)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation. `standard` is the paper's resize + random crop + flip; `timm` uses
+    timm.data.create_transform (RandomResizedCrop, RandAugment, colour jitter, Random Erasing)."""
+
+    kind: str = choice("standard", "timm", default="standard")
+    hflip: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=0.5)
+    auto_augment: str | None = checked(lambda s: s.startswith(("rand", "augmix", "original", "v0")),
+                                       "null or a timm policy string such as 'rand-m9-mstd0.5-inc1'",
+                                       default=None)
+    color_jitter: float = checked(lambda c: c >= 0, "a number >= 0", default=0.0)
+    reprob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1 (Random Erasing)", default=0.0)
+    remode: str = choice("pixel", "const", "rand", default="pixel")
+    interpolation: str = choice("bilinear", "bicubic", "random", default="bilinear")

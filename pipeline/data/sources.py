@@ -1,0 +1,128 @@
+"""Sources: each turns a folder in a known layout into a `Scan` (the files to prepare and the ones it
+rejects), or raises one `ConfigError` that says which layout it expected and what it found.
+
+Registered in `SOURCES` by name; `builtin` and `builtin_reid` generate their tree first (see builtin.py)
+and then use the `imagefolder` and `market1501` scanners, so every dataset takes the same path.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..config import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MARKET_SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+MARKET_NAME = re.compile(r"^(-1|\d+)_c(\d+)s\d+_\d+_\d+\.jpe?g$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: where it is, where its prepared copy goes, and what it is."""
+
+    src: str  # path relative to the source root (reported in `rejected` and the manifest)
+    dst: str  # path of the prepared copy relative to the output folder
+    split: str
+    cls: str  # class name (classification) or person id as text (reid)
+    pid: int | None = None
+    camid: int | None = None
+
+
+@dataclass
+class Scan:
+    task: str  # "classification" or "reid"
+    splits: tuple[str, ...]
+    items: list[Item] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def reject(self, path: str, reason: str) -> None:
+        self.rejected.append({"path": path, "reason": reason})
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, in a sorted, platform-independent order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def _layout_error(root: Path, expected: str) -> ConfigError:
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:20] if root.is_dir() else []
+    what = "missing folder" if not root.exists() else ("a file, not a folder" if not root.is_dir()
+                                                        else "entries " + (", ".join(found) or "none (empty)"))
+    return ConfigError("root", str(root), f"{expected}; found {what}")
+
+
+def _dst(split: str, *parts: str) -> str:
+    return "/".join(("images", split, *parts[:-1], Path(parts[-1]).stem + ".jpg"))
+
+
+def _add(scan: Scan, seen: dict[str, str], root: Path, path: Path, dst: str, split: str, cls: str,
+         pid: int | None = None, camid: int | None = None) -> None:
+    rel = path.relative_to(root).as_posix()
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        scan.reject(rel, f"not an image file extension ({path.suffix or 'none'})")
+    elif dst in seen:
+        scan.reject(rel, f"same output name as {seen[dst]}")
+    else:
+        seen[dst] = rel
+        scan.items.append(Item(rel, dst, split, cls, pid, camid))
+
+
+def scan_imagefolder(root: Path) -> Scan:
+    """ImageNet layout: `root/train/<class>/…` and `root/val/<class>/…` (files at any depth in a class)."""
+    expected = "an ImageFolder tree: root/train/<class>/<image> and root/val/<class>/<image>"
+    if not all((root / s).is_dir() for s in ("train", "val")):
+        raise _layout_error(root, expected)
+    scan, seen = Scan("classification", ("train", "val")), {}
+    for split in scan.splits:
+        entries = sorted((root / split).iterdir())
+        if not any(e.is_dir() for e in entries):
+            raise _layout_error(root / split, f"class folders in {split}/ ({expected})")
+        for entry in entries:
+            if not entry.is_dir():
+                scan.reject(entry.relative_to(root).as_posix(), "not inside a class folder")
+                continue
+            files = _files(entry)
+            if not files:
+                scan.reject(entry.relative_to(root).as_posix(), "empty class folder")
+            for path in files:
+                _add(scan, seen, root, path, _dst(split, entry.name, *path.relative_to(entry).parts),
+                     split, entry.name)
+    return scan
+
+
+def scan_market1501(root: Path) -> Scan:
+    """Market-1501: `bounding_box_train`, `query`, `bounding_box_test`, names `PPPP_cCsS_FFFFFF_BB.jpg`.
+
+    Person id -1 (junk) and 0 (distractor) stay in query/gallery with their meaning; in train they
+    have no identity to learn, so they are rejected there.
+    """
+    expected = "a Market-1501 tree: root/bounding_box_train, root/bounding_box_test and root/query"
+    if not all((root / d).is_dir() for d in MARKET_SPLITS.values()):
+        raise _layout_error(root, expected)
+    scan, seen = Scan("reid", tuple(MARKET_SPLITS)), {}
+    for split, folder in MARKET_SPLITS.items():
+        for path in _files(root / folder):
+            rel = path.relative_to(root).as_posix()
+            match = MARKET_NAME.match(path.name)
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not match:
+                scan.reject(rel, "file name does not match PPPP_cCsS_FFFFFF_BB.jpg (person id, camera)")
+                continue
+            pid, camid = (int(match.group(1)), int(match.group(2))) if match else (None, None)
+            if split == "train" and pid is not None and pid <= 0:
+                scan.reject(rel, f"{'junk' if pid < 0 else 'distractor'} id {pid} in the training split")
+                continue
+            _add(scan, seen, root, path, _dst(split, path.name), split, match.group(1) if match else "", pid, camid)
+    return scan
+
+
+SOURCES: dict[str, Callable[[Path], Scan]] = {
+    "imagefolder": scan_imagefolder,
+    "market1501": scan_market1501,
+}
