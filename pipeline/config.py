@@ -309,3 +309,85 @@ class AugmentConfig:
     reprob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1 (Random Erasing)", default=0.0)
     remode: str = choice("pixel", "const", "rand", default="pixel")
     interpolation: str = choice("bilinear", "bicubic", "random", default="bilinear")
+
+
+# ---- Training (train helper): recipes, trials, tracking and workers
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """A training recipe in the paper's own units (its epochs, its batch size).
+
+    A trial that trains fewer epochs or uses another batch keeps the recipe's shape: every epoch count
+    below is scaled by `trial epochs / epochs` and `lr` by `trial batch / batch_size` (linear scaling).
+    """
+
+    name: str = "custom"
+    optimizer: str = choice("sgd", "adamw", "amsgrad", default="sgd")
+    lr: float = checked(lambda v: v > 0, "a positive number (the lr at `batch_size`)", default=0.1)
+    batch_size: int = checked(lambda b: b >= 1, "an integer >= 1", default=256)
+    epochs: int = checked(lambda e: e >= 1, "an integer >= 1", default=100)
+    weight_decay: float = checked(lambda w: w >= 0, "a number >= 0", default=1e-4)
+    momentum: float = checked(lambda m: 0 <= m < 1, "a number with 0 <= momentum < 1", default=0.9)
+    no_decay_norm_bias: bool = False
+    schedule: str = choice("step", "multistep", "cosine", "linear", default="cosine")
+    decay_epochs: float = checked(lambda d: d > 0, "a positive number of epochs (step schedule)", default=30.0)
+    milestones: tuple[float, ...] = ()
+    decay_rate: float = checked(lambda d: 0 < d <= 1, "a number with 0 < decay_rate <= 1", default=0.1)
+    warmup_epochs: float = checked(lambda w: w >= 0, "a number of epochs >= 0", default=0.0)
+    warmup_lr: float = checked(lambda w: w >= 0, "a number >= 0", default=0.0)
+    min_lr: float = checked(lambda m: m >= 0, "a number >= 0", default=0.0)
+    label_smoothing: float = checked(lambda s: 0 <= s < 1, "a number with 0 <= smoothing < 1", default=0.0)
+    mixup: float = checked(lambda a: a >= 0, "a Beta alpha >= 0 (0 = off)", default=0.0)
+    cutmix: float = checked(lambda a: a >= 0, "a Beta alpha >= 0 (0 = off)", default=0.0)
+    mixup_prob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=1.0)
+    mixup_switch_prob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=0.5)
+    drop_path: float = checked(lambda p: 0 <= p < 1, "a number with 0 <= drop_path < 1", default=0.0)
+    layer_scale: float | None = checked(lambda v: v > 0, "null or a positive init value", default=None)
+    ema_decay: float | None = checked(lambda d: 0 < d < 1, "null or a number with 0 < decay < 1", default=None)
+    clip_grad: float | None = checked(lambda c: c > 0, "null or a positive max norm", default=None)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("milestones", self.milestones, "a non-empty list of epochs (schedule multistep)")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError("warmup_epochs", self.warmup_epochs, f"fewer than the recipe's {self.epochs} epochs")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One training run. Everything here except `data_dir` (replaced by its manifest hash) is part of
+    the trial's identity; `epochs` and `batch_size` null mean the recipe's own."""
+
+    backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
+    data_dir: str = checked(lambda d: bool(d), "a prepared dataset folder (with manifest.csv)")
+    head: HeadConfig = field(default_factory=HeadConfig)
+    recipe: str | RecipeConfig = "resnet"
+    seed: int = 0
+    img_size: int = checked(lambda s: s >= 16, "an image size >= 16", default=224)
+    epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
+    batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where runs are tracked. A relative SQLite path is taken from the repository root."""
+
+    tracking_uri: str = checked(lambda u: bool(u), "an MLflow tracking URI", default="sqlite:///mlflow.db")
+    log_weights: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a trial runs (not what it computes, so none of this enters the trial identity).
+
+    `num_workers` > 1 trains data-parallel through Ray Train's TorchTrainer with the same global batch;
+    `use_gpu` null means: a GPU when one is there.
+    """
+
+    num_workers: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
+    use_gpu: bool | None = None
+    loader_workers: int = checked(lambda n: n >= 0, "an integer >= 0", default=0)
+    checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
+    progress: str = choice("auto", "bar", "line", "off", default="auto")

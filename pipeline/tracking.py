@@ -1,0 +1,232 @@
+"""MLflow tracking of trials: one run per trial, resumable, in an experiment per table.
+
+Everything goes through `MlflowClient` with an explicit run id (no global "active run"), so trials
+running side by side in one process, in Ray workers or after a restart all write to the right run.
+A run's id is kept in its trial's checkpoint folder; a restarted trial reopens the same run and logs
+only the epochs the run does not hold yet, so each epoch appears once.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_ID_FILE = "mlflow_run_id"
+TRIAL_TAG = "trial_id"
+REASON_TAG = "failure_reason"
+_MAX_BATCH = 100  # MLflow's limit on params per log_batch call
+_MAX_TAG = 5000
+
+
+def resolve_uri(uri: str) -> str:
+    """An absolute tracking URI: a relative SQLite or local path is taken from the repository root,
+    so trials whose working folder Ray changed still write to the same store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((REPO_ROOT / uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str((REPO_ROOT / uri).resolve())
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database file (`mlartifacts/`), not the working folder."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+@functools.cache
+def client(uri: str) -> MlflowClient:
+    """The client of a tracking store (one per URI and process)."""
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, creating it if needed (tolerating another process creating it first)."""
+    for _ in range(2):
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            root = _artifact_root(mlflow_client.tracking_uri)
+            return mlflow_client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        except MlflowException:
+            continue
+    raise RuntimeError(f"could not create or find MLflow experiment {name!r}")
+
+
+def git_commit() -> str:
+    """The repository's commit (with `-dirty` when tracked files differ), or `unknown` outside git."""
+    try:
+        run = functools.partial(subprocess.run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        head = run(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("-dirty" if dirty else "")) if head else "unknown"
+
+
+def find_finished(trial_id: str, tracking_uri: str) -> Run | None:
+    """The newest FINISHED run of a trial identity in any experiment (what a sweep reuses), or None."""
+    mlflow_client = client(tracking_uri)
+    ids = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not ids:
+        return None
+    runs = mlflow_client.search_runs(
+        ids, filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def result_of(run: Run) -> dict[str, Any]:
+    """The summary a trial returns, read back from its MLflow run."""
+    metrics = run.data.metrics
+    out: dict[str, Any] = {k: v for k, v in metrics.items() if k in FINAL_METRICS}
+    for key in ("params", "madds"):
+        if key in out:
+            out[key] = int(out[key])
+    out.update(run_id=run.info.run_id, trial_id=run.data.tags.get(TRIAL_TAG), status=run.info.status,
+               reason=run.data.tags.get(REASON_TAG))
+    return out
+
+
+FINAL_METRICS = ("top1", "top5", "top1_ema", "top5_ema", "best_top1", "params", "madds", "train_seconds",
+                 "images_per_s")
+EPOCH_METRICS = ("train_loss", "lr", "val_top1", "val_top5", "images_per_s_epoch", "epoch_seconds")
+
+
+class TrialRun:
+    """The MLflow run of one trial, addressed by id; safe to reopen after a crash."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = resolve_uri(tracking_uri), run_id
+        self.client = client(self.tracking_uri)
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment: str, checkpoint_dir: Path, run_name: str,
+             tags: Mapping[str, str], parent_run_id: str | None = None) -> TrialRun:
+        """Reopen the run whose id the checkpoint folder holds, or start one and record its id there."""
+        mlflow_client = client(tracking_uri)
+        id_file = checkpoint_dir / RUN_ID_FILE
+        held = _existing_run(mlflow_client, id_file.read_text().strip()) if id_file.exists() else None
+        if held is not None:
+            mlflow_client.update_run(held.info.run_id, status="RUNNING")
+            if REASON_TAG in held.data.tags:
+                mlflow_client.delete_tag(held.info.run_id, REASON_TAG)
+            return cls(tracking_uri, held.info.run_id)
+        all_tags = dict(tags)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow_client.create_run(experiment_id(mlflow_client, experiment), tags=all_tags, run_name=run_name)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(id_file, run.info.run_id)
+        return cls(tracking_uri, run.info.run_id)
+
+    def run(self) -> Run:
+        return self.client.get_run(self.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params the run does not hold yet (MLflow params are write-once)."""
+        held = self.run().data.params
+        todo = [Param(k, str(v)) for k, v in params.items() if k not in held]
+        for i in range(0, len(todo), _MAX_BATCH):
+            self.client.log_batch(self.run_id, params=todo[i:i + _MAX_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:_MAX_TAG]) for k, v in tags.items()])
+
+    def logged_epochs(self, key: str = "val_top1") -> set[int]:
+        """The epochs (steps) for which the run already holds the per-epoch metric `key`."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def log_epochs(self, history: Iterable[Mapping[str, float]]) -> None:
+        """Log the per-epoch metrics of every epoch in `history` that the run does not hold yet."""
+        held = self.logged_epochs()
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(row[k]), now, int(row["epoch"])) for row in history if int(row["epoch"]) not in held
+                   for k in EPOCH_METRICS if k in row]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_final(self, metrics: Mapping[str, float]) -> None:
+        """Log the summary metrics once (a re-entered finished trial does not log them twice)."""
+        held = self.run().data.metrics
+        now = int(time.time() * 1000)
+        todo = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in held]
+        if todo:
+            self.client.log_batch(self.run_id, metrics=todo)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def fail(self, reason: str) -> None:
+        """End the run FAILED with the error text as a tag."""
+        self.set_tags({REASON_TAG: reason})
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def _existing_run(mlflow_client: MlflowClient, run_id: str) -> Run | None:
+    """The run with this id if the store holds it (a checkpoint folder may outlive a deleted store)."""
+    try:
+        run = mlflow_client.get_run(run_id) if run_id else None
+    except MlflowException:
+        return None
+    return run if run is not None and run.info.lifecycle_stage == "active" else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics_csv(path: Path, history: list[Mapping[str, float]]) -> None:
+    """The per-epoch metrics as CSV (one row per epoch)."""
+    keys = ["epoch", *[k for k in EPOCH_METRICS if any(k in row for row in history)]]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_learning_curves(path: Path, history: list[Mapping[str, float]], title: str) -> None:
+    """Train loss, validation top-1/top-5 and lr per epoch, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(row["epoch"]) + 1 for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(epochs, [row["train_loss"] for row in history], marker="o")
+    axes[0].set(title="train loss", xlabel="epoch")
+    for key in ("val_top1", "val_top5"):
+        axes[1].plot(epochs, [row[key] for row in history], marker="o", label=key)
+    axes[1].set(title="validation accuracy (%)", xlabel="epoch")
+    axes[1].legend()
+    axes[2].plot(epochs, [row["lr"] for row in history], marker="o")
+    axes[2].set(title="learning rate (epoch start)", xlabel="epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
