@@ -1,5 +1,17 @@
-"""Data: sources → `prepare` (a versioned, validated dataset folder) → `build_loader` for training."""
-from .loaders import build_loader, build_transform, read_dataset
-from .prepare import prepare
+"""Data: sources → `prepare` (a versioned, validated dataset folder) → `build_loader` for training.
 
-__all__ = ["build_loader", "build_transform", "prepare", "read_dataset"]
+Imports are lazy so `python -m pipeline prepare` does not pay for torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"build_loader": "loaders", "build_transform": "loaders", "read_dataset": "loaders"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -80,6 +80,8 @@ def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
             rgb = img.convert("RGB")
         if rgb.size != size:
             rgb = rgb.resize(size, RESAMPLE)
+    except Image.UnidentifiedImageError:
+        return {"error": "not an image (no known image format)"}
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return {"error": f"not a readable image: {type(err).__name__}: {err}"}
     buf = io.BytesIO()
@@ -189,9 +191,6 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     """Build `cfg.out` from `cfg.source`; returns the stats written to stats.json."""
     workers = default_workers() if workers is None else workers
     out = Path(cfg.out).absolute()
-    if cfg.root is not None and not cfg.source.startswith("builtin") and not Path(cfg.root).is_dir():
-        raise ConfigError("root", cfg.root, f"an existing folder with the {cfg.source} layout; "
-                          f"found {'a file' if Path(cfg.root).exists() else 'nothing'} there")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as staging:
@@ -213,6 +212,23 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     print(f"prepare {cfg.source}: {n} images, {len(stats['rejected'])} rejected, "
           f"{time.perf_counter() - start:.1f}s -> {out}", file=sys.stderr)
     return stats
+
+
+def datasets_from_params(params: dict[str, Any], names: list[str] | None = None) -> dict[str, PrepareConfig]:
+    """The `datasets:` entries to build: `names`, or the active profile's `dataset` and `reid_dataset`."""
+    table = params.get("datasets")
+    if not isinstance(table, dict) or not table:
+        raise ConfigError("datasets", table, "a mapping name -> {source, root, out, resize, ...}")
+    if not names:
+        profile_name = params.get("profile")
+        profile = (params.get("profiles") or {}).get(profile_name)
+        if not isinstance(profile, dict):
+            raise ConfigError("profile", profile_name, "a key of `profiles`")
+        names = [n for n in (profile.get("dataset"), profile.get("reid_dataset")) if n]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ConfigError("datasets", unknown[0], "a key of `datasets`: " + ", ".join(table))
+    return {n: parse(PrepareConfig, table[n], f"datasets.{n}") for n in names}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
