@@ -21,8 +21,8 @@ from torch import nn  # noqa: E402
 from .specs import backbones, is_baseline  # noqa: E402
 from .tables import Line  # noqa: E402
 
-TRAIN_KEYS = ("train_top1", "train/top1", "train_acc1")
-VAL_KEYS = ("top1", "val_top1", "val/top1")
+TRAIN_KEYS = ("train_top1", "train/top1")
+VAL_KEYS = ("val_top1", "val/top1")  # per epoch; the final `top1` is one value, not a curve
 WEIGHT_SUFFIXES = (".pt", ".pth")
 
 
@@ -50,7 +50,8 @@ def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
     for name, lines in tables.items():
         for line in lines:
             base = line.baseline
-            if base is None or is_baseline(line.paper) or not is_design(line.paper):
+            if base is None or is_baseline(line.paper) or not is_design(line.paper) \
+                    or {base.status, line.status} != {"FINISHED"}:
                 continue
             ids = (base.result.get("run_id"), line.result.get("run_id"))
             if None in ids or ids in seen:
@@ -78,10 +79,13 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
     pairs = design_pairs(tables)
     if not pairs:
         return Figure(title, note="no table has both a baseline run and a paper-design NOAH run with MLflow run ids")
+    if not tracking_uri:
+        return Figure(title, note="no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta")
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    from ..tracking import client as tracking_client
+
+    client = tracking_client(tracking_uri)
     drawn, skipped = [], []
     for label, base, noah in pairs:
         try:
@@ -92,8 +96,10 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
             skipped.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0]}")
             continue
         if not any(ys for _, ys in series.values()):
-            skipped.append(f"{label}: runs have no per-epoch {'/'.join(TRAIN_KEYS[:1] + VAL_KEYS[:1])} metrics")
+            skipped.append(f"{label}: runs have no per-epoch {TRAIN_KEYS[0]} or {VAL_KEYS[0]} metrics")
             continue
+        if not all(series[head, "train"][1] for head in ("baseline", "NOAH")):
+            skipped.append(f"{label}: no per-epoch {TRAIN_KEYS[0]} logged, so no training curve")
         drawn.append((label, series))
     if not drawn:
         return Figure(title, note="; ".join(skipped))
@@ -200,10 +206,13 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
     candidates.sort(key=lambda ln: ln.paper["key"] != "resnet18")
     if not candidates:
         return Figure(title, note="no finished paper-design NOAH run to visualise")
+    if not tracking_uri:
+        return Figure(title, note="no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta")
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    from ..tracking import client as tracking_client
+
+    client = tracking_client(tracking_uri)
     reasons = []
     for line in candidates:
         run_id = line.result["run_id"]

@@ -77,8 +77,8 @@ def _dash(value: str) -> str:
     return value or "-"
 
 
-def _choice(column: str, words: dict[str, str]) -> Setting:
-    return Setting(column, lambda r: words.get(r.get(column, ""), r.get(column, "") or "-"))
+def _choice(label: str, column: str, words: dict[str, str]) -> Setting:
+    return Setting(label, lambda r: words.get(r.get(column, ""), r.get(column, "") or "-"))
 
 
 def _network(row: PaperRow) -> str:
@@ -135,11 +135,11 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
               IMAGENET, _network),
     TableSpec("table6", "Ablation with ResNet18: the softmax of the POCA block along different dimensions",
               "table6_softmax_axis.csv",
-              (_choice("softmax_axis", {"spatial": "Along spatial (our design)", "channel": "Along channel"}),),
+              (_choice("Activation", "softmax_axis", {"spatial": "Along spatial (our design)", "channel": "Along channel"}),),
               IMAGENET, _network),
     TableSpec("table7", "Ablation with ResNet18: operators aggregating local POCAs into a global POCA vector",
               "table7_aggregation.csv",
-              (_choice("aggregation", {"sum": "Sum (our design)", "max": "Max pooling", "avg": "Average pooling"}),),
+              (_choice("Method", "aggregation", {"sum": "Sum (our design)", "max": "Max pooling", "avg": "Average pooling"}),),
               IMAGENET, _network),
     TableSpec("table8", "ResNet50 in the aggressive from-scratch training regime (ConvNeXt recipe)",
               "table8_aggressive.csv", (), IMAGENET, _table8_network),
@@ -152,7 +152,7 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
     TableSpec("table10", "Inference speed (frames/s) of baseline vs. NOAH models and NOAH's overhead",
               "table10_speed.csv", (), SPEED, _table10_network, producer="benchmark", groups=True),
     TableSpec("table11", "ResNet18: attention designs of the POCA block", "table11_poca_variants.csv",
-              (_choice("variant", {
+              (_choice("Method", "variant", {
                   "poca": "The POCA block (our design)",
                   "sigmoid": "Replacing the softmax by the sigmoid",
                   "kernel3x3": "Replacing 1×1 conv. kernels by 3×3 ones",

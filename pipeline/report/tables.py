@@ -110,7 +110,7 @@ def build_lines(spec: TableSpec, results: Results) -> list[Line]:
         if results.error:
             status, reason = "MISSING", results.error
         elif not result:
-            status, reason = "MISSING", f"no result for paper row {row['row']} in {results.path.name}"
+            status, reason = "MISSING", f"no result for this row in {results.path.name}"
         else:
             status = str(result.get("status") or "FINISHED").upper()
             reason = None if status == "FINISHED" else f"trial {status}: {result.get('reason') or 'no reason given'}"
@@ -190,7 +190,7 @@ def _cell(line: Line, m: Metric, spec: TableSpec, paper: bool, best: float | Non
     if value is None:
         if paper:
             return DASH
-        reason = line.reason or f"{m.name} not recorded for this {line.status.lower()} trial"
+        reason = line.reason or f"not recorded in {line.status} results"
         return DASH + notes.mark(reason, line.row)
     text = _fmt(value, m, spec.decimals)
     base = line.baseline

@@ -1,0 +1,293 @@
+"""The report stage: tables from finished, failed and missing trials; figures from real MLflow runs and weights."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from markdown_it import MarkdownIt
+
+from pipeline import PAPER_TABLES
+from pipeline.report import TABLES, add_arguments, build_reports, run
+from pipeline.report.figures import attention_figure, curves, head_maps
+from pipeline.report.specs import paper_rows
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report" / "results"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reports")
+    build_reports(FIXTURES, out)
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def md_tables(text: str) -> list[list[list[str]]]:
+    """Every pipe table of a Markdown text as rows of cell texts (header first), via a CommonMark parser."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    tables, rows, cells = [], None, None
+    for tok in tokens:
+        if tok.type == "table_open":
+            rows = []
+        elif tok.type == "table_close":
+            tables.append(rows)
+            rows = cells = None
+        elif tok.type == "tr_open":
+            cells = []
+        elif tok.type == "tr_close":
+            rows.append(cells)
+        elif tok.type == "inline" and cells is not None and rows is not None:
+            cells.append(tok.content)
+    return tables
+
+
+def body(path: Path) -> list[list[str]]:
+    (table,) = md_tables(path.read_text())
+    return table[1:]
+
+
+def test_every_table_has_every_paper_row_in_order_in_both_formats(built: Path) -> None:
+    for name, spec in TABLES.items():
+        expected = [int(r["row"]) for r in paper_rows(spec)]
+        rows = read_csv(built / f"{name}.csv")
+        assert [int(r["row"]) for r in rows] == expected, name
+        md = [r for r in body(built / f"{name}.md") if not r[0].startswith("*")]  # Table 10 section rows
+        assert len(md) == len(expected), name
+        assert [r["network"] for r in rows] == [r[0].rstrip("⁰¹²³⁴⁵⁶⁷⁸⁹") for r in md], name
+
+
+def test_csv_columns_follow_the_interface(built: Path) -> None:
+    metrics = {name: ["params", "madds", "top1", "top5"] for name in TABLES}
+    metrics["table9"] = ["scratch_top1", "scratch_map", "finetune_top1", "finetune_map"]
+    with open(PAPER_TABLES / "table10_speed.csv", newline="") as f:
+        metrics["table10"] = next(csv.reader(f))
+    for name, wanted in metrics.items():
+        with open(built / f"{name}.csv", newline="") as f:
+            header = next(csv.reader(f))
+        paper = [f"paper_{m}" for m in wanted if m != "key"]
+        assert {"row", "status", "reason", *wanted, *paper} <= set(header), name
+        for record in read_csv(built / f"{name}.csv"):
+            values = [record[c] for c in wanted + paper if c != "key"]
+            assert not any(v and ("*" in v or "↑" in v or "—" in v or "M" in v or "G" in v) for v in values)
+            for v in values:
+                if v:
+                    float(v)
+
+
+def test_table4_values_deltas_and_bolding(built: Path) -> None:
+    rows = body(built / "table4.md")
+    header = md_tables((built / "table4.md").read_text())[0][0]
+    assert header == ["Network", "r", "N", "Params", "Params paper", "MAdds", "MAdds paper", "Top-1 (%)",
+                      "Top-1 (%) paper", "Top-5 (%)", "Top-5 (%) paper"]
+    col = {h: i for i, h in enumerate(header)}
+    base, r2, r4, r6, r7 = rows[0], rows[1], rows[3], rows[5], rows[6]
+    assert (base[0], base[col["r"]], base[col["Params"]], base[col["MAdds"]]) == ("ResNet50", "-", "23.53M", "0.0842G")
+    assert base[col["Top-1 (%)"]] == "50.00" and base[col["Top-1 (%) paper"]] == "76.23"
+    assert r2[col["r"]] == "1/2" and r2[col["N"]] == "4"
+    assert r2[col["Top-1 (%)"]] == "51.02 (↑1.02)"
+    assert r2[col["Top-5 (%)"]] == "79.50 (↓0.50)"
+    assert r2[col["Top-1 (%) paper"]] == "76.84 (↑0.61)"
+    # the best per column within the block is bold, ties (row 4 = row 7, one reused trial) both
+    assert r4[col["Top-1 (%)"]] == r7[col["Top-1 (%)"]] == "**52.50 (↑2.50)**"
+    assert r4[col["Top-5 (%)"]] == "**81.25 (↑1.25)**"
+    assert r4[col["Top-1 (%) paper"]] == "**77.25 (↑1.02)**"
+    assert r4[col["MAdds"]] == "1.23G"
+    assert r6[col["Top-1 (%)"]] == "49.00 (↓1.00)"
+    bold = [r[col["Top-1 (%)"]] for r in rows if r[col["Top-1 (%)"]].startswith("**")]
+    assert len(bold) == 2 and not any("**" in r[col["Params"]] for r in rows)
+
+
+def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> None:
+    text = (built / "table4.md").read_text()
+    rows = body(built / "table4.md")
+    failed, absent, deviating, interrupted = rows[2], rows[4], rows[5], rows[7]
+    assert failed[7] == failed[9] == "—¹"
+    assert failed[3] == "23.53M"  # Params are known without training
+    assert absent[3] == absent[7] == "—²"
+    assert deviating[0] == "+ NOAH³" and deviating[7] == "49.00 (↓1.00)"
+    assert interrupted[7] == "—⁴"
+    assert "1. trial FAILED: loss became NaN at epoch 2 (paper row 3)" in text
+    assert "2. no result for this row in table4.json (paper row 5)" in text
+    assert "3. measured with `resnet18` in place of `resnet50` (paper row 6)" in text
+    assert "4. trial MISSING: sweep interrupted before this trial started (paper row 8)" in text
+    records = read_csv(built / "table4.csv")
+    assert [r["status"] for r in records] == ["FINISHED", "FINISHED", "FAILED", "FINISHED", "MISSING", "FINISHED",
+                                              "FINISHED", "MISSING"]
+    assert records[2]["top1"] == "" and records[2]["reason"] == "trial FAILED: loss became NaN at epoch 2"
+    assert records[1]["top1"] == "51.02" and records[1]["params"] == "23528532"
+    assert records[0]["paper_params"] == "25560000" and records[0]["paper_madds"] == "3860000000"
+    assert records[5]["backbone"] == "resnet18" and "in place of `resnet50`" in records[5]["reason"]
+
+
+def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> None:
+    for name, why in (("table7", "table7.json not produced yet (the `sweep` stage has not written it)"),
+                      ("table6", "table6.json could not be read (JSONDecodeError")):
+        text = (built / f"{name}.md").read_text()
+        assert why in text.split("\n")[2]  # the scale line says why there is no scale
+        rows = body(built / f"{name}.md")
+        assert all(cell == "—¹" for r in rows for cell in r[2::2][:4]), name  # measured columns
+        assert f"1. {why}" in text
+        assert {r["status"] for r in read_csv(built / f"{name}.csv")} == {"MISSING"}
+    assert "Activation" in md_tables((built / "table6.md").read_text())[0][0]
+    assert "`benchmark` stage has not written it" not in (built / "table10.md").read_text()
+
+
+def test_table9_and_table10_layouts(built: Path) -> None:
+    rows = body(built / "table9.md")
+    assert [r[0] for r in rows] == ["ResNet50-FC", "+ NOAH"]
+    assert rows[0][1:3] == ["**40.0**", "91.5"] and rows[1][1:3] == ["—¹", "**93.5 (↑2.0)**"]
+    assert "1. trial FAILED: CUDA out of memory (paper row 2)" in (built / "table9.md").read_text()
+    text = (built / "table10.md").read_text()
+    rows = body(built / "table10.md")
+    assert [r[0] for r in rows if r[0].startswith("*")] == ["*CNNs*", "*ViTs*", "*MLPs*"]
+    r18 = next(r for r in rows if r[0] == "ResNet18")
+    assert r18[1:3] == ["11.69M", "11.69M"] and r18[5] == "10.50" and r18[-2] == "**4.76**"
+    assert r18[3].startswith("—")  # no GPU figure recorded
+    assert "no result for this row in table10.json (paper rows 1, 2, 3," in text
+    records = {r["key"]: r for r in read_csv(built / "table10.csv")}
+    assert records["resnet18"]["row"] == "4" and records["resnet18"]["cpu_overhead_pct"] == "4.76"
+    assert records["resnet18"]["paper_gpu_overhead_pct"] == "11.53" and records["resnet18"]["gpu_overhead_pct"] == ""
+
+
+def test_each_report_opens_with_its_scale(built: Path) -> None:
+    lines = (built / "table4.md").read_text().splitlines()
+    assert lines[0].startswith("# Table 4")
+    scale = lines[2]
+    for part in ("dataset `builtin`", "num_classes `10`", "img_size `32`", "epochs `2`", "profile `smoke`",
+                 "commit `0123abc`", "date `2026-11-24T21:00:00Z`"):
+        assert part in scale
+    assert "not from ImageNet" in lines[3]
+    index = (built / "README.md").read_text()
+    for name in TABLES:
+        assert f"[{name}.md]({name}.md)" in index and f"[{name}.csv]({name}.csv)" in index
+    assert "| Table 4 |" in index and "| 5 | 1 | 2 |" in index
+    assert index.count("Not drawn:") == 2  # no tracking URI anywhere: the figures say so instead
+
+
+def test_markdown_parses_as_pipe_tables_with_consistent_widths(built: Path) -> None:
+    for name in TABLES:
+        (table,) = md_tables((built / f"{name}.md").read_text())
+        assert len({len(r) for r in table}) == 1, name
+        assert len(table[0]) == 1 + len(TABLES[name].settings) + 2 * len(TABLES[name].metrics)
+    (index,) = md_tables((built / "README.md").read_text())
+    assert len(index) == 1 + len(TABLES)
+
+
+def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("table6", artifact_location=(tmp_path / "artifacts").as_uri())
+    ids = {}
+    for head, gain in (("baseline", 0.0), ("noah", 5.0)):
+        run_ = client.create_run(exp, run_name=head)
+        for epoch in range(3):
+            client.log_metric(run_.info.run_id, "val_top1", 30 + 10 * epoch + gain, step=epoch)
+            client.log_metric(run_.info.run_id, "train_top1", 25 + 12 * epoch + gain, step=epoch)
+        client.log_metric(run_.info.run_id, "top1", 50 + gain)
+        client.set_terminated(run_.info.run_id)
+        ids[head] = run_.info.run_id
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": ids["baseline"], "top1": 50.0,
+             "top5": 90.0, "params": 11181642, "madds": 37000000},
+            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
+             "setting": {"softmax_axis": "spatial"}, "status": "FINISHED", "run_id": ids["noah"], "top1": 55.0,
+             "top5": 91.0, "params": 11183000, "madds": 38000000}]
+    meta = {"profile": "smoke", "dataset": "builtin", "num_classes": 4, "img_size": 32, "epochs": 3}
+    (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--results", str(results), "--out", str(tmp_path / "reports"),
+                                  "--tracking-uri", uri])) == 0
+    png = tmp_path / "reports" / "figures" / "curves.png"
+    assert png.read_bytes()[:8] == PNG
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert "![Top-1 training (dashed) and validation (solid)" in index and "(figures/curves.png)" in index
+    assert f"run {ids['noah']} logged no weights" in index
+    assert len(list((tmp_path / "reports").glob("table*.md"))) == len(TABLES)
+    # a run id the store does not hold is a note, not a crash
+    rows[0]["run_id"] = "0" * 32
+    (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    fig = curves({"table6": _lines(results)}, uri, tmp_path / "again.png")
+    assert fig.path is None and "ResNet18 (Table 6)" in fig.note
+
+
+def _lines(results: Path):
+    from pipeline.report.tables import build_lines, load_results
+
+    return build_lines(TABLES["table6"], load_results(results / "table6.json", TABLES["table6"]))
+
+
+class TinyNet(torch.nn.Module):
+    """A real conv stem feeding the real NoahHead: what `head_maps` hooks into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pipeline.config import HeadConfig
+        from pipeline.models.noah import NoahHead
+
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.head = NoahHead(HeadConfig(N=2, r=0.5), 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
+def test_attention_maps_are_the_heads_own_and_are_drawn(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, images, labels = TinyNet(), torch.randn(2, 3, 16, 16), torch.tensor([2, 0])
+    attn, value, poca, (h, w) = head_maps(model, images, labels)
+    assert (h, w) == (4, 4) and attn.shape == value.shape == (2, 2, 4, 4) and poca.shape == (2, 4, 4)
+    torch.testing.assert_close(attn.sum((-1, -2)), torch.ones(2, 2))  # spatial softmax per block
+    torch.testing.assert_close(poca, (attn * value).sum(1))
+    logits = model(images)
+    torch.testing.assert_close(poca.sum((-1, -2)), logits[torch.arange(2), labels])
+    fig = attention_figure(model, images, labels, [0.5] * 3, [0.25] * 3, tmp_path / "maps.png", "maps")
+    assert fig.path.read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
+def test_attention_figure_from_logged_weights_of_a_trained_run(tmp_path: Path) -> None:
+    """End to end: weights logged to MLflow, a prepared dataset, the zoo's model rebuilt and drawn."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from pipeline.__main__ import main
+    from pipeline.models import build_model
+
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for c, colour in enumerate(((200, 30, 30), (30, 200, 30))):
+            (src / split / f"c{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 40), tuple(v + 10 * i for v in colour)).save(src / split / f"c{c}" / f"{i}.png")
+    data = tmp_path / "data"
+    assert main(["prepare", "--source", "imagefolder", "--root", str(src), "--out", str(data)]) == 0
+    model = build_model("resnet18", {"kind": "noah"}, 2, 32)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("table7", artifact_location=(tmp_path / "artifacts").as_uri())
+    ids = [client.create_run(exp).info.run_id for _ in range(2)]
+    client.log_artifact(ids[1], str(tmp_path / "model.pt"), "weights")
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": ids[0], "top1": 50.0},
+            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
+             "status": "FINISHED", "run_id": ids[1], "top1": 60.0}]
+    meta = {"profile": "smoke", "num_classes": 2, "img_size": 32, "data_dir": str(data)}
+    (results / "table7.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    build_reports(results, tmp_path / "reports", uri)
+    assert (tmp_path / "reports" / "figures" / "attention.png").read_bytes()[:8] == PNG
+    assert "(figures/attention.png)" in (tmp_path / "reports" / "README.md").read_text()
