@@ -10,13 +10,30 @@ devkit's: the area under the precision-recall curve by the trapezoid rule, i.e. 
 true matches of (precision just before the hit + precision at the hit) / 2, with precision 1 before
 the first ranked image. (torchreid and scikit-learn report the un-interpolated mean of the precision at
 each hit, which is never higher than this.)
+
+Models (`build_reid_model`): ResNet50-FC, the paper's baseline, is backbone → GAP → FC to a 512-D
+vector; its NOAH variant replaces GAP → FC by the NOAH head with M = 512 outputs read from the
+backbone's feature map. Both then apply BatchNorm1d + ReLU to that vector, which is the embedding used
+for matching, and an identity classifier (FC to the training identities) trained with cross-entropy.
+This is torchreid's `resnet50_fc512` (fc = Linear + BatchNorm1d + ReLU), whose training settings the
+appendix's two regimes reproduce; unlike it the backbone keeps its last stride of 2, so the backbone
+is exactly the classification one and fine-tuning loads its weights unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+from typing import Any
+
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import ConfigError, HeadConfig
 
 JUNK_PID = -1
 DISTRACTOR_PID = 0
+EMBED_DIM = 512
 
 
 def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -72,3 +89,116 @@ def market1501_metrics(distmat: torch.Tensor, q_pids: torch.Tensor, g_pids: torc
     cmc = (cmc_hits / num_valid).cpu()
     return {"cmc": cmc, "rank1": float(cmc[0]), "rank5": float(cmc[4]),
             "map": float(ap_sum / num_valid), "num_valid_queries": num_valid}
+
+
+# ---- models
+
+
+class ReidNet(nn.Module):
+    """Backbone feature map → `embedding` head (GAP+FC or NOAH, 512 outputs) → BN + ReLU → identities.
+
+    `forward` gives identity logits (training); `embed` the 512-D vector ranked at evaluation.
+    """
+
+    def __init__(self, backbone: nn.Module, embedding: nn.Module, head: HeadConfig, num_ids: int,
+                 embed_dim: int = EMBED_DIM):
+        super().__init__()
+        self.head_cfg = head
+        self.backbone, self.embedding = backbone, embedding
+        self.bottleneck = nn.Sequential(nn.BatchNorm1d(embed_dim), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(embed_dim, num_ids)
+        nn.init.normal_(self.classifier.weight, std=0.01)  # torchreid's classifier init
+        nn.init.zeros_(self.classifier.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, 512) embedding used for matching."""
+        return self.bottleneck(self.embedding(self.backbone.forward_features(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def build_reid_model(backbone: str, head: dict[str, Any] | HeadConfig, num_ids: int,
+                     img_size: int = 256) -> ReidNet:
+    """ResNet50-FC (`head` kind `baseline`) or its NOAH variant (kind `noah`) over `num_ids` identities.
+
+    The backbone is the zoo's (`build_model` with its own head, then that classifier removed), so its
+    weights are the classification model's; the embedding head is `build_head(head, C, 512)`: GAP+FC
+    for `baseline`, the NOAH head with M = 512 (N and r from backbones.csv unless given) for `noah`.
+    """
+    from .models import build_head, build_model, resolve_head
+
+    cfg = resolve_head(backbone, head)
+    if cfg.kind == "gap":
+        raise ConfigError("head.kind", "gap", "'baseline' (ResNet50-FC) or 'noah' for a reid model")
+    if not isinstance(num_ids, int) or isinstance(num_ids, bool) or num_ids < 2:
+        raise ConfigError("num_ids", num_ids, "an integer >= 2 (training identities)")
+    net = build_model(backbone, {"kind": "baseline"}, num_ids, img_size)
+    net.backbone.reset_classifier(0)
+    return ReidNet(net, build_head(cfg, net.backbone.num_features, EMBED_DIM), cfg, num_ids)
+
+
+def load_backbone(model: ReidNet, checkpoint: str | Path) -> list[str]:
+    """Initialise `model`'s backbone from a classification checkpoint of the same backbone and head.
+
+    `checkpoint` is the trainer's (`{"model": state_dict, …}`) or a bare state_dict, read with
+    `weights_only=True`. Every backbone tensor must be there with its shape (strict); the checkpoint's
+    classifier (its own FC, or its NOAH head over the classification classes) is left out and the reid
+    embedding head and identity classifier keep their fresh initialisation. Returns the skipped keys.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError("init_from", str(checkpoint), "the path of a classification checkpoint file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    own = model.backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or wrong:
+        problem = f"missing {missing[:3]}" if missing else f"shapes differ: {wrong[:3]}"
+        raise ConfigError("init_from", str(checkpoint), f"a checkpoint of this backbone ({problem})")
+    skipped = sorted(set(state) - set(own))
+    noah_head = any(k.startswith("head.") for k in skipped)
+    if noah_head != (model.head_cfg.kind == "noah"):
+        found = "NOAH" if noah_head else "its own (baseline)"
+        raise ConfigError("init_from", str(checkpoint), f"a classification checkpoint with a "
+                          f"{model.head_cfg.kind} head like this reid model's (it has {found} head)")
+    model.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+    return skipped
+
+
+# ---- evaluation
+
+
+@torch.inference_mode()
+def extract(model: ReidNet, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings (float32), person ids and camera ids of every image a reid loader yields."""
+    model.eval()
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    feats, pids, camids = [], [], []
+    for batch in loader:
+        if len(batch) != 4:
+            raise ValueError("a reid loader yields (images, labels, pids, camids); this one yields "
+                             f"{len(batch)} items (is the dataset a reid one?)")
+        with autocast:
+            feats.append(model.embed(batch[0].to(device, non_blocking=True, memory_format=memory_format)).float())
+        pids.append(batch[2])
+        camids.append(batch[3])
+    return torch.cat(feats), torch.cat(pids), torch.cat(camids)
+
+
+def evaluate_reid(model: ReidNet, query_loader: DataLoader, gallery_loader: DataLoader) -> dict[str, float]:
+    """Rank-1, rank-5 and mAP (%) of `model` on Market-1501-style query and gallery loaders.
+
+    The loaders must cover their whole split (not a data-parallel shard): every rank can call this and
+    gets the same numbers. Distances are computed on the model's device.
+    """
+    q, q_pids, q_camids = extract(model, query_loader)
+    g, g_pids, g_camids = extract(model, gallery_loader)
+    out = market1501_metrics(pairwise_distance(q, g), q_pids, g_pids, q_camids, g_camids)
+    return {"rank1": 100 * out["rank1"], "rank5": 100 * out["rank5"], "map": 100 * out["map"]}

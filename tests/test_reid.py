@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.reid import market1501_metrics, pairwise_distance
+from pipeline.config import BuiltinDataConfig, ConfigError, PrepareConfig
+from pipeline.data import build_loader
+from pipeline.data.prepare import prepare
+from pipeline.models import NoahHead, build_model
+from pipeline.reid import (build_reid_model, evaluate_reid, extract, load_backbone, market1501_metrics,
+                           pairwise_distance)
 
 
 def brute_force(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10):
@@ -123,3 +129,97 @@ def test_bad_input():
         market1501_metrics(torch.zeros(1, 2), [1], [1, 2, 3], [1], [1, 2])
     with pytest.raises(ValueError, match="max_rank"):
         market1501_metrics(torch.zeros(1, 2), [1], [1, 2], [1], [2, 2], max_rank=3)
+
+
+# ---- models
+
+IMG = 64
+
+
+@pytest.mark.parametrize("kind", ["baseline", "noah"])
+def test_model_shapes(kind):
+    torch.manual_seed(0)
+    model = build_reid_model("resnet50", {"kind": kind}, num_ids=7, img_size=IMG)
+    if kind == "noah":
+        assert isinstance(model.embedding, NoahHead)
+        assert (model.embedding.num_classes, model.embedding.cfg.N, model.embedding.cfg.r) == (512, 4, 0.125)
+    else:
+        assert model.embedding.fc.weight.shape == (512, 2048)
+    assert not any(k.startswith("backbone.backbone.fc") for k in model.state_dict())
+    x = torch.randn(3, 3, IMG, IMG)
+    model.train()
+    assert model(x).shape == (3, 7)
+    model.eval()
+    with torch.no_grad():
+        emb = model.embed(x)
+        assert torch.allclose(model.classifier(emb), model(x))
+    assert emb.shape == (3, 512) and (emb >= 0).all()  # after BN + ReLU
+
+
+def test_model_rejects_bad_options():
+    with pytest.raises(ConfigError, match="head.kind"):
+        build_reid_model("resnet50", {"kind": "gap"}, 7, IMG)
+    with pytest.raises(ConfigError, match="num_ids"):
+        build_reid_model("resnet50", {"kind": "baseline"}, 1, IMG)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "noah"])
+def test_finetune_loads_the_classification_backbone(tmp_path: Path, kind):
+    torch.manual_seed(1)
+    classifier = build_model("resnet50", {"kind": kind}, 5, IMG)
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 3, "history": [{"top1": 50.0}], "model": classifier.state_dict()}, path)
+    model = build_reid_model("resnet50", {"kind": kind}, 7, IMG)
+    fresh_head = {k: v.clone() for k, v in model.embedding.state_dict().items()}
+    skipped = load_backbone(model, path)
+    assert skipped == (["head.key_bias", "head.key_weight", "head.value_bias", "head.value_weight"]
+                       if kind == "noah" else ["backbone.fc.bias", "backbone.fc.weight"])
+    source = classifier.state_dict()
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, source[k]), k
+    for k, v in model.embedding.state_dict().items():
+        assert torch.equal(v, fresh_head[k]), k
+    # the model after loading computes what the classifier's backbone computes
+    x = torch.randn(2, 3, IMG, IMG)
+    classifier.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.backbone.forward_features(x), classifier.forward_features(x))
+
+
+def test_finetune_rejects_other_checkpoints(tmp_path: Path):
+    torch.manual_seed(2)
+    baseline = tmp_path / "baseline.pt"
+    torch.save(build_model("resnet50", {"kind": "baseline"}, 5, IMG).state_dict(), baseline)
+    with pytest.raises(ConfigError, match="noah head like this reid model's"):
+        load_backbone(build_reid_model("resnet50", {"kind": "noah"}, 7, IMG), baseline)
+    other = tmp_path / "resnet18.pt"
+    torch.save({"model": build_model("resnet18", {"kind": "baseline"}, 5, IMG).state_dict()}, other)
+    with pytest.raises(ConfigError, match="a checkpoint of this backbone"):
+        load_backbone(build_reid_model("resnet50", {"kind": "baseline"}, 7, IMG), other)
+    with pytest.raises(ConfigError, match="init_from"):
+        load_backbone(build_reid_model("resnet50", {"kind": "baseline"}, 7, IMG), tmp_path / "none.pt")
+
+
+# ---- evaluation on a prepared Market-layout dataset
+
+SMALL_REID = BuiltinDataConfig(train_ids=4, test_ids=4, cameras=3, images_per_id=3, distractors=2, junk=2,
+                               image_size=32)
+
+
+def test_evaluate_reid_on_prepared_data(tmp_path: Path):
+    data = tmp_path / "reid"
+    prepare(PrepareConfig(source="builtin_reid", out=str(data), resize=32, builtin=SMALL_REID), workers=1)
+    torch.manual_seed(3)
+    model = build_reid_model("resnet18", {"kind": "noah", "N": 4, "r": 0.5}, 4, IMG)
+    query, gallery = (build_loader(data, split, IMG, 8, train=False) for split in ("query", "gallery"))
+    metrics = evaluate_reid(model, query, gallery)
+    assert set(metrics) == {"rank1", "rank5", "map"}
+    # the same numbers from the embeddings through the plain per-query devkit port
+    q, q_pids, q_cams = extract(model, query)
+    g, g_pids, g_cams = extract(model, gallery)
+    assert (g_pids == -1).sum() == 2 and (g_pids == 0).sum() == 2
+    dist = [[math.dist(a, b) for b in g.tolist()] for a in q.tolist()]
+    cmc, m_ap, _ = brute_force(dist, q_pids.tolist(), g_pids.tolist(), q_cams.tolist(), g_cams.tolist())
+    assert metrics["rank1"] == pytest.approx(100 * cmc[0])
+    assert metrics["rank5"] == pytest.approx(100 * cmc[4])
+    assert metrics["map"] == pytest.approx(100 * m_ap, rel=1e-4)
