@@ -221,6 +221,10 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
     (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     fig = curves({"table6": _lines(results)}, uri, tmp_path / "again.png")
     assert fig.path is None and "ResNet18 (Table 6)" in fig.note
+    # a store that does not exist is reported, never created
+    absent = tmp_path / "absent.db"
+    fig = curves({"table6": _lines(results)}, f"sqlite:///{absent}", tmp_path / "again.png")
+    assert fig.path is None and "does not exist" in fig.note and not absent.exists()
 
 
 def _lines(results: Path):
@@ -258,13 +262,14 @@ def test_attention_maps_are_the_heads_own_and_are_drawn(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_attention_figure_from_logged_weights_of_a_trained_run(tmp_path: Path) -> None:
-    """End to end: weights logged to MLflow, a prepared dataset, the zoo's model rebuilt and drawn."""
+def test_attention_figure_from_the_weights_a_trained_run_logged(tmp_path: Path) -> None:
+    """End to end: the trainer trains one epoch and logs its weights; the report rebuilds the model and draws."""
     from mlflow import MlflowClient
     from PIL import Image
 
     from pipeline.__main__ import main
-    from pipeline.models import build_model
+    from pipeline.config import MlflowConfig, TrainConfig
+    from pipeline.train import run_trial
 
     src = tmp_path / "src"
     for split in ("train", "val"):
@@ -274,20 +279,20 @@ def test_attention_figure_from_logged_weights_of_a_trained_run(tmp_path: Path) -
                 Image.new("RGB", (40, 40), tuple(v + 10 * i for v in colour)).save(src / split / f"c{c}" / f"{i}.png")
     data = tmp_path / "data"
     assert main(["prepare", "--source", "imagefolder", "--root", str(src), "--out", str(data)]) == 0
-    model = build_model("resnet18", {"kind": "noah"}, 2, 32)
-    torch.save(model.state_dict(), tmp_path / "model.pt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = {"name": "tiny", "lr": 0.01, "batch_size": 2, "epochs": 1}
+    result = run_trial({"backbone": "resnet18", "data_dir": str(data), "head": {"kind": "noah"}, "recipe": recipe,
+                        "img_size": 32}, train=TrainConfig(checkpoint_root=str(tmp_path / "ckpt"), progress="off"),
+                       tracking=MlflowConfig(tracking_uri=uri, log_weights=True), experiment="table7")
     client = MlflowClient(uri)
-    exp = client.create_experiment("table7", artifact_location=(tmp_path / "artifacts").as_uri())
-    ids = [client.create_run(exp).info.run_id for _ in range(2)]
-    client.log_artifact(ids[1], str(tmp_path / "model.pt"), "weights")
+    baseline = client.create_run(client.get_experiment_by_name("table7").experiment_id).info.run_id
     results = tmp_path / "results"
     results.mkdir()
-    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": ids[0], "top1": 50.0},
+    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": baseline, "top1": 50.0},
             {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
-             "status": "FINISHED", "run_id": ids[1], "top1": 60.0}]
-    meta = {"profile": "smoke", "num_classes": 2, "img_size": 32, "data_dir": str(data)}
-    (results / "table7.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+             "status": "FINISHED", "run_id": result["run_id"], "top1": result["top1"]}]
+    (results / "table7.json").write_text(json.dumps({"meta": {"profile": "smoke"}, "rows": rows}))
     build_reports(results, tmp_path / "reports", uri)
     assert (tmp_path / "reports" / "figures" / "attention.png").read_bytes()[:8] == PNG
-    assert "(figures/attention.png)" in (tmp_path / "reports" / "README.md").read_text()
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert "(figures/attention.png)" in index and f"run {result['run_id'][:8]}" in index

@@ -62,6 +62,19 @@ def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
     return pairs
 
 
+def open_store(tracking_uri: str | None) -> tuple[Any, str | None]:
+    """A client of an existing MLflow store, or the reason there is none (a report never creates a store)."""
+    if not tracking_uri:
+        return None, "no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta"
+    from ..tracking import client, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri if "://" not in uri else None
+    if local is not None and not Path(local).exists():
+        return None, f"the MLflow store {local} does not exist (no trial has been tracked yet)"
+    return client(uri), None
+
+
 def _history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
     """Per-epoch values of the first of `keys` the run logged (last value per step)."""
     logged = client.get_run(run_id).data.metrics
@@ -79,13 +92,11 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
     pairs = design_pairs(tables)
     if not pairs:
         return Figure(title, note="no table has both a baseline run and a paper-design NOAH run with MLflow run ids")
-    if not tracking_uri:
-        return Figure(title, note="no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta")
+    client, missing = open_store(tracking_uri)
+    if client is None:
+        return Figure(title, note=missing)
     from mlflow.exceptions import MlflowException
 
-    from ..tracking import client as tracking_client
-
-    client = tracking_client(tracking_uri)
     drawn, skipped = [], []
     for label, base, noah in pairs:
         try:
@@ -206,44 +217,75 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
     candidates.sort(key=lambda ln: ln.paper["key"] != "resnet18")
     if not candidates:
         return Figure(title, note="no finished paper-design NOAH run to visualise")
-    if not tracking_uri:
-        return Figure(title, note="no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta")
+    client, missing = open_store(tracking_uri)
+    if client is None:
+        return Figure(title, note=missing)
     from mlflow.exceptions import MlflowException
 
-    from ..tracking import client as tracking_client
-
-    client = tracking_client(tracking_uri)
     reasons = []
     for line in candidates:
         run_id = line.result["run_id"]
         try:
             artifact = _weights_artifact(client, run_id)
             if artifact is None:
-                reasons.append(f"run {run_id} logged no weights (.pt/.pth artifact)")
+                reasons.append(f"run {run_id} logged no weights (.pt/.pth artifact; set mlflow.log_weights)")
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 state = torch.load(client.download_artifacts(run_id, artifact, tmp), map_location="cpu",
                                    weights_only=True)
+                config = _run_config(client, run_id, tmp)
         except (MlflowException, OSError) as err:
             reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0]}")
             continue
-        return _draw_trained(line, state, meta, data_dir, out, title, images)
+        return _draw_trained(state, _model_spec(line, config, meta, data_dir), out, title, images)
     return Figure(title, note="; ".join(reasons))
 
 
-def _draw_trained(line: Line, state: dict[str, Any], meta: dict[str, Any], data_dir: Path | None, out: Path,
-                  title: str, images: int) -> Figure:
+def _run_config(client: Any, run_id: str, tmp: str) -> dict[str, Any]:
+    """The resolved trial config the trainer logs as `config.yaml` (empty if the run has none)."""
+    import yaml
+
+    if not any(item.path == "config.yaml" for item in client.list_artifacts(run_id)):
+        return {}
+    return yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()) or {}
+
+
+def _model_spec(line: Line, config: dict[str, Any], meta: dict[str, Any], data_dir: Path | None) -> dict[str, Any]:
+    """Backbone, head, classes, image size and data of the run: its own logged config first, then the results."""
+    trial = config.get("trial") or {}
+    return {"backbone": trial.get("backbone") or line.result.get("backbone") or line.paper["key"],
+            "head": trial.get("head") or line.result.get("head") or {"kind": "noah"},
+            "num_classes": (config.get("data") or {}).get("num_classes") or meta.get("num_classes"),
+            "img_size": int(trial.get("img_size") or meta.get("img_size") or 224),
+            "data_dir": data_dir or trial.get("data_dir") or meta.get("data_dir"),
+            "run_id": line.result["run_id"], "name": backbones()[line.paper["key"]]["paper_name"]}
+
+
+def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first validation image of each of the first `count` classes met (one class is a dull figure)."""
+    picked: dict[int, torch.Tensor] = {}
+    for batch in loader:
+        for image, label in zip(batch[0], batch[1].tolist()):
+            picked.setdefault(label, image)
+        if len(picked) >= count:
+            break
+    labels = list(picked)[:count]
+    return torch.stack([picked[k] for k in labels]), torch.tensor(labels)
+
+
+def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title: str, images: int) -> Figure:
     from ..data.loaders import build_loader
     from ..models import build_model
 
+    data_dir = spec["data_dir"]
     if data_dir is None or not (Path(data_dir) / "stats.json").exists():
         return Figure(title, note=f"prepared validation data not found at {data_dir}")
+    if spec["num_classes"] is None:
+        return Figure(title, note=f"run {spec['run_id']} records no number of classes")
     state = state.get("model", state) if isinstance(state, dict) else state
-    img_size = int(meta.get("img_size", 224))
-    backbone = line.result.get("backbone") or line.paper["key"]
-    model = build_model(backbone, line.result.get("head") or {"kind": "noah"}, int(meta["num_classes"]), img_size)
+    model = build_model(spec["backbone"], spec["head"], int(spec["num_classes"]), spec["img_size"])
     model.load_state_dict(state)
-    batch, labels = next(iter(build_loader(data_dir, "val", img_size, images, train=False)))[:2]
+    batch, labels = _distinct_classes(build_loader(data_dir, "val", spec["img_size"], 32, train=False), images)
     stats = json.loads((Path(data_dir) / "stats.json").read_text())
-    name = f"{title}: {backbones()[line.paper['key']]['paper_name']}, run {line.result['run_id'][:8]}"
+    name = f"{title}: {spec['name']}, run {spec['run_id'][:8]}"
     return attention_figure(model, batch, labels, stats["mean"], stats["std"], out, name)
