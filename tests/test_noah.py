@@ -137,3 +137,56 @@ def test_head_option_errors(data: dict, key: str, fragment: str):
     with pytest.raises(ConfigError) as err:
         parse_head(data)
     assert err.value.key == key and fragment in str(err.value)
+
+
+FUSED = [HeadConfig(N=4, r=0.25), HeadConfig(N=4, r=0.5, feature_split="first", aggregation="avg"),
+         HeadConfig(N=2, r=0.5, feature_split="none"), HeadConfig(N=4, r=0.5, activation="sigmoid")]
+
+
+@pytest.mark.parametrize("cfg", FUSED, ids=lambda c: c.name)
+@pytest.mark.parametrize("chunk_elements", [1, 10**9], ids=["chunk1", "whole"])
+@pytest.mark.parametrize("spread", [1.0, 400.0], ids=["plain", "overflowing"])
+def test_fused_matches_reference_and_straightforward(cfg: HeadConfig, chunk_elements: int, spread: float):
+    """Float32 at head-like scale: fused logits and gradients equal the materialised ones, in any chunking,
+    also when exp of the raw keys overflows (the max-shifted pass takes over)."""
+    from pipeline.bench_head import StraightforwardHead
+
+    torch.manual_seed(1)
+    head = NoahHead(cfg, 32, 50)
+    assert head.fused
+    x = (torch.randn(5, 32, 7, 7) * spread).requires_grad_()
+    weight = torch.randn(5, 50)
+    others = [head.forward_reference]
+    if cfg.feature_split == "both" and cfg.activation == "softmax":
+        others.append(StraightforwardHead(head))
+    ours = head.forward_fused(x, chunk_elements)
+    grads = _grads(ours, x, head, weight)
+    for other in others:
+        logits = other(x)
+        torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4 * spread)
+        params = head if other == head.forward_reference else other
+        ref = torch.autograd.grad((logits * weight).sum(), [x, *params.parameters()])
+        for g_ours, g_ref in zip(grads, ref):
+            torch.testing.assert_close(g_ours, g_ref.view_as(g_ours), rtol=1e-3, atol=1e-3 * spread)
+
+
+def test_fused_saves_only_input_and_statistics():
+    """Saved for backward: the input plus two (N, M, B) tensors; the others keep >= 2 B·N·M·H·W tensors."""
+    from pipeline.bench_head import StraightforwardHead, saved_bytes
+
+    b, c, n, m, hw = 8, 64, 4, 100, 49
+    head = NoahHead(HeadConfig(N=n, r=0.5), c, m)
+    x = torch.randn(b, c, 7, 7, requires_grad=True)
+    ours = saved_bytes(lambda: head(x), list(head.parameters()))
+    assert ours <= x.nbytes + 2 * n * m * b * 4
+    plain = StraightforwardHead(head)
+    assert saved_bytes(lambda: plain(x), list(plain.parameters())) >= 2 * b * n * m * hw * 4
+    assert saved_bytes(lambda: head.forward_reference(x), list(head.parameters())) >= 2 * b * n * m * hw * 4
+
+
+def test_fused_runs_only_where_it_applies():
+    assert not NoahHead(HeadConfig(N=4, r=0.5, aggregation="max"), C, M).fused
+    assert not NoahHead(HeadConfig(N=4, r=0.5, softmax_axis="channel"), C, M).fused
+    head = NoahHead(HeadConfig(N=4, r=0.5, dropout=0.1), C, M)
+    assert not head.fused  # dropout active in training
+    assert head.eval().fused

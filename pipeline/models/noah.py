@@ -3,6 +3,11 @@
 For group i the block computes A_i = act(W_ki * F_ki), V_i = W_vi * F_vi, P_i = A_i ⊙ V_i, and the
 head aggregates the N·H·W local POCAs of every class into one logit. The groups are a batch dimension
 of one matmul (or one grouped convolution for 3×3 kernels), never a Python loop.
+
+With 1×1 kernels, sum/avg aggregation and a per-class spatial softmax (or sigmoid), the head runs as
+one autograd function (`PocaSum`) that keeps only its input and two (N, M, B) statistics for backward
+and recomputes A and V there: the logit of class m is Σ_i Σ_hw A_i[m,hw]·V_i[m,hw], so neither the
+forward nor the backward pass needs a (B, N, M, H·W) tensor beyond the batch chunk in flight.
 """
 from __future__ import annotations
 
@@ -33,6 +38,107 @@ def split_channels(cfg: HeadConfig, in_channels: int) -> tuple[int, int]:
         raise ConfigError("head.r", r, f"a ratio giving 1..{group - 1} key channels of the {group} per group "
                           f"(floor(r*C/N) with C={in_channels}, N={n})")
     return key, group - key
+
+
+def _grouped_columns(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, C, H, W) -> (G, C/G, B·H·W): each group's channels as the rows of one GEMM operand."""
+    b, c, h, w = x.shape
+    return x.reshape(b, groups, c // groups, h * w).permute(1, 2, 0, 3).reshape(groups, c // groups, b * h * w)
+
+
+class PocaSum(torch.autograd.Function):
+    """Σ_i Σ_hw act(K_i) ⊙ V_i for 1×1 embeddings, saving only the input and (N, M, B) statistics.
+
+    Weights are (G, N/G·M, C_in) with G = N groups (or 1 group seen by all N blocks when there is no
+    feature split); `rows` = (key rows, value rows) pick each block's channels of its group. The batch
+    runs in chunks of `chunk` samples whose (N, M, b, H·W) temporaries live in two reused buffers.
+    Spatial softmax uses base 2 (the key weights scaled by log2 e) because `exp2` is the fast one, is
+    blind to the key bias (shift invariance: its gradient is 0) and sums to 1, so the value bias adds
+    to the logits directly. On CPU the max-shift pass is skipped unless a row's sum of exps is not a
+    normal number.
+    """
+
+    @staticmethod
+    def _chunks(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, rows: tuple[slice, slice], n: int,
+                chunk: int):
+        """Per batch chunk: (start, stop, columns, K, V) with K, V as (N, M, b, H·W) buffer views."""
+        b, _, h, w = x.shape
+        groups, hw = wk.shape[0], h * w
+        size = min(chunk, b) * hw
+        buf_k = x.new_empty(groups, wk.shape[1], size)
+        buf_v = x.new_empty(groups, wv.shape[1], size)
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            cols = _grouped_columns(x[start:stop], groups)
+            shape = (groups, -1, (stop - start) * hw)
+            key = torch.bmm(wk, cols[:, rows[0]], out=buf_k.view(-1)[: buf_k[..., : shape[2]].numel()].view(shape))
+            value = torch.bmm(wv, cols[:, rows[1]],
+                              out=buf_v.view(-1)[: buf_v[..., : shape[2]].numel()].view(shape))
+            yield start, stop, cols, key.view(n, -1, stop - start, hw), value.view(n, -1, stop - start, hw)
+
+    @staticmethod
+    def forward(ctx, x, wk, bk, wv, bv, n: int, rows: tuple[slice, slice], sigmoid: bool, scale: float,
+                chunk: int):
+        bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1)
+        wk_act = wk if sigmoid else wk * math.log2(math.e)
+        sums, stats = [], []
+        for _, _, cols, key, value in PocaSum._chunks(x, wk_act, wv, rows, n, chunk):
+            if sigmoid:
+                attn = key.add_(bias_k).sigmoid_()
+                sums.append(torch.addcmul(attn.mul(value).sum(-1), bias_v, attn.sum(-1)))
+                continue
+            top = None if x.is_cuda else key.new_zeros(())
+            if top is not None:
+                total = key.exp2_().sum(-1)
+                if not (torch.isfinite(total).all() and total.amin() >= 2.0 ** -100):  # over/underflow
+                    top = None
+                    torch.bmm(wk_act, cols[:, rows[0]], out=key.view(wk.shape[0], -1, cols.shape[-1]))
+            if top is None:
+                top = key.amax(-1)
+                total = key.sub_(top[..., None]).exp2_().sum(-1)
+            sums.append(key.mul_(value).sum(-1).div_(total).add_(bias_v))  # (N, M, b)
+            stats.append(total.log2_().add_(top))
+        sums_t = torch.cat(sums, -1)
+        ctx.save_for_backward(x, wk, bk, wv, bv, sums_t, *([] if sigmoid else [torch.cat(stats, -1)]))
+        ctx.cfg = (n, rows, sigmoid, scale, chunk)
+        return sums_t.sum(0).t() * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, wk, bk, wv, bv, sums, *lse2 = ctx.saved_tensors
+        n, rows, sigmoid, scale, chunk = ctx.cfg
+        b, c, h, w = x.shape
+        groups, hw = wk.shape[0], h * w
+        d_wk, d_bk, d_wv, d_bv = (torch.zeros_like(t) for t in (wk, bk, wv, bv))
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad = grad.t() * scale  # (M, B)
+        bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1, 1)
+        wk_act = wk if sigmoid else wk * math.log2(math.e)
+        for start, stop, cols, key, value in PocaSum._chunks(x, wk_act, wv, rows, n, chunk):
+            g = grad[None, :, start:stop, None]
+            if sigmoid:  # dV = g·σ(K), dK = g·V·σ(K)·(1 - σ(K))
+                attn = key.add_(bias_k).sigmoid_()
+                d_key = value.add_(bias_v).mul_(attn).mul_(1 - attn).mul_(g)
+                d_value = attn.mul_(g)
+            else:  # dV = g·A, dK = g·A·(V - Σ_hw A·V)
+                d_value = key.sub_(lse2[0][..., start:stop, None]).exp2_().mul_(g)
+                d_key = value.sub_((sums - bv.view(n, -1, 1))[..., start:stop, None]).mul_(d_value)
+            d_key, d_value = d_key.view(groups, -1, cols.shape[-1]), d_value.view(groups, -1, cols.shape[-1])
+            d_wk.baddbmm_(d_key, cols[:, rows[0]].mT)
+            d_wv.baddbmm_(d_value, cols[:, rows[1]].mT)
+            d_bv += d_value.sum(-1).view_as(bv)
+            if sigmoid:
+                d_bk += d_key.sum(-1).view_as(bk)
+            if dx is not None:
+                d_cols = dx[start:stop].view(stop - start, groups, c // groups, hw).permute(1, 2, 0, 3)
+                d_in_k = torch.bmm(wk.mT, d_key).view(groups, -1, stop - start, hw)
+                d_in_v = torch.bmm(wv.mT, d_value).view(groups, -1, stop - start, hw)
+                if rows[0] == rows[1]:
+                    d_cols.copy_(d_in_k.add_(d_in_v))
+                else:
+                    d_cols[:, rows[0]] = d_in_k
+                    d_cols[:, rows[1]] = d_in_v
+        return dx, d_wk, d_bk, d_wv, d_bv, None, None, None, None, None
 
 
 class NoahHead(nn.Module):
@@ -112,7 +218,37 @@ class NoahHead(nn.Module):
         value = self.dropout(value)
         return attn, value, attn * value
 
+    @property
+    def fused(self) -> bool:
+        """Whether `forward` runs as `PocaSum` (1×1 kernels, sum/avg, spatial softmax or sigmoid)."""
+        cfg = self.cfg
+        return (cfg.kernel_size == 1 and cfg.aggregation != "max" and not cfg.shared_attention
+                and not cfg.extra_linear and (cfg.activation == "sigmoid" or cfg.softmax_axis == "spatial")
+                and (cfg.dropout == 0 or not self.training))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.forward_fused(x)
+        return self.forward_reference(x)
+
+    def forward_fused(self, x: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
+        """Logits through `PocaSum`; a batch chunk's (N, M, b, H·W) temporaries hold `chunk_elements`."""
+        cfg, (b, _, h, w) = self.cfg, x.shape
+        groups = 1 if cfg.feature_split == "none" else cfg.N
+        if cfg.feature_split == "both":
+            rows = (slice(0, self.key_channels), slice(self.key_channels, None))
+        else:
+            rows = (slice(None), slice(None))
+        if chunk_elements is None:
+            chunk_elements = 1 << 40 if x.is_cuda else 1 << 20
+        chunk = max(1, chunk_elements // (cfg.N * self.num_classes * h * w))
+        scale = 1.0 / (cfg.N * h * w) if cfg.aggregation == "avg" else 1.0
+        return PocaSum.apply(x.contiguous(), self.key_weight.view(groups, -1, self.key_channels), self.key_bias,
+                             self.value_weight.view(groups, -1, self.value_channels), self.value_bias,
+                             cfg.N, rows, cfg.activation == "sigmoid", scale, chunk)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the materialised A, V and P of `forward_maps` (every option)."""
         _, _, poca = self.forward_maps(x)
         if self.cfg.aggregation == "max":
             return poca.amax(dim=(1, 3))
