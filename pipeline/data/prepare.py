@@ -32,7 +32,7 @@ from .sources import SOURCES, Item, Scan
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
 STATS = "stats.json"
-RESAMPLE = Image.Resampling.BICUBIC
+RESAMPLE = Image.Resampling.BILINEAR  # antialiased (support scales with the shrink), as torchvision Resize
 
 
 def default_workers() -> int:
@@ -77,7 +77,8 @@ def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
             orig = img.size
             size = target_size(*orig, resize)
             img.draft("RGB", size)  # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale when that suffices
-            rgb = img.convert("RGB")
+            img.load()
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
         if rgb.size != size:
             rgb = rgb.resize(size, RESAMPLE)
     except Image.UnidentifiedImageError:
@@ -88,10 +89,11 @@ def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
     rgb.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False, progressive=False)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     Path(dst).write_bytes(buf.getvalue())
-    pixels = np.asarray(rgb, dtype=np.uint8).reshape(-1, 3).astype(np.int64)
+    hist = np.asarray(rgb.histogram(), dtype=np.int64).reshape(3, 256)  # exact integer sums, cheap in C
+    levels = np.arange(256, dtype=np.int64)
     return {"sha256": hashlib.sha256(data).hexdigest(), "orig_width": orig[0], "orig_height": orig[1],
-            "width": size[0], "height": size[1], "npix": len(pixels),
-            "sum": pixels.sum(0).tolist(), "sumsq": (pixels * pixels).sum(0).tolist()}
+            "width": size[0], "height": size[1], "npix": size[0] * size[1],
+            "sum": (hist @ levels).tolist(), "sumsq": (hist @ (levels * levels)).tolist()}
 
 
 def _convert_task(task: tuple[str, str, int, int]) -> dict[str, Any]:
