@@ -1,0 +1,282 @@
+"""Training engine: real ResNet18+NOAH trials on a tiny built-in dataset, tracked in a temporary MLflow
+SQLite store: complete runs, SIGKILL and resume, 2-worker Ray Train, NaN loss, recipes and identity."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.config import (BuiltinDataConfig, ConfigError, MlflowConfig, PrepareConfig, TrainConfig,
+                             TrialConfig, parse)
+from pipeline.data.prepare import prepare
+from pipeline.models import build_model
+from pipeline.recipes import get_recipe, scale
+from pipeline.tracking import EPOCH_METRICS, REPO_ROOT
+from pipeline.train import (CHECKPOINT, NonFiniteLossError, build_optimizer, build_scheduler, run_trial,
+                            trial_id)
+
+IMG, BATCH = 32, 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 shape classes: 64 training images (8 steps of 8), 16 validation images."""
+    out = tmp_path_factory.mktemp("data") / "builtin"
+    prepare(PrepareConfig(source="builtin", out=str(out), resize=40,
+                          builtin=BuiltinDataConfig(num_classes=4, train_per_class=16, val_per_class=4,
+                                                    image_size=48)), workers=1)
+    return out
+
+
+def _trial(data_dir: Path, **changes: Any) -> TrialConfig:
+    data = {"backbone": "resnet18", "data_dir": str(data_dir), "head": {"kind": "noah"}, "recipe": "resnet",
+            "img_size": IMG, "epochs": 2, "batch_size": BATCH}
+    return parse(TrialConfig, {**data, **changes}, "trial")
+
+
+def _store(tmp_path: Path) -> tuple[MlflowConfig, MlflowClient]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return MlflowConfig(tracking_uri=uri), MlflowClient(uri)
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+QUIET = TrainConfig(progress="off")
+
+
+def _logged(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """What a run holds, independent of values: param keys, metric keys with their steps, artifacts."""
+    run = client.get_run(run_id)
+    return {"status": run.info.status, "params": set(run.data.params),
+            "metrics": {k: _steps(client, run_id, k) for k in run.data.metrics},
+            "artifacts": {a.path for a in client.list_artifacts(run_id)}}
+
+
+# ---- a complete run
+
+
+def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_path: Path) -> None:
+    tracking, client = _store(tmp_path)
+    trial = _trial(data_dir)
+    seen: list[dict[str, float]] = []
+    result = run_trial(trial, train=QUIET, tracking=dataclasses.replace(tracking, log_weights=True),
+                       experiment="table_test", checkpoint_dir=tmp_path / "ckpt", on_epoch=seen.append)
+
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and result["status"] == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "table_test"
+    params = run.data.params
+    assert params["trial.backbone"] == "resnet18" and params["trial.head.kind"] == "noah"
+    assert (params["trial.head.N"], params["trial.head.r"]) == ("4", "0.5")  # filled from backbones.csv
+    assert params["trial.recipe.optimizer"] == "sgd"
+    assert float(params["scaled.lr"]) == pytest.approx(0.1 * BATCH / 256)  # linear lr scaling
+    assert not any(value in os.environ.values() for value in params.values() if len(value) > 12)
+    for key in EPOCH_METRICS:
+        assert _steps(client, run.info.run_id, key) == [0, 1], key
+    assert [int(row["epoch"]) for row in seen] == [0, 1]
+    metrics = run.data.metrics
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and metrics["top1"] == result["top1"]
+    assert metrics["images_per_s"] > 0 and result["params"] > 11_000_000 and result["madds"] > 0
+    tags = run.data.tags
+    assert tags["trial_id"] == trial_id(trial) == result["trial_id"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", tags["git_commit"])
+    assert len(tags["data_manifest_hash"]) == 64
+    assert {"config.yaml", "metrics.csv", "learning_curve.png", "weights"} <= _logged(client, run.info.run_id)["artifacts"]
+    csv_file = Path(client.download_artifacts(run.info.run_id, "metrics.csv", str(tmp_path)))
+    assert len(csv_file.read_text().strip().splitlines()) == 3  # header + 2 epochs
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+    assert config["trial_id"] == result["trial_id"] and config["scaled"]["epochs"] == 2
+
+    state = torch.load(tmp_path / "ckpt" / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and state["trial_id"] == result["trial_id"]
+    model = build_model("resnet18", {"kind": "noah"}, 4, IMG)
+    model.load_state_dict(state["model"])
+
+    again = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "other")
+    assert again["run_id"] == result["run_id"] and again["top1"] == result["top1"]
+    assert not (tmp_path / "other" / CHECKPOINT).exists()  # the FINISHED run was reused, not retrained
+
+
+# ---- SIGKILL mid-epoch, then resume
+
+
+def _train_cmd(data_dir: Path, params_file: Path, ckpt: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--head", "kind=noah",
+            "--data", str(data_dir), "--img-size", str(IMG), "--epochs", "3", "--batch-size", str(BATCH),
+            "--params", str(params_file), "--checkpoint-dir", str(ckpt), "--experiment", "kill_test"]
+
+
+def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once(data_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    tracking, client = _store(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"mlflow": {"tracking_uri": tracking.tracking_uri},
+                                           "train": {"progress": "bar"}}))
+    ckpt = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    log = tmp_path / "first.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(_train_cmd(data_dir, params_file, ckpt), cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        # the tqdm bar of epoch 2 has moved past its first step but not to its end: mid-epoch
+        mid_epoch = re.compile(r"epoch 2/3:\s+\d+%\S*\s*\| [1-7]/8")
+        deadline = time.monotonic() + 300
+        while not mid_epoch.search(log.read_text()):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the trainer never reached the middle of epoch 2"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(ckpt / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    run_id = (ckpt / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    second = subprocess.run(_train_cmd(data_dir, params_file, ckpt), cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "epoch 1/3" not in second.stderr and "epoch 2/3" in second.stderr  # resumed at epoch 2
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, not a second one
+    for key in EPOCH_METRICS:
+        assert _steps(client, run_id, key) == [0, 1, 2], key
+
+
+# ---- Ray Train, 2 workers
+
+
+def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> None:
+    import ray
+
+    tracking, client = _store(tmp_path)
+    trial = _trial(data_dir, epochs=1)
+    one = run_trial(trial, train=QUIET, tracking=tracking, experiment="one", checkpoint_dir=tmp_path / "c1")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    try:
+        two = run_trial(trial, train=dataclasses.replace(QUIET, num_workers=2), tracking=tracking,
+                        experiment="two", checkpoint_dir=tmp_path / "c2", reuse=False)
+    finally:
+        ray.shutdown()
+    assert two["run_id"] != one["run_id"] and two["trial_id"] == one["trial_id"]
+    logged_one, logged_two = _logged(client, one["run_id"]), _logged(client, two["run_id"])
+    assert logged_two == logged_one and logged_two["status"] == "FINISHED"
+    run = client.get_run(two["run_id"])
+    assert run.data.params["train.num_workers"] == "2"
+    assert 0 <= run.data.metrics["top1"] <= 100 and run.data.metrics["params"] == one["params"]
+    state = torch.load(tmp_path / "c2" / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
+
+
+# ---- failures
+
+
+def test_nan_loss_fails_the_run_quickly_with_its_reason(data_dir: Path, tmp_path: Path) -> None:
+    tracking, client = _store(tmp_path)
+    exploding = dataclasses.replace(get_recipe("resnet"), lr=1e30, name="exploding")
+    trial = _trial(data_dir, recipe=exploding, epochs=3)
+    start = time.perf_counter()
+    with pytest.raises(NonFiniteLossError, match="update [1-8]$"):
+        run_trial(trial, train=QUIET, tracking=tracking, experiment="nan", checkpoint_dir=tmp_path / "ckpt")
+    (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("NonFiniteLossError: training loss became")
+    assert not (tmp_path / "ckpt" / CHECKPOINT).exists()  # failed within the first epoch
+    assert time.perf_counter() - start < 120
+
+
+def test_bad_trials_are_rejected_before_any_run(data_dir: Path, tmp_path: Path) -> None:
+    tracking, client = _store(tmp_path)
+    with pytest.raises(ConfigError, match="recipe: got 'nope'"):
+        run_trial(_trial(data_dir, recipe="nope"), tracking=tracking)
+    with pytest.raises(ConfigError, match="data_dir"):
+        run_trial(_trial(tmp_path / "missing"), tracking=tracking)
+    with pytest.raises(ConfigError, match="even batch"):
+        run_trial(_trial(data_dir, recipe="deit_pvt", batch_size=7), tracking=tracking)
+    with pytest.raises(ConfigError, match="backbone"):
+        run_trial(_trial(data_dir, backbone="resnet19"), tracking=tracking)
+    assert client.search_experiments() == [] or all(
+        not client.search_runs([e.experiment_id]) for e in client.search_experiments())
+
+
+# ---- recipes, schedules, identity (no training)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "shufflenet", "deit_pvt", "mixer_gmlp", "aggressive",
+                                  "reid_scratch", "reid_finetune"])
+def test_every_recipe_builds_and_scaling_keeps_its_shape(name: str) -> None:
+    recipe = get_recipe(name)
+    paper = scale(recipe)
+    small = scale(recipe, epochs=recipe.epochs // 10, batch_size=recipe.batch_size // 4)
+    assert small.lr == pytest.approx(recipe.lr / 4)
+    assert small.warmup_epochs / small.epochs == pytest.approx(paper.warmup_epochs / paper.epochs)
+    assert [m / small.epochs for m in small.milestones] == pytest.approx([m / paper.epochs for m in paper.milestones])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = build_optimizer(model, small)
+    decays = {len(g["params"]): g["weight_decay"] for g in optimizer.param_groups}
+    if recipe.no_decay_norm_bias:
+        assert decays == {3: 0.0, 1: recipe.weight_decay}  # conv bias, BN weight and bias: no decay
+    else:
+        assert set(decays.values()) == {recipe.weight_decay}
+    build_scheduler(optimizer, small, updates_per_epoch=10)
+
+
+def _lr_at(scheduler: Any, optimizer: torch.optim.Optimizer, epoch: float, updates: int) -> float:
+    scheduler.step_update(num_updates=round(epoch * updates))
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_schedules_follow_the_appendix_at_any_length() -> None:
+    model = torch.nn.Linear(2, 2)
+    for epochs in (100, 10):  # the paper's length and a profile's
+        resnet = scale(get_recipe("resnet"), epochs=epochs, batch_size=256)
+        opt = build_optimizer(model, resnet)
+        sched = build_scheduler(opt, resnet, updates_per_epoch=10)
+        lrs = [_lr_at(sched, opt, f * epochs, 10) for f in (0, 0.29, 0.31, 0.61, 0.91)]
+        assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001])  # x0.1 every 30% of the epochs
+        aggressive = scale(get_recipe("aggressive"), epochs=epochs * 3, batch_size=4096)
+        opt = build_optimizer(model, aggressive)
+        sched = build_scheduler(opt, aggressive, updates_per_epoch=10)
+        warm = 20 / 300 * aggressive.epochs
+        assert _lr_at(sched, opt, warm / 2, 10) == pytest.approx(0.002, rel=0.05)  # linear warm-up
+        assert _lr_at(sched, opt, warm, 10) == pytest.approx(0.004, rel=1e-3)
+        assert _lr_at(sched, opt, aggressive.epochs, 10) == pytest.approx(1e-6, abs=1e-6)  # cosine to min
+        shuffle = scale(get_recipe("shufflenet"), epochs=epochs, batch_size=1024)
+        opt = build_optimizer(model, shuffle)
+        sched = build_scheduler(opt, shuffle, updates_per_epoch=10)
+        assert _lr_at(sched, opt, epochs / 2, 10) == pytest.approx(0.25)  # linear to zero
+
+
+def test_trial_identity_covers_what_determines_a_result(data_dir: Path, tmp_path: Path) -> None:
+    base = trial_id(_trial(data_dir))
+    assert trial_id(_trial(data_dir)) == base
+    assert trial_id(_trial(data_dir, head={"kind": "noah", "N": 4, "r": 0.5})) == base  # resolved defaults
+    assert trial_id(_trial(data_dir, recipe=get_recipe("resnet"))) == base
+    assert trial_id(_trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet"), name="renamed"))) == base
+    changed = [_trial(data_dir, seed=1), _trial(data_dir, epochs=3), _trial(data_dir, batch_size=16),
+               _trial(data_dir, img_size=64), _trial(data_dir, head={"kind": "baseline"}),
+               _trial(data_dir, head={"kind": "noah", "aggregation": "max"}), _trial(data_dir, recipe="mobilenet"),
+               _trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet"), weight_decay=0.0))]
+    ids = {trial_id(t) for t in changed}
+    assert len(ids) == len(changed) and base not in ids
+    copy = tmp_path / "copy"  # the same data elsewhere is the same trial; edited data is not
+    copy.mkdir()
+    for name in ("manifest.csv", "classes.json", "stats.json"):
+        (copy / name).write_bytes((data_dir / name).read_bytes())
+    assert trial_id(_trial(copy)) == base
+    (copy / "manifest.csv").write_text((data_dir / "manifest.csv").read_text().replace(",0,train,", ",1,train,", 1))
+    assert trial_id(_trial(copy)) != base
