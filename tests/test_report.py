@@ -113,19 +113,21 @@ def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> No
     assert failed[7] == failed[9] == "—¹"
     assert failed[3] == "23.53M"  # Params are known without training
     assert absent[3] == absent[7] == "—²"
-    assert deviating[0] == "+ NOAH³" and deviating[7] == "49.00 (↓1.00)"
-    assert interrupted[7] == "—⁴"
+    assert deviating[0] == "+ NOAH³⁴" and deviating[7] == "49.00 (↓1.00)"
+    assert interrupted[7] == "—⁵"
     assert "1. trial FAILED: loss became NaN at epoch 2 (paper row 3)" in text
     assert "2. no result for this row in table4.json (paper row 5)" in text
     assert "3. measured with `resnet18` in place of `resnet50` (paper row 6)" in text
-    assert "4. trial MISSING: sweep interrupted before this trial started (paper row 8)" in text
+    assert "4. ran with N=3 (paper: 2) (paper row 6)" in text
+    assert "5. trial MISSING: sweep interrupted before this trial started (paper row 8)" in text
     records = read_csv(built / "table4.csv")
     assert [r["status"] for r in records] == ["FINISHED", "FINISHED", "FAILED", "FINISHED", "MISSING", "FINISHED",
                                               "FINISHED", "MISSING"]
     assert records[2]["top1"] == "" and records[2]["reason"] == "trial FAILED: loss became NaN at epoch 2"
     assert records[1]["top1"] == "51.02" and records[1]["params"] == "23528532"
     assert records[0]["paper_params"] == "25560000" and records[0]["paper_madds"] == "3860000000"
-    assert records[5]["backbone"] == "resnet18" and "in place of `resnet50`" in records[5]["reason"]
+    assert records[5]["backbone"] == "resnet18" and records[5]["status"] == "FINISHED"
+    assert records[5]["reason"] == "measured with `resnet18` in place of `resnet50`; ran with N=3 (paper: 2)"
 
 
 def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> None:
@@ -142,10 +144,16 @@ def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> Non
 
 
 def test_table9_and_table10_layouts(built: Path) -> None:
-    rows = body(built / "table9.md")
+    rows = body(built / "table9.md")  # each row trains twice: from scratch and fine-tuned, each with a status
     assert [r[0] for r in rows] == ["ResNet50-FC", "+ NOAH"]
-    assert rows[0][1:3] == ["**40.0**", "91.5"] and rows[1][1:3] == ["—¹", "**93.5 (↑2.0)**"]
-    assert "1. trial FAILED: CUDA out of memory (paper row 2)" in (built / "table9.md").read_text()
+    assert rows[0][1:5] == ["40.0", "91.5", "**20.0**", "78.2"]
+    assert rows[1][1:5] == ["**41.5 (↑1.5)**", "**93.5 (↑2.0)**", "19.0 (↓1.0)", "**81.8 (↑3.6)**"]
+    assert rows[0][5] == "**45.0**" and rows[1][5] == rows[1][7] == "—¹"
+    assert "1. finetune trial FAILED: loss became NaN at epoch 1 (paper row 2)" in (built / "table9.md").read_text()
+    records = read_csv(built / "table9.csv")
+    assert [r["status"] for r in records] == ["FINISHED", "FAILED"]
+    assert records[1]["scratch_top1"] == "41.5" and records[1]["finetune_top1"] == ""
+    assert records[1]["run_id"] == "reid-2s;reid-2f"
     text = (built / "table10.md").read_text()
     rows = body(built / "table10.md")
     assert [r[0] for r in rows if r[0].startswith("*")] == ["*CNNs*", "*ViTs*", "*MLPs*"]
@@ -163,13 +171,13 @@ def test_each_report_opens_with_its_scale(built: Path) -> None:
     assert lines[0].startswith("# Table 4")
     scale = lines[2]
     for part in ("dataset `builtin`", "num_classes `10`", "img_size `32`", "epochs `2`", "profile `smoke`",
-                 "commit `0123abc`", "date `2026-11-24T21:00:00Z`"):
+                 "commit `0123abc`", "date `2026-11-24 21:00 UTC`"):
         assert part in scale
     assert "not from ImageNet" in lines[3]
     index = (built / "README.md").read_text()
     for name in TABLES:
         assert f"[{name}.md]({name}.md)" in index and f"[{name}.csv]({name}.csv)" in index
-    assert "| Table 4 |" in index and "| 5 | 1 | 2 |" in index
+    assert "| Table 4 |" in index and "| 5 | 1 | 2 |" in index and "| 1 | 1 | 0 |" in index  # Tables 4, 9
     assert index.count("Not drawn:") == 2  # no tracking URI anywhere: the figures say so instead
 
 

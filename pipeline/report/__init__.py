@@ -6,30 +6,22 @@ runs in seconds and always writes every table, with "—" and a footnote where s
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write_text
 from .specs import TABLES, TableSpec
 from .tables import Line, Results, build_lines, csv_text, load_results, markdown, scale_lines
 
 __all__ = ["TABLES", "build_reports", "build_table", "add_arguments", "run"]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and `os.replace`, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_table(spec: TableSpec, results_dir: Path, out_dir: Path) -> tuple[Results, list[Line]]:
     """Write `<out>/<table>.md` and `.csv` from `<results>/<table>.json`."""
     results = load_results(Path(results_dir) / f"{spec.name}.json", spec)
     lines = build_lines(spec, results)
-    write_atomic(Path(out_dir) / f"{spec.name}.md", markdown(spec, results, lines))
-    write_atomic(Path(out_dir) / f"{spec.name}.csv", csv_text(spec, lines))
+    atomic_write_text(Path(out_dir) / f"{spec.name}.md", markdown(spec, results, lines))
+    atomic_write_text(Path(out_dir) / f"{spec.name}.csv", csv_text(spec, lines))
     return results, lines
 
 
@@ -81,7 +73,7 @@ def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = N
                                        out_dir / "figures" / "attention.png")]
     for fig in drawn:
         print(f"report: figure {fig.path or 'not drawn'}" + (f" ({fig.note})" if fig.note else ""), flush=True)
-    write_atomic(out_dir / "README.md", _index(built, drawn))
+    atomic_write_text(out_dir / "README.md", _index(built, drawn))
     return built
 
 

@@ -132,11 +132,12 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
 
 def _save(fig: plt.Figure, out: Path) -> None:
     """Atomic PNG write: a half-written figure never sits where the README points."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out)
+    from ..io import atomic_write
+
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def head_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor

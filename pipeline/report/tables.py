@@ -69,6 +69,7 @@ class Line:
     values: dict[str, float | None]
     paper_values: dict[str, float | None]
     notes: list[str] = field(default_factory=list)
+    reasons: dict[str, str | None] = field(default_factory=dict)  # per metric: why it has no value
     baseline: "Line | None" = None
 
     @property
@@ -89,6 +90,7 @@ def _deviations(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[
         notes.append(f"measured with `{backbone}` in place of `{row['key']}`")
     setting = result.get("setting") or {}
     for column, value in setting.items():
+        column = column.removeprefix("head.")
         paper = row.get(column)
         if paper is None or value is None or paper == "":
             continue
@@ -101,6 +103,32 @@ def _deviations(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[
     return notes
 
 
+def _outcomes(result: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """Status and reason per trial kind: `""` for `status`, `scratch_` for `scratch_status` (Table 9 trains
+    each row twice); a row with no status at all (the benchmark's) counts as finished."""
+    out = {}
+    for key, value in result.items():
+        if key.endswith("status") and value:
+            kind, status = key[: -len("status")], str(value).upper()
+            why = result.get(f"{kind}reason") or "no reason given"
+            label = f"{kind.rstrip('_')} trial" if kind else "trial"
+            out[kind] = (status, None if status == "FINISHED" else f"{label} {status}: {why}")
+    return out or {"": ("FINISHED", None)}
+
+
+def _overall(outcomes: dict[str, tuple[str, str | None]]) -> tuple[str, str | None]:
+    statuses = {s for s, _ in outcomes.values()}
+    status = "FINISHED" if statuses == {"FINISHED"} else "FAILED" if "FAILED" in statuses else \
+        next(iter(sorted(statuses - {"FINISHED"})))
+    return status, "; ".join(r for _, r in outcomes.values() if r) or None
+
+
+def _metric_outcome(outcomes: dict[str, tuple[str, str | None]], metric: str) -> tuple[str, str | None]:
+    """The outcome of the trial kind a metric belongs to (`scratch_map` → `scratch_`), else the row's."""
+    kinds = [k for k in outcomes if k and metric.startswith(k)]
+    return outcomes[max(kinds, key=len)] if kinds else outcomes.get("", _overall(outcomes))
+
+
 def build_lines(spec: TableSpec, results: Results) -> list[Line]:
     """The paper's rows in order, each joined with its result and linked to its block's baseline row."""
     lines: list[Line] = []
@@ -108,16 +136,18 @@ def build_lines(spec: TableSpec, results: Results) -> list[Line]:
     for row in paper_rows(spec):
         result = results.rows.get(int(row["row"])) or {}
         if results.error:
-            status, reason = "MISSING", results.error
+            outcomes = {"": ("MISSING", results.error)}
         elif not result:
-            status, reason = "MISSING", f"no result for this row in {results.path.name}"
+            outcomes = {"": ("MISSING", f"no result for this row in {results.path.name}")}
         else:
-            status = str(result.get("status") or "FINISHED").upper()
-            reason = None if status == "FINISHED" else f"trial {status}: {result.get('reason') or 'no reason given'}"
-        finished = status == "FINISHED"
-        values = {m.name: _number(result.get(m.name)) if finished or not m.trained else None for m in spec.metrics}
+            outcomes = _outcomes(result)
+        status, reason = _overall(outcomes)
+        values, reasons = {}, {}
+        for m in spec.metrics:
+            m_status, reasons[m.name] = _metric_outcome(outcomes, m.name)
+            values[m.name] = _number(result.get(m.name)) if m_status == "FINISHED" or not m.trained else None
         line = Line(row, spec.network(row), status, reason, result, values,
-                    {m.name: _paper_value(row, m) for m in spec.metrics}, _deviations(spec, row, result))
+                    {m.name: _paper_value(row, m) for m in spec.metrics}, _deviations(spec, row, result), reasons)
         if is_baseline(row):
             baselines[row["key"]] = line
         else:
@@ -190,7 +220,7 @@ def _cell(line: Line, m: Metric, spec: TableSpec, paper: bool, best: float | Non
     if value is None:
         if paper:
             return DASH
-        reason = line.reason or f"not recorded in {line.status} results"
+        reason = line.reasons.get(m.name) or line.reason or f"not recorded in {line.status} results"
         return DASH + notes.mark(reason, line.row)
     text = _fmt(value, m, spec.decimals)
     base = line.baseline
@@ -270,6 +300,11 @@ def _plain(value: float | None, m: Metric) -> str:
     return f"{value:.10g}"
 
 
+def _joined(result: dict[str, Any], suffix: str) -> str:
+    """`run_id`, or `scratch_run_id;finetune_run_id` for a row trained more than once."""
+    return ";".join(str(v) for k, v in result.items() if k.endswith(suffix) and v)
+
+
 def csv_text(spec: TableSpec, lines: list[Line]) -> str:
     columns = csv_columns(spec)
     buf = io.StringIO()
@@ -280,7 +315,7 @@ def csv_text(spec: TableSpec, lines: list[Line]) -> str:
         record.update(row=line.row, network=line.network, status=line.status,
                       reason="; ".join(filter(None, [line.reason, *line.notes])),
                       backbone=line.result.get("backbone") or line.result.get("key") or "",
-                      run_id=line.result.get("run_id") or "", trial_id=line.result.get("trial_id") or "")
+                      run_id=_joined(line.result, "run_id"), trial_id=_joined(line.result, "trial_id"))
         for m in spec.metrics:
             record[m.name] = _plain(line.values[m.name], m)
             record[f"paper_{m.name}"] = _plain(line.paper_values[m.name], m)
