@@ -125,7 +125,12 @@ def parse(cls: type[T], data: Any, where: str = "") -> T:
         if check is not None and value is not None and not check(value):
             raise ConfigError(key, value, f.metadata["allowed"])
         values[name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        if not where or err.key.startswith(f"{where}."):
+            raise
+        raise ConfigError(f"{where}.{err.key}", err.value, err.allowed) from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -242,7 +247,6 @@ class ProfileConfig:
     reid_img_size: int | None = checked(lambda s: s >= 16, "an image size >= 16", default=None)
     epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
-    train_images: int | None = checked(lambda n: n >= 1, "an integer >= 1 or null", default=None)
     gpu_tflops: float = checked(lambda t: t > 0, "a positive number (effective TFLOP/s per GPU)", default=30.0)
 
 
@@ -289,6 +293,8 @@ class PrepareConfig:
     resize: int = checked(lambda n: n >= 8, "an integer >= 8 (short side in pixels)", default=256)
     quality: int = checked(lambda q: 1 <= q <= 100, "an integer from 1 to 100 (JPEG quality)", default=90)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+    train_images: int | None = checked(lambda n: n >= 1, "an integer >= 1 or null (what `plan` assumes "
+                                       "before the data is prepared)", default=None)
 
     def __post_init__(self) -> None:
         if self.source in ("imagefolder", "market1501") and not self.root:
@@ -391,3 +397,45 @@ class TrainConfig:
     loader_workers: int = checked(lambda n: n >= 0, "an integer >= 0", default=0)
     checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
+
+
+# ---- Params (lead): the whole of params.yaml
+
+
+@dataclass(frozen=True)
+class Params:
+    """params.yaml: the active `profile` picks the scale; every other section is looked up by name."""
+
+    profile: str
+    profiles: dict[str, ProfileConfig]
+    datasets: dict[str, PrepareConfig]
+    tables: dict[str, TableConfig]
+    recipes: dict[str, RecipeConfig] = field(default_factory=dict)
+    seed: int = 0
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.profile not in self.profiles:
+            raise ConfigError("profile", self.profile, "a key of `profiles`: " + ", ".join(self.profiles))
+        for name, prof in self.profiles.items():
+            for key in ("dataset", "reid_dataset"):
+                ref = getattr(prof, key)
+                if ref is not None and ref not in self.datasets:
+                    raise ConfigError(f"profiles.{name}.{key}", ref, "a key of `datasets`: " + ", ".join(self.datasets))
+                if ref is not None and not self.datasets[ref].out.startswith(f"data/{name}/"):
+                    raise ConfigError(f"datasets.{ref}.out", self.datasets[ref].out,
+                                      f"a folder under data/{name}/ (the prepare stage's out for profile {name!r})")
+        for name, table in self.tables.items():
+            for key in ("recipe", "finetune_recipe"):
+                ref = getattr(table, key)
+                if ref is not None and ref not in self.recipes:
+                    raise ConfigError(f"tables.{name}.{key}", ref, "a key of `recipes`: " + ", ".join(self.recipes))
+            if table.task == "reid" and table.finetune_recipe is None:
+                raise ConfigError(f"tables.{name}.finetune_recipe", None, "a key of `recipes` (reid tables fine-tune too)")
+
+    @property
+    def active(self) -> ProfileConfig:
+        """The profile in force."""
+        return self.profiles[self.profile]

@@ -1,0 +1,103 @@
+"""The study: params.yaml resolved into the trials of each paper table, validated before anything runs.
+
+Every stage starts here, so a bad `params.yaml` (unknown key, wrong type, unknown backbone, impossible
+N or r) fails in a second with one message naming the key, before Ray, MLflow or any data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, HeadConfig, Params, TableRow, TrialConfig, parse, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS = REPO_ROOT / "params.yaml"
+
+
+def load_params(path: str | Path = PARAMS) -> Params:
+    """Parse and cross-check a params file (structure only; `check_tables` builds the models)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("params", str(path), "an existing params.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError("params", str(path), f"valid YAML ({err})") from None
+    return parse(Params, data)
+
+
+@dataclass(frozen=True)
+class RowTrials:
+    """One printed table row and the trials that fill it (`classify`, or `scratch` and `finetune`)."""
+
+    table: str
+    row: TableRow
+    trials: dict[str, TrialConfig]
+
+
+def _data_dir(params: Params, name: str) -> str:
+    out = Path(params.datasets[name].out)
+    return str(out if out.is_absolute() else REPO_ROOT / out)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_head(backbone: str, head: HeadConfig, img_size: int, where: str) -> HeadConfig:
+    """The head with N and r resolved, after building the model on the meta device (no memory, no time)."""
+    import torch
+
+    from .models import build_model, resolve_head
+
+    try:
+        head = resolve_head(backbone, head)
+        with torch.device("meta"):
+            build_model(backbone, head, num_classes=10, img_size=img_size)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{err.key}", err.value, err.allowed) from None
+    return head
+
+
+def table_rows(params: Params, table: str) -> list[RowTrials]:
+    """The trials of every row of `table` at the active profile, every head validated."""
+    if table not in params.tables:
+        raise ConfigError("table", table, "a key of `tables`: " + ", ".join(params.tables))
+    spec, prof = params.tables[table], params.active
+    reid = spec.task == "reid"
+    if reid and prof.reid_dataset is None:
+        raise ConfigError(f"profiles.{params.profile}.reid_dataset", None, f"a dataset for {table} (a reid table)")
+    data_dir = _data_dir(params, prof.reid_dataset if reid else prof.dataset)
+    img_size = (prof.reid_img_size or prof.img_size) if reid else prof.img_size
+    rows = []
+    for i, row in enumerate(spec.rows):
+        where = f"tables.{table}.rows[{i}]"
+        head = _check_head(row.backbone, row.head, img_size, where)
+        base = TrialConfig(backbone=row.backbone, data_dir=data_dir, head=head, recipe=params.recipes[spec.recipe],
+                           seed=params.seed, img_size=img_size, epochs=prof.epochs, batch_size=prof.batch_size)
+        trials = {"classify": base} if not reid else {
+            "scratch": base,
+            "finetune": dataclasses.replace(base, recipe=params.recipes[spec.finetune_recipe])}
+        rows.append(RowTrials(table, dataclasses.replace(row, head=head), trials))
+    return rows
+
+
+def trial_key(trial: TrialConfig) -> str:
+    """The trial identity hash once the data is prepared; before that, a hash of the resolved config
+    with the dataset's folder standing in for its manifest (what `plan` counts)."""
+    from .train import trial_id
+
+    if (Path(trial.data_dir) / "manifest.csv").is_file():
+        return trial_id(trial)
+    text = json.dumps(to_dict(trial), sort_keys=True, default=str)
+    return "unprepared-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe(trial: TrialConfig) -> dict[str, Any]:
+    """A compact readable identity for logs and results."""
+    recipe = trial.recipe if isinstance(trial.recipe, str) else trial.recipe.name
+    return {"backbone": trial.backbone, "head": trial.head.name, "recipe": recipe}
