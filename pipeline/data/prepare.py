@@ -110,11 +110,11 @@ def convert_all(tasks: list[tuple[str, str, int, int]], workers: int, desc: str)
 
 
 def _mean_std(results: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units from exact integer sums (order-independent)."""
     n = sum(r["npix"] for r in results)
-    s = np.array([r["sum"] for r in results], dtype=object).sum(0) if results else [0, 0, 0]
-    s2 = np.array([r["sumsq"] for r in results], dtype=object).sum(0) if results else [0, 0, 0]
-    mean = [float(a) / n / 255 for a in s] if n else [0.5] * 3
-    std = [max(float(b) / n / 65025 - m * m, 0.0) ** 0.5 for b, m in zip(s2, mean)] if n else [0.25] * 3
+    mean = [sum(r["sum"][c] for r in results) / n / 255 for c in range(3)]
+    sq = [sum(r["sumsq"][c] for r in results) / n / 255**2 for c in range(3)]
+    std = [max(q - m * m, 0.0) ** 0.5 for q, m in zip(sq, mean)]
     return [round(m, 6) for m in mean], [round(v, 6) for v in std]
 
 
@@ -142,10 +142,9 @@ def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -
                 scan.reject(item.src, f"class {item.cls!r} has no usable training image")
                 (out / item.dst).unlink()
         good = [(it, r) for it, r in good if it.cls in index]
-    if not good or not classes:
-        raise ConfigError("root", str(root), f"at least one readable image per split in {scan.splits}; "
-                          f"found none usable ({len(scan.rejected)} rejected, e.g. "
-                          f"{scan.rejected[:3]})")
+    if not classes:
+        raise ConfigError("root", str(root), f"at least one readable image in the {train_split} split; found "
+                          f"none usable ({len(scan.rejected)} rejected, e.g. {scan.rejected[:3]})")
     order = {s: i for i, s in enumerate(scan.splits)}
     good.sort(key=lambda g: (order[g[0].split], g[0].dst))
     columns = ["path", "label", "split", "class", "sha256", "orig_width", "orig_height", "width", "height",
