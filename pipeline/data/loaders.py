@@ -72,10 +72,11 @@ def build_transform(img_size: int, train: bool, mean: list[float], std: list[flo
 
 
 class PreparedDataset(Dataset):
-    """One split of a prepared folder. Items are addressed by `(index, seed)` from `SeededSampler`
-    (or a plain index, then unseeded)."""
+    """One split of a prepared folder; `classes` and `stats` are the folder's classes.json and stats.json.
+    Items are addressed by `(index, seed)` from `SeededSampler` (or a plain index, then unseeded)."""
 
-    def __init__(self, data_dir: str | Path, split: str, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, data_dir: str | Path, split: str,
+                 transform: Callable[[Image.Image], torch.Tensor] = T.ToTensor()):
         rows, self.classes, self.stats = read_dataset(data_dir)
         splits = self.stats.get("splits", sorted({r["split"] for r in rows}))
         if split not in splits:
@@ -140,9 +141,9 @@ def build_loader(data_dir: str | Path, split: str, img_size: int, batch_size: in
         raise ConfigError("img_size", img_size, "an integer >= 8")
     if batch_size < 1:
         raise ConfigError("batch_size", batch_size, "an integer >= 1")
-    _, _, stats = read_dataset(data_dir)
-    transform = build_transform(img_size, train, stats["mean"], stats["std"], augment, stats.get("task") == "reid")
-    dataset = PreparedDataset(data_dir, split, transform)
+    dataset = PreparedDataset(data_dir, split)
+    dataset.transform = build_transform(img_size, train, dataset.stats["mean"], dataset.stats["std"], augment,
+                                        dataset.reid)
     generator = torch.Generator().manual_seed(seed)
     sampler = SeededSampler(len(dataset), train if shuffle is None else shuffle, generator)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
