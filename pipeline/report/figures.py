@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -83,7 +84,7 @@ def _history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[floa
         return [], []
     by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
     steps = sorted(by_step)
-    return [float(s) for s in steps], [by_step[s] for s in steps]
+    return [s + 1.0 for s in steps], [by_step[s] for s in steps]  # steps count epochs from 0
 
 
 def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -> Figure:
@@ -122,6 +123,7 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
                         color="tab:blue" if head == "baseline" else "tab:red", label=f"{head} {split}")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -146,6 +146,8 @@ def build_lines(spec: TableSpec, results: Results) -> list[Line]:
         for m in spec.metrics:
             m_status, reasons[m.name] = _metric_outcome(outcomes, m.name)
             values[m.name] = _number(result.get(m.name)) if m_status == "FINISHED" or not m.trained else None
+            if values[m.name] is None and reasons[m.name] is None:
+                reasons[m.name] = f"{results.path.name} holds no value for this column of a {m_status} trial"
         line = Line(row, spec.network(row), status, reason, result, values,
                     {m.name: _paper_value(row, m) for m in spec.metrics}, _deviations(spec, row, result), reasons)
         if is_baseline(row):
@@ -220,7 +222,7 @@ def _cell(line: Line, m: Metric, spec: TableSpec, paper: bool, best: float | Non
     if value is None:
         if paper:
             return DASH
-        reason = line.reasons.get(m.name) or line.reason or f"not recorded in {line.status} results"
+        reason = line.reasons[m.name] or line.reason or "no value"
         return DASH + notes.mark(reason, line.row)
     text = _fmt(value, m, spec.decimals)
     base = line.baseline
