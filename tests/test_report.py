@@ -12,7 +12,7 @@ from markdown_it import MarkdownIt
 
 from pipeline import PAPER_TABLES
 from pipeline.report import TABLES, add_arguments, build_reports, run
-from pipeline.report.figures import attention_figure, curves, head_maps
+from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
 from pipeline.report.specs import paper_rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report" / "results"
@@ -229,6 +229,11 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
     (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     fig = curves({"table6": _lines(results)}, uri, tmp_path / "again.png")
     assert fig.path is None and "ResNet18 (Table 6)" in fig.note
+    # weights that cannot be used are a note too
+    torch.save({"stem.weight": torch.zeros(1)}, tmp_path / "weights.pt")
+    client.log_artifact(ids["noah"], str(tmp_path / "weights.pt"), "weights")
+    fig = trained_attention({"table6": _lines(results)}, meta, uri, tmp_path, tmp_path / "maps.png")
+    assert fig.path is None and f"prepared validation data not found at {tmp_path}" in fig.note
     # a store that does not exist is reported, never created
     absent = tmp_path / "absent.db"
     fig = curves({"table6": _lines(results)}, f"sqlite:///{absent}", tmp_path / "again.png")

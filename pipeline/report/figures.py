@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ..config import ConfigError, HeadConfig  # noqa: E402
 from .specs import backbones, is_baseline  # noqa: E402
 from .tables import Line  # noqa: E402
 
@@ -38,7 +39,8 @@ class Figure:
 
 def is_design(row: dict[str, str]) -> bool:
     """A NOAH row with the paper's design for its backbone (the row Fig. 3 compares with the baseline)."""
-    defaults = {"feature_split": "both", "softmax_axis": "spatial", "aggregation": "sum", "variant": "poca"}
+    design = HeadConfig()
+    defaults = {k: getattr(design, k) for k in ("feature_split", "softmax_axis", "aggregation")} | {"variant": "poca"}
     if row.get("head") != "noah" or any(row.get(k, "") not in ("", v) for k, v in defaults.items()):
         return False
     bb = backbones()[row["key"]]
@@ -240,7 +242,11 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
         except (MlflowException, OSError) as err:
             reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0]}")
             continue
-        return _draw_trained(state, _model_spec(line, config, meta, data_dir), out, title, images)
+        spec = _model_spec(line, config, meta, data_dir)
+        try:
+            return _draw_trained(state, spec, out, title, images)
+        except (ConfigError, RuntimeError, KeyError, OSError) as err:  # e.g. weights of an older model layout
+            reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
     return Figure(title, note="; ".join(reasons))
 
 
