@@ -9,6 +9,8 @@ decoding the prepared copies against the sources (what a loader pays per image a
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +53,11 @@ def read_all(paths: list[Path]) -> None:
             img.convert("RGB")
 
 
+def _cpu() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=300, help="number of generated JPEGs")
     parser.add_argument("--width", type=int, default=500)
@@ -77,13 +84,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.images} JPEGs {args.width}x{args.height} ({mb:.1f} MB) generated in "
               f"{time.perf_counter() - t:.1f}s; {workers} workers; best of {args.repeats}")
 
-        def timed(fn) -> float:
-            t0 = time.perf_counter()
+        def timed(fn) -> tuple[float, float]:
+            """(wall, CPU) seconds of `fn`, CPU including finished child processes."""
+            t0, c0 = time.perf_counter(), _cpu()
             fn()
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, _cpu() - c0
 
+        print(f"load average before: {os.getloadavg()[0]:.1f} (other processes share the cores: wall figures "
+              f"are best of {args.repeats}, CPU ms/image is load-independent)")
         print(f"{'resize':>6} {'plain PIL loop':>15} {'prepare 1 proc':>15} {f'prepare {workers} proc':>15} "
-              f"{'speed-up':>9} {'read prepared':>14} {'read source':>12}   (images/s)")
+              f"{'speed-up':>9} {'read prepared':>14} {'read source':>12}   (images/s, wall)")
         for size in sizes:
             cfg = PrepareConfig(source="imagefolder", root=str(src), out=str(Path(tmp) / f"out{size}"),
                                 resize=size, quality=quality)
@@ -93,14 +103,18 @@ def run(args: argparse.Namespace) -> int:
                 "many": lambda: prepare(cfg, workers=workers),
                 "read_source": lambda: read_all(paths),
             }
-            best = {name: float("inf") for name in methods}
+            best = {name: (float("inf"), float("inf")) for name in methods}
             for _ in range(args.repeats):  # interleaved, so load from other processes hits all methods alike
                 for name, fn in methods.items():
                     best[name] = min(best[name], timed(fn))
             prepared = sorted((Path(cfg.out) / "images").rglob("*.jpg"))
             best["read_prepared"] = min(timed(lambda: read_all(prepared)) for _ in range(args.repeats))
             n = len(paths)
-            print(f"{size:>6} {n / best['plain']:>15.0f} {n / best['one']:>15.0f} {n / best['many']:>15.0f} "
-                  f"{best['plain'] / best['many']:>8.2f}x {n / best['read_prepared']:>14.0f} "
-                  f"{n / best['read_source']:>12.0f}", flush=True)
+            wall = {k: v[0] for k, v in best.items()}
+            print(f"{size:>6} {n / wall['plain']:>15.0f} {n / wall['one']:>15.0f} {n / wall['many']:>15.0f} "
+                  f"{wall['plain'] / wall['many']:>8.2f}x {n / wall['read_prepared']:>14.0f} "
+                  f"{n / wall['read_source']:>12.0f}", flush=True)
+            print(f"{'':>6} {best['plain'][1] / n * 1e3:>15.2f} {best['one'][1] / n * 1e3:>15.2f} "
+                  f"{best['many'][1] / n * 1e3:>15.2f} {'':>9} {best['read_prepared'][1] / n * 1e3:>14.2f} "
+                  f"{best['read_source'][1] / n * 1e3:>12.2f}   (CPU ms/image)", flush=True)
     return 0
