@@ -117,8 +117,12 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
         drawn.append((label, series))
     if not drawn:
         return Figure(title, note="; ".join(skipped))
-    fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn), 3.4), squeeze=False)
-    for ax, (label, series) in zip(axes[0], drawn):
+    cols = min(4, len(drawn))
+    rows = -(-len(drawn) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(drawn):]:
+        ax.set_visible(False)
+    for ax, (label, series) in zip(axes.flat, drawn):
         for (head, split), (xs, ys) in series.items():
             if ys:
                 ax.plot(xs, ys, linestyle="--" if split == "train" else "-", marker="." if len(ys) < 20 else None,

@@ -6,6 +6,7 @@ A `TableSpec` names the paper CSV that fixes the rows and their order, the setti
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -50,6 +51,7 @@ class TableSpec:
     groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
 
 
+@functools.cache
 def backbones() -> dict[str, PaperRow]:
     """`backbones.csv` keyed by backbone key."""
     with open(PAPER_TABLES / "backbones.csv", newline="") as f:

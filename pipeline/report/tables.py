@@ -42,8 +42,9 @@ def load_results(path: Path, spec: TableSpec) -> Results:
         keyed = {r["key"]: r for r in paper_rows(spec)} if spec.groups else {}
         for item in data.get("rows") or []:
             number = item.get("row")
-            if number is None and item.get("key") in keyed:
-                number = keyed[item["key"]]["row"]
+            key = item.get("key") or item.get("backbone")
+            if number is None and key in keyed:
+                number = keyed[key]["row"]
             res.rows[int(number)] = item
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         res.meta, res.rows = {}, {}
