@@ -73,7 +73,11 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     cx, cy = rng.uniform(radius, size - radius, 2)
     tilt = math.radians(rng.uniform(-15, 15))
     sx, sy = radius * rng.uniform(0.85, 1.15), radius * rng.uniform(0.85, 1.15)
-    colour = tuple(rng.integers(0, 256, 3).tolist())
+    local = np.asarray(img, dtype=np.float32)[int(cy - radius):int(cy + radius), int(cx - radius):int(cx + radius)]
+    colour = rng.integers(0, 256, 3)
+    while np.abs(colour - local.reshape(-1, 3).mean(0)).sum() < 120:  # keep the shape visible on its clutter
+        colour = rng.integers(0, 256, 3)
+    colour = tuple(colour.tolist())
     if kind in ("disc", "ring"):
         box = [cx - sx, cy - sy, cx + sx, cy + sy]
         if kind == "disc":
