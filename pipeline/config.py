@@ -424,9 +424,10 @@ class Params:
                 ref = getattr(prof, key)
                 if ref is not None and ref not in self.datasets:
                     raise ConfigError(f"profiles.{name}.{key}", ref, "a key of `datasets`: " + ", ".join(self.datasets))
-                if ref is not None and not self.datasets[ref].out.startswith(f"data/{name}/"):
-                    raise ConfigError(f"datasets.{ref}.out", self.datasets[ref].out,
-                                      f"a folder under data/{name}/ (the prepare stage's out for profile {name!r})")
+                out = self.datasets[ref].out if ref is not None else "/"
+                if not (out.startswith("/") or out.startswith(f"data/{name}/")):
+                    raise ConfigError(f"datasets.{ref}.out", out, f"a folder under data/{name}/ (the prepare "
+                                      f"stage's out for profile {name!r}) or an absolute path outside DVC")
         for name, table in self.tables.items():
             for key in ("recipe", "finetune_recipe"):
                 ref = getattr(table, key)

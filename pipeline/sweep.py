@@ -22,10 +22,13 @@ RESULTS = REPO_ROOT / "results"
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """One Ray Tune trial: train (or resume) through the trainer, reporting every epoch to Tune."""
+    """One Ray Tune trial: train (or resume) through the trainer, reporting every epoch to Tune; the run
+    is tagged with the Ray node that trained it."""
+    import ray
     from ray import tune
 
     from .config import MlflowConfig, TrainConfig
+    from .tracking import client, resolve_uri
     from .train import run_trial
 
     trial = parse(TrialConfig, config["trial"], "trial")
@@ -33,9 +36,11 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    result = run_trial(trial, train=parse(TrainConfig, config["train"], "train"),
-                       tracking=parse(MlflowConfig, config["mlflow"], "mlflow"), experiment=config["experiment"],
-                       parent_run_id=config["parent_run_id"], on_epoch=report)
+    tracking = parse(MlflowConfig, config["mlflow"], "mlflow")
+    result = run_trial(trial, train=parse(TrainConfig, config["train"], "train"), tracking=tracking,
+                       experiment=config["experiment"], parent_run_id=config["parent_run_id"], on_epoch=report)
+    client(resolve_uri(tracking.tracking_uri)).set_tag(result["run_id"], "ray_node_id",
+                                                       ray.get_runtime_context().get_node_id())
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float))} | {"done": 1})
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny prepared built-in dataset and params files that point every stage at it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from pipeline.config import BuiltinDataConfig, PrepareConfig
+from pipeline.data.prepare import prepare
+from pipeline.study import PARAMS
+
+TINY_BUILTIN = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "image_size": 48}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 shape classes, 48 training and 16 validation images, short side 40 px."""
+    out = tmp_path_factory.mktemp("tiny") / "builtin"
+    prepare(PrepareConfig(source="builtin", out=str(out), resize=40, builtin=BuiltinDataConfig(**TINY_BUILTIN)),
+            workers=1)
+    return out
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, tiny_data: Path) -> Callable[..., Path]:
+    """Write a params.yaml: the repository's, at 32 px for 1 epoch on `tiny_data`, tracked in a temporary
+    MLflow store, with `changes` merged in; returns its path."""
+
+    def make(**changes: Any) -> Path:
+        base = yaml.safe_load(PARAMS.read_text())
+        tiny = {
+            "profile": "smoke",
+            "profiles": {"smoke": {"dataset": "builtin", "reid_dataset": None, "img_size": 32, "epochs": 1,
+                                   "batch_size": 16}},
+            "datasets": {"builtin": {"source": "builtin", "out": str(tiny_data), "resize": 40,
+                                     "builtin": TINY_BUILTIN}},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "ray": {"num_cpus": 2, "storage_path": str(tmp_path / "ray_results")},
+            "train": {"checkpoint_root": str(tmp_path / "checkpoints"), "progress": "line"},
+        }
+        data = _merge(base, tiny)
+        data["profiles"] = tiny["profiles"]
+        data["datasets"] = tiny["datasets"]
+        data = _merge(data, changes)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return make

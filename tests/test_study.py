@@ -1,0 +1,115 @@
+"""params.yaml: the repository's file resolves into every paper row, and each kind of bad input fails
+at once with one message naming the key, before Ray, MLflow or data are touched."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import PAPER_TABLES
+from pipeline.config import ConfigError
+from pipeline.study import PARAMS, REPO_ROOT, load_params, table_rows
+
+PAPER_CSV = {"table4": "table4_N_r.csv", "table5": "table5_feature_split.csv", "table6": "table6_softmax_axis.csv",
+             "table7": "table7_aggregation.csv", "table8": "table8_aggressive.csv", "table9": "table9_reid.csv",
+             "table11": "table11_poca_variants.csv"}
+
+
+def test_repository_params_cover_every_paper_row() -> None:
+    params = load_params()
+    assert set(params.tables) == set(PAPER_CSV)
+    for table, name in PAPER_CSV.items():
+        with open(PAPER_TABLES / name, newline="") as f:
+            paper = list(csv.DictReader(f))
+        rows = table_rows(params, table)
+        assert [rt.row.row for rt in rows] == [int(p["row"]) for p in paper], table
+        for rt, p in zip(rows, paper):
+            assert rt.row.backbone == p["key"]
+            assert (rt.row.head.kind == "noah") == (p["head"] == "noah")
+            if p.get("N"):
+                assert (rt.row.head.N, rt.row.head.r) == (int(p["N"]), float(p["r"])), (table, p["row"])
+            for option in ("feature_split", "softmax_axis", "aggregation"):
+                if p.get(option):
+                    assert getattr(rt.row.head, option) == p[option], (table, p["row"])
+
+
+def test_reid_table_trains_each_row_twice() -> None:
+    rows = table_rows(load_params(), "table9")
+    assert [sorted(rt.trials) for rt in rows] == [["finetune", "scratch"]] * 2
+
+
+BAD = [
+    ({"tablez": {}}, "tablez", "a known key"),
+    ({"seed": "zero"}, "seed", "an integer"),
+    ({"profile": "huge"}, "profile", "a key of `profiles`"),
+    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 3}}]}}},
+     "tables.table6.rows[0].head.N", "a divisor of the 512 feature channels"),
+    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "r": 0.001}}]}}},
+     "tables.table6.rows[0].head.r", "key channels"),
+    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet19", "head": {"kind": "baseline"}}]}}},
+     "tables.table6.rows[0].backbone", "resnet18"),
+    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "axis": 1}}]}}},
+     "tables.table6.rows[0].head.axis", "a known key"),
+    ({"tables": {"table6": {"recipe": "fast"}}}, "tables.table6.recipe", "a key of `recipes`"),
+    ({"datasets": {"builtin": {"source": "imagefolder", "out": "data/smoke/builtin"}}}, "datasets.builtin.root",
+     "a folder path"),
+]
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+@pytest.mark.parametrize("changes,key,allowed", BAD, ids=[b[1] for b in BAD])
+def test_bad_params_name_the_key(tmp_path: Path, changes: dict, key: str, allowed: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_merge(yaml.safe_load(PARAMS.read_text()), changes)))
+    with pytest.raises(ConfigError) as err:
+        params = load_params(path)
+        for table in params.tables:
+            if params.tables[table].task == "classify":
+                table_rows(params, table)
+    assert err.value.key.startswith(key), str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_sweep_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> None:
+    """The stage exits 2 with one line naming the key, in seconds, and starts no Ray or MLflow."""
+    params = yaml.safe_load(PARAMS.read_text())
+    params["tables"]["table6"]["rows"][1]["head"]["N"] = 5
+    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "stages/sweep.py", "table6", str(path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: tables.table6.rows[1].head.N: got 5; allowed: a divisor of the 512 feature channels, "
+        "e.g. [1, 2, 4, 8, 16, 32, 64]"]
+    assert not (tmp_path / "mlflow.db").exists()
+    assert elapsed < 30, elapsed  # generous: shared CI machine; typically ~5 s, mostly imports
+
+
+def test_plan_counts_no_configuration_twice() -> None:
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--profile", "imagenet", "--json"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    plan = json.loads(out)
+    tables = plan["tables"]
+    assert list(tables) == ["table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11"]
+    assert tables["table4"] == {**tables["table4"], "rows": 8, "trials": 8, "unique_trials": 7}
+    assert tables["table9"]["trials"] == 4
+    # Tables 5, 6, 7 and 11 reuse ResNet18/50 rows of earlier tables; Table 8's recipe differs.
+    assert [tables[t]["new_unique_trials"] for t in ("table5", "table6", "table7", "table8", "table11")] == [10, 1, 2, 4, 4]
+    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 32
+    assert all(t["gpu_hours"] > 0 for name, t in tables.items() if name != "table10")

@@ -1,0 +1,56 @@
+"""Sweeps on a real local Ray: each distinct trial trains once across tables, results files are complete,
+and a second sweep of the same table trains nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from mlflow import MlflowClient
+
+from pipeline.study import load_params
+from pipeline.sweep import run_table
+
+ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
+          {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]
+ROWS_B = [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},  # = A's row 2
+          {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}},
+          {"row": 3, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}}]
+
+
+def _trial_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(ids) if "trial_id" in r.data.tags]
+
+
+def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+    params = load_params(tiny_params(tables={"ta": {"recipe": "resnet", "rows": ROWS_A},
+                                             "tb": {"recipe": "resnet", "rows": ROWS_B}}))
+    uri = params.mlflow.tracking_uri
+    out = tmp_path / "results"
+
+    first = run_table(params, "ta", out)
+    assert [r["status"] for r in first["rows"]] == ["FINISHED", "FINISHED"]
+    assert len(_trial_runs(uri)) == 2
+
+    second = run_table(params, "tb", out)
+    runs = _trial_runs(uri)
+    assert len(runs) == 3, "tb's first row reuses ta's run; its rows 2 and 3 are one trial"
+    assert second["rows"][0]["run_id"] == first["rows"][1]["run_id"]
+    assert second["rows"][1]["run_id"] == second["rows"][2]["run_id"]
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("ray_node_id") for r in runs)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= {
+        r.info.run_id for r in MlflowClient(uri).search_runs(
+            [e.experiment_id for e in MlflowClient(uri).search_experiments()]) if "sweep" in r.data.tags}
+
+    again = run_table(params, "ta", out)
+    assert len(_trial_runs(uri)) == 3
+    assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in first["rows"]]
+
+    saved = json.loads((out / "tb.json").read_text())
+    assert saved["meta"]["img_size"] == 32 and saved["meta"]["num_classes"] == 4
+    assert [r["row"] for r in saved["rows"]] == [1, 2, 3]
+    assert all(0 <= r["top1"] <= 100 and r["params"] > 0 and r["madds"] > 0 for r in saved["rows"])
+    csv_lines = (out / "tb.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("row,")
