@@ -440,3 +440,22 @@ class Params:
     def active(self) -> ProfileConfig:
         """The profile in force."""
         return self.profiles[self.profile]
+
+
+# ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Table 10: which backbones to time and how often (baseline and NOAH in turns, medians reported)."""
+
+    backbones: tuple[str, ...] | None = None  # null: all 26 of backbones.csv
+    cpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=3)
+    cpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=1)
+    gpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=10)
+    gpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=3)
+    cpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
+    gpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=200)
+    img_size: int = checked(lambda n: n >= 32 and n % 32 == 0, "a multiple of 32, at least 32", default=224)
+    out: str = checked(lambda d: bool(d), "a path prefix (writes PREFIX.csv and PREFIX.json)",
+                       default="results/table10")
