@@ -59,7 +59,7 @@ def market1501_metrics(distmat: torch.Tensor, q_pids: torch.Tensor, g_pids: torc
     if (len(q_pids), len(q_camids), len(g_pids), len(g_camids)) != (num_q, num_q, num_g, num_g):
         raise ValueError(f"distmat is {num_q}x{num_g} but got {len(q_pids)} query pids, {len(q_camids)} "
                          f"query camids, {len(g_pids)} gallery pids and {len(g_camids)} gallery camids")
-    g_pids, g_camids = g_pids.to(distmat.device), g_camids.to(distmat.device)
+    q_pids, g_pids, q_camids, g_camids = (t.to(distmat.device) for t in (q_pids, g_pids, q_camids, g_camids))
     ranks = torch.arange(1, max_rank + 1, device=distmat.device)
     cmc_hits = torch.zeros(max_rank, device=distmat.device)
     ap_sum = torch.zeros((), dtype=torch.float64, device=distmat.device)
@@ -67,21 +67,22 @@ def market1501_metrics(distmat: torch.Tensor, q_pids: torch.Tensor, g_pids: torc
     for start in range(0, num_q, chunk_size):
         order = torch.sort(distmat[start:start + chunk_size], dim=1, stable=True).indices
         pid, cam = g_pids[order], g_camids[order]
-        q_pid = q_pids[start:start + chunk_size, None].to(distmat.device)
-        q_cam = q_camids[start:start + chunk_size, None].to(distmat.device)
+        q_pid, q_cam = q_pids[start:start + chunk_size, None], q_camids[start:start + chunk_size, None]
         same_id = pid == q_pid
         kept = (pid != JUNK_PID) & ~(same_id & (cam == q_cam))
         good = same_id & kept & (pid != DISTRACTOR_PID)
         num_good = good.sum(dim=1)
         valid = num_good > 0
-        # 1-based rank of every kept image once junk is removed, and true matches seen up to it.
-        rank = kept.cumsum(dim=1).double()
-        hits = good.cumsum(dim=1).double()
-        first_hit = torch.where(good, rank, torch.inf).amin(dim=1)
+        # For every true match: its 1-based rank once junk is removed, and the true matches up to it.
+        rows, cols = good.nonzero(as_tuple=True)
+        rank = kept.cumsum(dim=1, dtype=torch.int32)[rows, cols].double()
+        hits = good.cumsum(dim=1, dtype=torch.int32)[rows, cols].double()
+        first_hit = torch.full((len(order),), torch.inf, dtype=torch.float64, device=distmat.device)
+        first_hit[rows[hits == 1]] = rank[hits == 1]
         cmc_hits += (first_hit[valid, None] <= ranks).sum(dim=0)
-        precision = hits / rank
         precision_before = torch.where(rank > 1, (hits - 1) / (rank - 1).clamp(min=1), 1.0)
-        area = torch.where(good, (precision + precision_before) / 2, 0.0).sum(dim=1)
+        area = torch.zeros(len(order), dtype=torch.float64, device=distmat.device)
+        area.index_add_(0, rows, (hits / rank + precision_before) / 2)
         ap_sum += (area[valid] / num_good[valid]).sum()
         num_valid += int(valid.sum())
     if num_valid == 0:
