@@ -275,6 +275,7 @@ class BuiltinDataConfig:
     train_per_class: int = checked(lambda n: n >= 1, "an integer >= 1", default=40)
     val_per_class: int = checked(lambda n: n >= 1, "an integer >= 1", default=16)
     image_size: int = checked(lambda n: n >= 16, "an integer >= 16 (pixels, square)", default=96)
+    clutter: float = checked(lambda c: 0 <= c <= 2, "a number from 0 (plain background) to 2", default=1.0)
     train_ids: int = checked(lambda n: n >= 2, "an integer >= 2", default=30)
     test_ids: int = checked(lambda n: n >= 2, "an integer >= 2", default=30)
     cameras: int = checked(lambda n: 2 <= n <= 6, "an integer from 2 to 6", default=4)
@@ -399,6 +400,25 @@ class TrainConfig:
     progress: str = choice("auto", "bar", "line", "off", default="auto")
 
 
+# ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Table 10: which backbones to time and how often (baseline and NOAH in turns, medians reported)."""
+
+    backbones: tuple[str, ...] | None = None  # null: all 26 of backbones.csv
+    cpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=3)
+    cpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=1)
+    gpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=10)
+    gpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=3)
+    cpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
+    gpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=200)
+    img_size: int = checked(lambda n: n >= 32 and n % 32 == 0, "a multiple of 32, at least 32", default=224)
+    out: str = checked(lambda d: bool(d), "a path prefix (writes PREFIX.csv and PREFIX.json)",
+                       default="results/table10")
+
+
 # ---- Params (lead): the whole of params.yaml
 
 
@@ -415,6 +435,7 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def __post_init__(self) -> None:
         if self.profile not in self.profiles:
@@ -440,22 +461,3 @@ class Params:
     def active(self) -> ProfileConfig:
         """The profile in force."""
         return self.profiles[self.profile]
-
-
-# ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """Table 10: which backbones to time and how often (baseline and NOAH in turns, medians reported)."""
-
-    backbones: tuple[str, ...] | None = None  # null: all 26 of backbones.csv
-    cpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=3)
-    cpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=1)
-    gpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=10)
-    gpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=3)
-    cpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
-    gpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=200)
-    img_size: int = checked(lambda n: n >= 32 and n % 32 == 0, "a multiple of 32, at least 32", default=224)
-    out: str = checked(lambda d: bool(d), "a path prefix (writes PREFIX.csv and PREFIX.json)",
-                       default="results/table10")
