@@ -80,7 +80,7 @@ def _read(name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _paper_head(row: dict[str, str]) -> HeadConfig:
+def paper_head(row: dict[str, str]) -> HeadConfig:
     """The head config a paper table row describes."""
     data: dict[str, Any] = {"kind": row["head"]}
     if row["head"] == "noah":
@@ -98,7 +98,7 @@ def paper_figures() -> dict[tuple[str, HeadConfig], tuple[int, int]]:
     for name in ("table1_3_main.csv", "table4_N_r.csv", "table5_feature_split.csv", "table8_aggressive.csv",
                  "table11_poca_variants.csv"):
         for row in _read(name):
-            key = (row["key"], _paper_head(row))
+            key = (row["key"], paper_head(row))
             out.setdefault(key, (round(float(row["params_m"]) * 1e6), round(float(row["madds_g"]) * 1e9)))
     return out
 
