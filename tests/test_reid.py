@@ -131,15 +131,35 @@ def test_bad_input():
         market1501_metrics(torch.zeros(1, 2), [1], [1, 2], [1], [2, 2], max_rank=3)
 
 
-# ---- models
+# ---- models (built once per module: ResNet50 construction dominates these tests)
 
 IMG = 64
+KINDS = ("baseline", "noah")
 
 
-@pytest.mark.parametrize("kind", ["baseline", "noah"])
-def test_model_shapes(kind):
+@pytest.fixture(scope="module")
+def reid_models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    model = build_reid_model("resnet50", {"kind": kind}, num_ids=7, img_size=IMG)
+    return {kind: build_reid_model("resnet50", {"kind": kind}, num_ids=7, img_size=IMG) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """Classification models of each head and their trainer-style checkpoints."""
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for kind in KINDS:
+        classifier = build_model("resnet50", {"kind": kind}, 5, IMG)
+        path = folder / f"{kind}.pt"
+        torch.save({"epoch": 3, "history": [{"top1": 50.0}], "model": classifier.state_dict()}, path)
+        out[kind] = (classifier, path)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_shapes(reid_models, kind):
+    model = reid_models[kind]
     if kind == "noah":
         assert isinstance(model.embedding, NoahHead)
         assert (model.embedding.num_classes, model.embedding.cfg.N, model.embedding.cfg.r) == (512, 4, 0.125)
@@ -163,13 +183,9 @@ def test_model_rejects_bad_options():
         build_reid_model("resnet50", {"kind": "baseline"}, 1, IMG)
 
 
-@pytest.mark.parametrize("kind", ["baseline", "noah"])
-def test_finetune_loads_the_classification_backbone(tmp_path: Path, kind):
-    torch.manual_seed(1)
-    classifier = build_model("resnet50", {"kind": kind}, 5, IMG)
-    path = tmp_path / "last.pt"
-    torch.save({"epoch": 3, "history": [{"top1": 50.0}], "model": classifier.state_dict()}, path)
-    model = build_reid_model("resnet50", {"kind": kind}, 7, IMG)
+@pytest.mark.parametrize("kind", KINDS)
+def test_finetune_loads_the_classification_backbone(reid_models, checkpoints, kind):
+    model, (classifier, path) = reid_models[kind], checkpoints[kind]
     fresh_head = {k: v.clone() for k, v in model.embedding.state_dict().items()}
     skipped = load_backbone(model, path)
     assert skipped == (["head.key_bias", "head.key_weight", "head.value_bias", "head.value_weight"]
@@ -179,25 +195,24 @@ def test_finetune_loads_the_classification_backbone(tmp_path: Path, kind):
         assert torch.equal(v, source[k]), k
     for k, v in model.embedding.state_dict().items():
         assert torch.equal(v, fresh_head[k]), k
-    # the model after loading computes what the classifier's backbone computes
+    # after loading, the reid backbone computes what the classifier's backbone computes
     x = torch.randn(2, 3, IMG, IMG)
     classifier.eval(), model.eval()
     with torch.no_grad():
         assert torch.allclose(model.backbone.forward_features(x), classifier.forward_features(x))
 
 
-def test_finetune_rejects_other_checkpoints(tmp_path: Path):
-    torch.manual_seed(2)
-    baseline = tmp_path / "baseline.pt"
-    torch.save(build_model("resnet50", {"kind": "baseline"}, 5, IMG).state_dict(), baseline)
+def test_finetune_rejects_other_checkpoints(reid_models, checkpoints, tmp_path: Path):
     with pytest.raises(ConfigError, match="noah head like this reid model's"):
-        load_backbone(build_reid_model("resnet50", {"kind": "noah"}, 7, IMG), baseline)
+        load_backbone(reid_models["noah"], checkpoints["baseline"][1])
+    with pytest.raises(ConfigError, match="baseline head like this reid model's"):
+        load_backbone(reid_models["baseline"], checkpoints["noah"][1])
     other = tmp_path / "resnet18.pt"
-    torch.save({"model": build_model("resnet18", {"kind": "baseline"}, 5, IMG).state_dict()}, other)
+    torch.save(build_model("resnet18", {"kind": "baseline"}, 5, IMG).state_dict(), other)
     with pytest.raises(ConfigError, match="a checkpoint of this backbone"):
-        load_backbone(build_reid_model("resnet50", {"kind": "baseline"}, 7, IMG), other)
+        load_backbone(reid_models["baseline"], other)
     with pytest.raises(ConfigError, match="init_from"):
-        load_backbone(build_reid_model("resnet50", {"kind": "baseline"}, 7, IMG), tmp_path / "none.pt")
+        load_backbone(reid_models["baseline"], tmp_path / "none.pt")
 
 
 # ---- evaluation on a prepared Market-layout dataset
