@@ -1,0 +1,234 @@
+"""Table 10: frames/s of each baseline model and its NOAH counterpart (`python -m pipeline benchmark`).
+
+GPU frames/s at batch 200 when CUDA is present and CPU frames/s on one core (`torch.set_num_threads(1)`)
+at batch 1, 224×224 inputs, after warm-up. Baseline and NOAH are timed in turns (the one that goes first
+alternates) so that drifting load hits both alike; each column is the median of the repeats, with its
+spread ((max - min) / median, %). Overhead % = (vanilla FPS - NOAH FPS) / vanilla FPS × 100, as
+pipeline/paper/README.md defines it, from the median frames/s. Results go to PREFIX.csv / PREFIX.json
+(atomically) and to one MLflow run of experiment `table10`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import PAPER_TABLES
+from .config import BenchmarkConfig, ConfigError, parse
+from .io import atomic_write_text
+
+EXPERIMENT = "table10"
+PAPER_COLUMNS = ["key", "vanilla_params_m", "vanilla_gpu_fps", "vanilla_cpu_fps", "noah_params_m", "noah_gpu_fps",
+                 "noah_cpu_fps", "gpu_overhead_pct", "cpu_overhead_pct"]
+SPREAD_COLUMNS = [f"{model}_{dev}_spread_pct" for dev in ("gpu", "cpu") for model in ("vanilla", "noah")]
+COLUMNS = ["row", *PAPER_COLUMNS, *SPREAD_COLUMNS]
+
+
+def overhead_pct(vanilla_fps: float, noah_fps: float) -> float:
+    """Table 10's overhead: the share of the baseline's frames/s that NOAH gives up, in %."""
+    return (vanilla_fps - noah_fps) / vanilla_fps * 100
+
+
+def paper_order() -> list[str]:
+    """The 26 backbone keys in Table 10's row order."""
+    with open(PAPER_TABLES / "table10_speed.csv", newline="") as f:
+        return [row["key"] for row in csv.DictReader(f)]
+
+
+def timed_in_turns(models: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                   sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds per call of each model over `repeats` rounds; the first to run alternates per round."""
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            models[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            models[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _fps(seconds: list[float], batch: int) -> tuple[float, float]:
+    """Median frames/s and its spread in % of the median."""
+    fps = [batch / s for s in seconds]
+    median = statistics.median(fps)
+    return median, (max(fps) - min(fps)) / median * 100
+
+
+def measure(pair: dict[str, nn.Module], device: str, batch: int, img_size: int, repeats: int,
+            warmup: int) -> dict[str, tuple[float, float]]:
+    """(median frames/s, spread %) of each model of `pair` on `device`."""
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    models = {name: model.to(device) for name, model in pair.items()}
+    with torch.inference_mode():
+        times = timed_in_turns({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, warmup, sync)
+    for model in models.values():
+        model.cpu()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {name: _fps(t, batch) for name, t in times.items()}
+
+
+def benchmark_backbone(key: str, cfg: BenchmarkConfig, use_gpu: bool) -> dict[str, Any]:
+    """One Table 10 row: Params (M) of both models, their frames/s on GPU (if used) and one CPU core."""
+    from .models import build_model
+
+    pair = {name: build_model(key, {"kind": kind}, 1000, cfg.img_size).eval()
+            for name, kind in (("vanilla", "baseline"), ("noah", "noah"))}
+    row: dict[str, Any] = {"key": key}
+    for name, model in pair.items():
+        row[f"{name}_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    runs = [("cpu", cfg.cpu_batch, cfg.cpu_repeats, cfg.cpu_warmup)]
+    if use_gpu:
+        runs.insert(0, ("gpu", cfg.gpu_batch, cfg.gpu_repeats, cfg.gpu_warmup))
+    for dev, batch, repeats, warmup in runs:
+        threads = torch.get_num_threads()
+        if dev == "cpu":
+            torch.set_num_threads(1)
+        try:
+            result = measure(pair, "cuda" if dev == "gpu" else "cpu", batch, cfg.img_size, repeats, warmup)
+        finally:
+            torch.set_num_threads(threads)
+        for name, (fps, spread) in result.items():
+            row[f"{name}_{dev}_fps"], row[f"{name}_{dev}_spread_pct"] = round(fps, 2), round(spread, 2)
+        row[f"{dev}_overhead_pct"] = round(overhead_pct(result["vanilla"][0], result["noah"][0]), 2)
+    return row
+
+
+def resolve_backbones(backbones: tuple[str, ...] | None) -> list[str]:
+    """The backbones to time, in Table 10's order; unknown keys are a ConfigError before any work."""
+    order = paper_order()
+    if backbones is None:
+        return order
+    unknown = [k for k in backbones if k not in order]
+    if unknown or not backbones:
+        raise ConfigError("benchmark.backbones", unknown[0] if unknown else [], "keys of backbones.csv: "
+                          + ", ".join(order))
+    return sorted(dict.fromkeys(backbones), key=order.index)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text with Table 10's columns (+ row number and spreads); missing GPU values empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, Any], files: list[Path]) -> str:
+    """One run in experiment `table10`: the settings as params, every number as `<backbone>/<column>`."""
+    from .tracking import client, experiment_id
+
+    mlflow_client = client(tracking_uri)
+    run = mlflow_client.create_run(experiment_id(mlflow_client, EXPERIMENT), run_name="table10",
+                                   tags={"mlflow.source.git.commit": str(meta["commit"])})
+    from mlflow.entities import Metric, Param
+
+    params = [Param(k, str(v)) for k, v in meta.items() if k not in ("date", "load_after")]
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{row['key']}/{col}", float(row[col]), now, 0)
+               for row in rows for col in COLUMNS[2:] if row.get(col) is not None]
+    for start in range(0, max(len(params), len(metrics)), 100):
+        mlflow_client.log_batch(run.info.run_id, metrics=metrics[start:start + 100], params=params[start:start + 100])
+    for path in files:
+        mlflow_client.log_artifact(run.info.run_id, str(path))
+    mlflow_client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool | None = None) -> list[dict]:
+    """Time every backbone pair, write PREFIX.csv/.json atomically, log the MLflow run; returns the rows."""
+    from .tracking import git_commit
+
+    keys = resolve_backbones(cfg.backbones)
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    elif use_gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu", "on", "'auto' or 'off' (CUDA is not available here)")
+    order = paper_order()
+    meta: dict[str, Any] = {
+        "backbones": ",".join(keys), **{k: v for k, v in asdict(cfg).items() if k not in ("backbones", "out")},
+        "gpu": torch.cuda.get_device_name() if use_gpu else None, "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": 1, "torch": torch.__version__, "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_before": round(os.getloadavg()[0], 2)}
+    rows = []
+    started = time.perf_counter()
+    show_bar = sys.stderr.isatty()
+    if show_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(keys), desc="table10", unit="pair")
+    for i, key in enumerate(keys, 1):
+        row = {"row": order.index(key) + 1, **benchmark_backbone(key, cfg, use_gpu)}
+        rows.append(row)
+        if show_bar:
+            bar.update()
+        else:
+            cpu = f"cpu {row['vanilla_cpu_fps']:.2f} vs {row['noah_cpu_fps']:.2f} fps ({row['cpu_overhead_pct']:+.2f}%)"
+            gpu = (f", gpu {row['vanilla_gpu_fps']:.1f} vs {row['noah_gpu_fps']:.1f} fps "
+                   f"({row['gpu_overhead_pct']:+.2f}%)") if use_gpu else ""
+            print(f"[{i}/{len(keys)}] {key}: {cpu}{gpu}  {time.perf_counter() - started:.0f}s", flush=True)
+    if show_bar:
+        bar.close()
+    meta["load_after"] = round(os.getloadavg()[0], 2)
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(cfg.out)
+    files = [out.with_suffix(".csv"), out.with_suffix(".json")]
+    atomic_write_text(files[0], to_csv(rows))
+    atomic_write_text(files[1], json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if tracking_uri:
+        run_id = log_mlflow(tracking_uri, rows, meta, files)
+        print(f"MLflow run {run_id} in experiment {EXPERIMENT!r} at {tracking_uri}")
+    print(f"wrote {files[0]} and {files[1]} ({meta['seconds']}s, load {meta['load_before']} -> {meta['load_after']})")
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchmarkConfig()
+    parser.add_argument("--backbones", default=None, help="comma-separated backbones.csv keys (default: all 26)")
+    parser.add_argument("--cpu-repeats", type=int, default=d.cpu_repeats, help="timed rounds on one CPU core")
+    parser.add_argument("--cpu-warmup", type=int, default=d.cpu_warmup)
+    parser.add_argument("--gpu-repeats", type=int, default=d.gpu_repeats, help="timed rounds on the GPU")
+    parser.add_argument("--gpu-warmup", type=int, default=d.gpu_warmup)
+    parser.add_argument("--cpu-batch", type=int, default=d.cpu_batch)
+    parser.add_argument("--gpu-batch", type=int, default=d.gpu_batch)
+    parser.add_argument("--img-size", type=int, default=d.img_size)
+    parser.add_argument("--out", default=d.out, help="path prefix: writes PREFIX.csv and PREFIX.json")
+    parser.add_argument("--gpu", choices=("auto", "on", "off"), default="auto", help="time on CUDA too")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store ('' to skip)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The BenchmarkConfig the command-line options describe (validated like params.yaml)."""
+    data = {k: getattr(args, k) for k in ("cpu_repeats", "cpu_warmup", "gpu_repeats", "gpu_warmup", "cpu_batch",
+                                          "gpu_batch", "img_size", "out")}
+    if args.backbones:
+        data["backbones"] = [k.strip() for k in args.backbones.split(",") if k.strip()]
+    return parse(BenchmarkConfig, data, "benchmark")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    run_benchmark(cfg, args.tracking_uri or None, {"auto": None, "on": True, "off": False}[args.gpu])
+    return 0
