@@ -1,27 +1,31 @@
-"""DVC stage `report`: Tables 4–11 (Markdown and CSV), the figures and reports/README.md from `results/`
-and the MLflow store named in `params.yaml` (`mlflow.tracking_uri`). Never trains; runs in seconds."""
+"""DVC stage `report`: Tables 4–11 (Markdown and CSV), the figures and reports/README.md from `results/`,
+the MLflow store named in `params.yaml` (`mlflow.tracking_uri`) and the trainer's checkpoints
+(`train.checkpoint_root`, for the attention maps). Never trains; runs in seconds."""
 from __future__ import annotations
 
+import argparse
 import sys
-from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, MlflowConfig, parse
-from pipeline.report import build_reports
+from pipeline.config import ConfigError, MlflowConfig, TrainConfig, parse
+from pipeline.report import add_arguments, run
+from pipeline.tracking import REPO_ROOT
 
 
 def main(argv: list[str]) -> int:
-    results, out = (Path(a) for a in (argv + ["results", "reports"][len(argv):])[:2])
     with open("params.yaml") as f:
         params = yaml.safe_load(f) or {}
     try:
         tracking = parse(MlflowConfig, params.get("mlflow"), "mlflow")
+        train = parse(TrainConfig, params.get("train"), "train")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    build_reports(results, out, tracking.tracking_uri)
-    return 0
+    parser = argparse.ArgumentParser(prog="stages/report.py", description=__doc__)
+    add_arguments(parser)
+    parser.set_defaults(tracking_uri=tracking.tracking_uri, checkpoints=REPO_ROOT / train.checkpoint_root)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

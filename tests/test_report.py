@@ -275,8 +275,9 @@ def test_attention_maps_are_the_heads_own_and_are_drawn(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_attention_figure_from_the_weights_a_trained_run_logged(tmp_path: Path) -> None:
-    """End to end: the trainer trains one epoch and logs its weights; the report rebuilds the model and draws."""
+def test_attention_figure_from_the_checkpoint_of_a_trained_run(tmp_path: Path) -> None:
+    """End to end: the trainer trains one epoch (weights kept in its checkpoint, not logged, as by default);
+    the report finds them, rebuilds the model from the run's logged config and draws the maps."""
     from mlflow import MlflowClient
     from PIL import Image
 
@@ -296,16 +297,18 @@ def test_attention_figure_from_the_weights_a_trained_run_logged(tmp_path: Path) 
     recipe = {"name": "tiny", "lr": 0.01, "batch_size": 2, "epochs": 1}
     result = run_trial({"backbone": "resnet18", "data_dir": str(data), "head": {"kind": "noah"}, "recipe": recipe,
                         "img_size": 32}, train=TrainConfig(checkpoint_root=str(tmp_path / "ckpt"), progress="off"),
-                       tracking=MlflowConfig(tracking_uri=uri, log_weights=True), experiment="table7")
+                       tracking=MlflowConfig(tracking_uri=uri), experiment="table7")
     client = MlflowClient(uri)
     baseline = client.create_run(client.get_experiment_by_name("table7").experiment_id).info.run_id
     results = tmp_path / "results"
     results.mkdir()
     rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": baseline, "top1": 50.0},
             {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
-             "status": "FINISHED", "run_id": result["run_id"], "top1": result["top1"]}]
+             "status": "FINISHED", "run_id": result["run_id"], "trial_id": result["trial_id"], "top1": result["top1"]}]
     (results / "table7.json").write_text(json.dumps({"meta": {"profile": "smoke"}, "rows": rows}))
     build_reports(results, tmp_path / "reports", uri)
+    assert "its trainer checkpoint is not in None" in (tmp_path / "reports" / "README.md").read_text()
+    build_reports(results, tmp_path / "reports", uri, checkpoints=tmp_path / "ckpt")
     assert (tmp_path / "reports" / "figures" / "attention.png").read_bytes()[:8] == PNG
     index = (tmp_path / "reports" / "README.md").read_text()
     assert "(figures/attention.png)" in index and f"run {result['run_id'][:8]}" in index

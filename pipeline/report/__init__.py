@@ -54,7 +54,8 @@ def _index(built: dict[str, tuple[Results, list[Line]]], figures: list[Any]) -> 
 
 
 def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = None,
-                  data_dir: Path | None = None) -> dict[str, tuple[Results, list[Line]]]:
+                  data_dir: Path | None = None, checkpoints: Path | None = None
+                  ) -> dict[str, tuple[Results, list[Line]]]:
     """All tables, the figures and the README index; returns what each table was built from."""
     from . import figures
 
@@ -70,7 +71,7 @@ def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = N
     uri = tracking_uri or meta.get("tracking_uri")
     drawn = [figures.curves(classification, uri, out_dir / "figures" / "curves.png"),
              figures.trained_attention(classification, meta, uri, data_dir or meta.get("data_dir"),
-                                       out_dir / "figures" / "attention.png")]
+                                       out_dir / "figures" / "attention.png", checkpoints)]
     for fig in drawn:
         print(f"report: figure {fig.path or 'not drawn'}" + (f" ({fig.note})" if fig.note else ""), flush=True)
     atomic_write_text(out_dir / "README.md", _index(built, drawn))
@@ -83,9 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store with the runs' per-epoch metrics and weights (default: the results' meta)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="prepared dataset for the attention-map images (default: the results' meta)")
+                        help="prepared dataset for the attention-map images (default: the run's own)")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="the trainer's checkpoint root: weights for the attention maps when a run logged none")
 
 
 def run(args: argparse.Namespace) -> int:
-    build_reports(args.results, args.out, args.tracking_uri, args.data)
+    build_reports(args.results, args.out, args.tracking_uri, args.data, args.checkpoints)
     return 0

@@ -172,7 +172,7 @@ def head_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 def attention_figure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: list[float],
-                     std: list[float], out: Path, title: str) -> Figure:
+                     std: list[float], out: Path, title: str, class_names: list[str] | None = None) -> Figure:
     """Fig. 2: per image, the input, A_i in [0, 1] and V_i in [-1, 1] per POCA block, and ΣP_i in [-1, 1]."""
     attn, value, poca, _ = head_maps(model, images, labels)
     n = attn.shape[1]
@@ -196,7 +196,8 @@ def attention_figure(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             ax.set_yticks([])
             if b == 0:
                 ax.set_title(name, fontsize=8)
-        axes[b][0].set_ylabel(f"class {int(labels[b])}", fontsize=7)
+        label = int(labels[b])
+        axes[b][0].set_ylabel(class_names[label] if class_names else f"class {label}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, out)
@@ -219,8 +220,8 @@ def _weights_artifact(client: Any, run_id: str, path: str = "") -> str | None:
 
 
 def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], tracking_uri: str | None,
-                      data_dir: Path | None, out: Path, images: int = 3) -> Figure:
-    """Fig. 2 from a finished paper-design NOAH run whose weights were logged as an MLflow artifact."""
+                      data_dir: Path | None, out: Path, checkpoints: Path | None = None, images: int = 3) -> Figure:
+    """Fig. 2 from a finished paper-design NOAH run: its logged weights, else its trainer checkpoint."""
     title = "Attention A_i, value V_i and ΣP_i of the ground-truth class (like Fig. 2)"
     candidates = [noah for _, _, noah in design_pairs(tables)]
     candidates.sort(key=lambda ln: ln.paper["key"] != "resnet18")
@@ -235,23 +236,31 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
     for line in candidates:
         run_id = line.result["run_id"]
         try:
-            artifact = _weights_artifact(client, run_id)
-            if artifact is None:
-                reasons.append(f"run {run_id} logged no weights (.pt/.pth artifact; set mlflow.log_weights)")
-                continue
             with tempfile.TemporaryDirectory() as tmp:
+                artifact = _weights_artifact(client, run_id)
                 state = torch.load(client.download_artifacts(run_id, artifact, tmp), map_location="cpu",
-                                   weights_only=True)
+                                   weights_only=True) if artifact else _checkpoint(checkpoints, line)
                 config = _run_config(client, run_id, tmp)
-        except (MlflowException, OSError) as err:
-            reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0]}")
+        except (MlflowException, OSError, RuntimeError) as err:
+            reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
             continue
-        spec = _model_spec(line, config, meta, data_dir)
+        if state is None:
+            reasons.append(f"run {run_id} logged no weights (set mlflow.log_weights) and its trainer checkpoint "
+                           f"is not in {checkpoints}")
+            continue
         try:
-            return _draw_trained(state, spec, out, title, images)
+            return _draw_trained(state, _model_spec(line, config, meta, data_dir), out, title, images)
         except (ConfigError, RuntimeError, KeyError, OSError) as err:  # e.g. weights of an older model layout
             reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
     return Figure(title, note="; ".join(reasons))
+
+
+def _checkpoint(checkpoints: Path | None, line: Line) -> dict[str, Any] | None:
+    """The trainer's last checkpoint of the row's trial (`<checkpoints>/<trial_id>/last.pt`), if kept."""
+    from ..train import CHECKPOINT, load_checkpoint
+
+    trial = line.result.get("trial_id")
+    return load_checkpoint(Path(checkpoints) / trial / CHECKPOINT) if checkpoints and trial else None
 
 
 def _run_config(client: Any, run_id: str, tmp: str) -> dict[str, Any]:
@@ -301,4 +310,6 @@ def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title:
     batch, labels = _distinct_classes(build_loader(data_dir, "val", spec["img_size"], 32, train=False), images)
     stats = json.loads((Path(data_dir) / "stats.json").read_text())
     name = f"{title}: {spec['name']}, run {spec['run_id'][:8]}"
-    return attention_figure(model, batch, labels, stats["mean"], stats["std"], out, name)
+    classes = json.loads((Path(data_dir) / "classes.json").read_text())
+    names = classes if isinstance(classes, list) else None
+    return attention_figure(model, batch, labels, stats["mean"], stats["std"], out, name, names)
