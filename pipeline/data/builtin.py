@@ -42,19 +42,21 @@ def _outline(kind: str) -> list[list[tuple[float, float]]]:
     raise KeyError(kind)
 
 
-def _background(rng: np.random.Generator, w: int, h: int, base: np.ndarray | None = None) -> Image.Image:
-    """A smooth colour gradient with thin random clutter lines and dots, plus pixel noise later."""
+def _background(rng: np.random.Generator, w: int, h: int, base: np.ndarray | None = None,
+                clutter: float = 1.0) -> Image.Image:
+    """A smooth colour gradient with thin random clutter lines and dots (how many: `clutter` × 4-9 and
+    × 3-7)."""
     c0 = rng.uniform(30, 225, 3) if base is None else base
     c1 = np.clip(c0 + rng.uniform(-60, 60, 3), 0, 255)
     t = np.linspace(0, 1, h)[:, None, None] if rng.random() < 0.5 else np.linspace(0, 1, w)[None, :, None]
     arr = np.broadcast_to(c0 * (1 - t) + c1 * t, (h, w, 3))
     img = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(4, 10)):
+    for _ in range(round(clutter * rng.integers(4, 10))):
         x0, x1 = rng.uniform(0, w, 2)
         y0, y1 = rng.uniform(0, h, 2)
         draw.line([(x0, y0), (x1, y1)], fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(1, 3)))
-    for _ in range(rng.integers(3, 8)):
+    for _ in range(round(clutter * rng.integers(3, 8))):
         x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.5, max(1.0, w / 40))
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.integers(0, 256, 3).tolist()))
     return img
@@ -65,9 +67,9 @@ def _noise(rng: np.random.Generator, img: Image.Image, sigma: float) -> Image.Im
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+def draw_shape(kind: str, size: int, rng: np.random.Generator, clutter: float = 1.0) -> Image.Image:
     """One `size`×`size` image of `kind` at a random place, scale, tilt and colour on clutter."""
-    img = _background(rng, size, size)
+    img = _background(rng, size, size, clutter=clutter)
     draw = ImageDraw.Draw(img)
     radius = rng.uniform(0.16, 0.3) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
@@ -89,7 +91,7 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
         for poly in _outline(kind):
             pts = [(cx + sx * (x * cos - y * sin), cy + sy * (x * sin + y * cos)) for x, y in poly]
             draw.polygon(pts, fill=colour)
-    return _noise(rng, img, rng.uniform(4, 14))
+    return _noise(rng, img, clutter * rng.uniform(4, 14))
 
 
 def write_shapes(root: Path, cfg: BuiltinDataConfig) -> None:
@@ -100,7 +102,7 @@ def write_shapes(root: Path, cfg: BuiltinDataConfig) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 rng = np.random.default_rng([cfg.seed, split_id, label, i])
-                draw_shape(kind, cfg.image_size, rng).save(folder / f"{i:05d}.png", compress_level=1)
+                draw_shape(kind, cfg.image_size, rng, cfg.clutter).save(folder / f"{i:05d}.png", compress_level=1)
 
 
 def _person(rng_id: np.random.Generator, rng: np.random.Generator, w: int, h: int,
