@@ -190,3 +190,17 @@ def test_fused_runs_only_where_it_applies():
     head = NoahHead(HeadConfig(N=4, r=0.5, dropout=0.1), C, M)
     assert not head.fused  # dropout active in training
     assert head.eval().fused
+
+
+def test_fused_under_autocast_and_channels_last():
+    """As the trainer calls it on GPU (bf16 autocast, channels_last features): float32 logits and gradients."""
+    torch.manual_seed(2)
+    head = NoahHead(HeadConfig(N=4, r=0.5), 32, 50)
+    x = torch.randn(3, 32, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    ref = head.forward_reference(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = head(x.bfloat16())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05)
+    ours.sum().backward()
+    assert x.grad is not None and head.key_weight.grad.dtype == torch.float32

@@ -90,7 +90,8 @@ class PocaSum(torch.autograd.Function):
             top = None if x.is_cuda else key.new_zeros(())
             if top is not None:
                 total = key.exp2_().sum(-1)
-                if not (torch.isfinite(total).all() and total.amin() >= 2.0 ** -100):  # over/underflow
+                low, high = torch.aminmax(total)
+                if not (bool(low >= 2.0 ** -100) and bool(high < math.inf)):  # over/underflow, NaN
                     top = None
                     torch.bmm(wk_act, cols[:, rows[0]], out=key.view(wk.shape[0], -1, cols.shape[-1]))
             if top is None:
@@ -243,9 +244,12 @@ class NoahHead(nn.Module):
             chunk_elements = 1 << 40 if x.is_cuda else 1 << 20
         chunk = max(1, chunk_elements // (cfg.N * self.num_classes * h * w))
         scale = 1.0 / (cfg.N * h * w) if cfg.aggregation == "avg" else 1.0
-        return PocaSum.apply(x.contiguous(), self.key_weight.view(groups, -1, self.key_channels), self.key_bias,
-                             self.value_weight.view(groups, -1, self.value_channels), self.value_bias,
-                             cfg.N, rows, cfg.activation == "sigmoid", scale, chunk)
+        if torch.is_autocast_enabled(x.device.type):  # the head's sums and exps run in float32
+            x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return PocaSum.apply(x.contiguous(), self.key_weight.view(groups, -1, self.key_channels),
+                                 self.key_bias, self.value_weight.view(groups, -1, self.value_channels),
+                                 self.value_bias, cfg.N, rows, cfg.activation == "sigmoid", scale, chunk)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the materialised A, V and P of `forward_maps` (every option)."""
