@@ -173,7 +173,7 @@ def test_each_report_opens_with_its_scale(built: Path) -> None:
     for part in ("dataset `builtin`", "num_classes `10`", "img_size `32`", "epochs `2`", "profile `smoke`",
                  "commit `0123abc`", "date `2026-11-24 21:00 UTC`"):
         assert part in scale
-    assert "not from ImageNet" in lines[3]
+    assert lines[3] == ">" and "not from ImageNet" in lines[4]
     index = (built / "README.md").read_text()
     for name in TABLES:
         assert f"[{name}.md]({name}.md)" in index and f"[{name}.csv]({name}.csv)" in index

@@ -245,10 +245,10 @@ def scale_lines(meta: dict[str, Any], error: str | None) -> list[str]:
     extra = [f"{k} `{v}`" for k, v in meta.items() if k not in META_KEYS and not isinstance(v, (dict, list))]
     out = ["> **Scale:** " + " · ".join(shown + extra)]
     if missing:
-        out.append(f"> Not recorded in the results: {', '.join(missing)}.")
+        out += [">", f"> Not recorded in the results: {', '.join(missing)}."]
     if meta.get("profile") != "imagenet":
-        out.append(f"> These numbers come from the `{meta.get('profile', 'unknown')}` profile, not from ImageNet "
-                   "at the paper's settings: compare trends with the paper, not values.")
+        out += [">", f"> These numbers come from the `{meta.get('profile', 'unknown')}` profile, not from ImageNet "
+                "at the paper's settings: compare trends with the paper, not values."]
     return out
 
 
