@@ -115,6 +115,7 @@ class PocaSum(torch.autograd.Function):
         grad = grad.t() * scale  # (M, B)
         bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1, 1)
         wk_act = wk if sigmoid else wk * math.log2(math.e)
+        centre = sums - bv.view(n, -1, 1)  # Σ_hw A·V without the value bias, which V recomputed lacks
         for start, stop, cols, key, value in PocaSum._chunks(x, wk_act, wv, rows, n, chunk):
             g = grad[None, :, start:stop, None]
             if sigmoid:  # dV = g·σ(K), dK = g·V·σ(K)·(1 - σ(K))
@@ -123,7 +124,7 @@ class PocaSum(torch.autograd.Function):
                 d_value = attn.mul_(g)
             else:  # dV = g·A, dK = g·A·(V - Σ_hw A·V)
                 d_value = key.sub_(lse2[0][..., start:stop, None]).exp2_().mul_(g)
-                d_key = value.sub_((sums - bv.view(n, -1, 1))[..., start:stop, None]).mul_(d_value)
+                d_key = value.sub_(centre[..., start:stop, None]).mul_(d_value)
             d_key, d_value = d_key.view(groups, -1, cols.shape[-1]), d_value.view(groups, -1, cols.shape[-1])
             d_wk.baddbmm_(d_key, cols[:, rows[0]].mT)
             d_wv.baddbmm_(d_value, cols[:, rows[1]].mT)
