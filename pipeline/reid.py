@@ -1,4 +1,5 @@
-"""Person re-identification (Table 9): the Market-1501 ranking metrics.
+"""Person re-identification (Table 9): Market-1501 ranking metrics, the ResNet50-FC and NOAH reid
+models, and their initialisation from a classification checkpoint for the fine-tuning regime.
 
 Ranking uses the Euclidean (L2) distance between raw, un-normalised embeddings (torchreid's default
 metric). The protocol is the Market-1501 devkit's (Zheng et al., ICCV 2015, `evaluation.m` /
@@ -9,7 +10,7 @@ skipped. CMC rank-k is the share of queries whose first true match is within the
 devkit's: the area under the precision-recall curve by the trapezoid rule, i.e. the mean over the
 true matches of (precision just before the hit + precision at the hit) / 2, with precision 1 before
 the first ranked image. (torchreid and scikit-learn report the un-interpolated mean of the precision at
-each hit, which is never higher than this.)
+each hit, which is never lower than this.)
 
 Models (`build_reid_model`): ResNet50-FC, the paper's baseline, is backbone → GAP → FC to a 512-D
 vector; its NOAH variant replaces GAP → FC by the NOAH head with M = 512 outputs read from the

@@ -46,6 +46,7 @@ def brute_force(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10):
 # Query A = (1, c1): by distance g0 g3 g2 g1 g4 g6 g5 g7. g0 (same id, same camera) and g3 (junk) go;
 #   ranking g2 g1 g4 g6 g5 g7: true matches at ranks 2 and 4 -> rank-1 miss, rank-5 hit.
 #   AP (devkit trapezoid) = 1/2 [ (0/1 + 1/2)/2 + (1/3 + 2/4)/2 ] = 1/2 (1/4 + 5/12) = 1/3.
+#   (torchreid's un-interpolated AP would be 1/2 (1/2 + 2/4) = 1/2.)
 # Query B = (2, c2): by distance g5 g3 g4 ...: g5 (same camera) and g3 (junk) go, g4 is rank 1: AP 1.
 # Query C = (3, c1): its only gallery image g7 is from its own camera -> no true match, skipped.
 # So rank-1 = (0 + 1)/2 = 1/2, rank-5 = 1, mAP = (1/3 + 1)/2 = 2/3 over 2 valid queries.
