@@ -19,6 +19,8 @@ from torch import nn
 
 from ..config import ConfigError, HeadConfig
 
+LOG2E = math.log2(math.e)
+
 
 def split_channels(cfg: HeadConfig, in_channels: int) -> tuple[int, int]:
     """Input widths (key, value) of one POCA block, validating N and r against `in_channels`."""
@@ -60,8 +62,8 @@ class PocaSum(torch.autograd.Function):
 
     @staticmethod
     def _chunks(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, rows: tuple[slice, slice], n: int,
-                chunk: int):
-        """Per batch chunk: (start, stop, columns, K, V) with K, V as (N, M, b, H·W) buffer views."""
+                chunk: int, key_scale: float):
+        """Per batch chunk: (start, stop, columns, key_scale·K, V), K and V as (N, M, b, H·W) buffer views."""
         b, _, h, w = x.shape
         groups, hw = wk.shape[0], h * w
         size = min(chunk, b) * hw
@@ -71,7 +73,8 @@ class PocaSum(torch.autograd.Function):
             stop = min(start + chunk, b)
             cols = _grouped_columns(x[start:stop], groups)
             shape = (groups, -1, (stop - start) * hw)
-            key = torch.bmm(wk, cols[:, rows[0]], out=buf_k.view(-1)[: buf_k[..., : shape[2]].numel()].view(shape))
+            key = buf_k.view(-1)[: buf_k[..., : shape[2]].numel()].view(shape)
+            key.baddbmm_(wk, cols[:, rows[0]], beta=0, alpha=key_scale)
             value = torch.bmm(wv, cols[:, rows[1]],
                               out=buf_v.view(-1)[: buf_v[..., : shape[2]].numel()].view(shape))
             yield start, stop, cols, key.view(n, -1, stop - start, hw), value.view(n, -1, stop - start, hw)
@@ -80,9 +83,9 @@ class PocaSum(torch.autograd.Function):
     def forward(ctx, x, wk, bk, wv, bv, n: int, rows: tuple[slice, slice], sigmoid: bool, scale: float,
                 chunk: int):
         bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1)
-        wk_act = wk if sigmoid else wk * math.log2(math.e)
+        key_scale = 1.0 if sigmoid else LOG2E
         sums, stats = [], []
-        for _, _, cols, key, value in PocaSum._chunks(x, wk_act, wv, rows, n, chunk):
+        for _, _, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, key_scale):
             if sigmoid:
                 attn = key.add_(bias_k).sigmoid_()
                 sums.append(torch.addcmul(attn.mul(value).sum(-1), bias_v, attn.sum(-1)))
@@ -93,16 +96,17 @@ class PocaSum(torch.autograd.Function):
                 low, high = torch.aminmax(total)
                 if not (bool(low >= 2.0 ** -100) and bool(high < math.inf)):  # over/underflow, NaN
                     top = None
-                    torch.bmm(wk_act, cols[:, rows[0]], out=key.view(wk.shape[0], -1, cols.shape[-1]))
+                    key.view(wk.shape[0], -1, cols.shape[-1]).baddbmm_(wk, cols[:, rows[0]], beta=0, alpha=LOG2E)
             if top is None:
                 top = key.amax(-1)
                 total = key.sub_(top[..., None]).exp2_().sum(-1)
             sums.append(key.mul_(value).sum(-1).div_(total).add_(bias_v))  # (N, M, b)
             stats.append(total.log2_().add_(top))
-        sums_t = torch.cat(sums, -1)
+        sums_t = torch.cat(sums, -1) if len(sums) > 1 else sums[0]
         ctx.save_for_backward(x, wk, bk, wv, bv, sums_t, *([] if sigmoid else [torch.cat(stats, -1)]))
         ctx.cfg = (n, rows, sigmoid, scale, chunk)
-        return sums_t.sum(0).t() * scale
+        logits = sums_t.sum(0).t()
+        return logits if scale == 1.0 else logits * scale
 
     @staticmethod
     def backward(ctx, grad):
@@ -114,9 +118,8 @@ class PocaSum(torch.autograd.Function):
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad = grad.t() * scale  # (M, B)
         bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1, 1)
-        wk_act = wk if sigmoid else wk * math.log2(math.e)
         centre = sums - bv.view(n, -1, 1)  # Σ_hw A·V without the value bias, which V recomputed lacks
-        for start, stop, cols, key, value in PocaSum._chunks(x, wk_act, wv, rows, n, chunk):
+        for start, stop, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, 1.0 if sigmoid else LOG2E):
             g = grad[None, :, start:stop, None]
             if sigmoid:  # dV = g·σ(K), dK = g·V·σ(K)·(1 - σ(K))
                 attn = key.add_(bias_k).sigmoid_()
