@@ -409,6 +409,8 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
     step.scheduler.step_update(num_updates=step.updates)
     run = TrialRun(plan.tracking_uri, plan.run_id) if lead else None
     if run is not None:
+        device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
+        run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32"})
         run.log_epochs(history)  # epochs checkpointed before a crash but not yet logged
     progress = Progress(plan.train.progress, scaled.epochs, f"{trial.backbone}/{trial.head.name}", lead)
     for epoch in range(start_epoch, scaled.epochs):
@@ -493,7 +495,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
 def _fit_ray(plan: Plan) -> dict[str, Any]:
     """Run `fit` on `num_workers` Ray Train workers (joining the Ray that is running, or starting one)."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -508,7 +510,13 @@ def _fit_ray(plan: Plan) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=plan.train.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"train-{plan.trial_id}", storage_path=str(Path(plan.checkpoint_dir) / "ray"),
                              failure_config=FailureConfig(max_failures=0)))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except WorkerGroupError as err:  # surface rank 0's own error (e.g. NonFiniteLossError), as with 1 worker
+        cause = err.worker_failures.get(0) or next(iter(err.worker_failures.values()), None)
+        if isinstance(cause, Exception):
+            raise cause from err
+        raise
     return json.loads(result_file.read_text())
 
 

@@ -176,7 +176,8 @@ def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> N
     logged_one, logged_two = _logged(client, one["run_id"]), _logged(client, two["run_id"])
     assert logged_two == logged_one and logged_two["status"] == "FINISHED"
     run = client.get_run(two["run_id"])
-    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["train.num_workers"] == "2" and run.data.tags["world_size"] == "2"
+    assert client.get_run(one["run_id"]).data.tags["world_size"] == "1"
     assert 0 <= run.data.metrics["top1"] <= 100 and run.data.metrics["params"] == one["params"]
     state = torch.load(tmp_path / "c2" / CHECKPOINT, map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])

@@ -1,0 +1,125 @@
+"""`python -m pipeline bench-train`: the trainer's images/s beside a bare PyTorch loop's, in one run.
+
+Both train the same model at the same batch on the same in-memory tensors (no decoding, so the loop
+itself is what is measured), with the same precision (bf16 autocast and channels_last on GPU). The bare
+loop is forward, cross-entropy, backward, SGD step; the trainer is `train_one_epoch` with the recipe's
+timm optimizer and per-update scheduler, loss checks and (if the recipe has them) Mixup and EMA. Short
+passes alternate and the best of `--repeats` counts (the median is shown too), so load from other
+processes on a shared machine hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .config import ConfigError, parse_head_spec
+from .recipes import get_recipe, scale
+from .train import Step, build_criterion, build_mixup, build_optimizer, build_scheduler, train_one_epoch
+
+TARGET = 0.90
+
+
+def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, device: torch.device) -> float:
+    """Seconds for one plain PyTorch pass over `loader`."""
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model.train()
+    start = time.perf_counter()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size: int, steps: int,
+          repeats: int, num_classes: int, device: torch.device) -> dict[str, Any]:
+    """Best-of-`repeats` images/s of the bare loop and of the trainer, alternating."""
+    from .models import build_model, resolve_head
+
+    head = resolve_head(backbone, head)
+    if steps < 2 or repeats < 1:
+        raise ConfigError("--steps/--repeats", (steps, repeats), "steps >= 2 and repeats >= 1")
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model = build_model(backbone, head, num_classes, img_size).to(device, memory_format=memory_format)
+    twin = copy.deepcopy(model)
+    data = TensorDataset(torch.randn(steps * batch_size, 3, img_size, img_size),
+                         torch.randint(0, num_classes, (steps * batch_size,)))
+    loader = DataLoader(data, batch_size=batch_size, pin_memory=cuda)
+    scaled = scale(get_recipe(recipe_name), epochs=10, batch_size=batch_size)
+    bare_opt = torch.optim.SGD(twin.parameters(), lr=scaled.lr, momentum=0.9, weight_decay=1e-4)
+    optimizer = build_optimizer(model, scaled)
+    mixup = build_mixup(scaled.recipe, num_classes)
+    ema = None
+    if scaled.recipe.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=scaled.recipe.ema_decay)
+    step = Step(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, scaled, steps),
+                criterion=build_criterion(scaled.recipe, mixup), device=device, mixup=mixup, ema=ema)
+    bare_epoch(twin, bare_opt, loader, device)  # warm-up: kernels, allocator, lazy inits
+    train_one_epoch(step, loader)
+    bare_s, trainer_s = [], []
+    for _ in range(repeats):
+        bare_s.append(bare_epoch(twin, bare_opt, loader, device))
+        trainer_s.append(train_one_epoch(step, loader)["epoch_seconds"])
+    images = steps * batch_size
+    bare, trainer = images / min(bare_s), images / min(trainer_s)
+    bare_median, trainer_median = images / statistics.median(bare_s), images / statistics.median(trainer_s)
+    return {"backbone": backbone, "head": head.name, "recipe": recipe_name, "img_size": img_size,
+            "batch_size": batch_size, "steps": steps, "repeats": repeats, "device": str(device),
+            "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+            "bare_images_per_s": bare, "trainer_images_per_s": trainer, "ratio": trainer / bare,
+            "bare_images_per_s_median": bare_median, "trainer_images_per_s_median": trainer_median,
+            "ratio_median": trainer_median / bare_median, "target": TARGET}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--head", default="kind=noah", help="head options, e.g. kind=noah,N=4,r=0.5")
+    parser.add_argument("--recipe", default="resnet", help="the trainer's recipe (optimizer, schedule, mixup, EMA)")
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6, help="training steps per timed pass")
+    parser.add_argument("--repeats", type=int, default=8, help="timed passes of each loop, alternating")
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda", "cpu or auto on a machine without a CUDA GPU")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    out = bench(args.backbone, parse_head_spec(args.head), args.recipe, args.img_size, args.batch_size,
+                args.steps, args.repeats, args.num_classes, device)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"bench-train {out['backbone']} + {out['head']}, recipe {out['recipe']}, batch {out['batch_size']}, "
+          f"{out['img_size']} px, {out['device']} ({out['precision']}), {out['steps']} steps x {out['repeats']} "
+          f"(alternating)")
+    print(f"  {'':18} {'best img/s':>12} {'median img/s':>14}")
+    print(f"  {'bare PyTorch loop':18} {out['bare_images_per_s']:12.1f} {out['bare_images_per_s_median']:14.1f}")
+    print(f"  {'trainer':18} {out['trainer_images_per_s']:12.1f} {out['trainer_images_per_s_median']:14.1f}")
+    print(f"  {'trainer / bare':18} {100 * out['ratio']:11.1f}% {100 * out['ratio_median']:13.1f}%   "
+          f"(target >= {100 * TARGET:.0f}% on best: {'met' if out['ratio'] >= TARGET else 'NOT met'})")
+    return 0
