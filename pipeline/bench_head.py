@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import HeadConfig
+from .config import ConfigError, HeadConfig
 from .models.noah import NoahHead
 
 # name: (channels, height, width, N, r), the paper's NOAH settings on these backbones
@@ -117,7 +117,9 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"{'shape':<16}{'batch':>6} {'mode':<10}{'ours ms':>9}{'plain ms':>10}{'matmul ms':>10}"
              f"{'ours/plain':>11}{'ours/matmul':>12}{'saved ours MiB':>15}{'saved plain MiB':>16}{'ratio':>7}"]
     for row in rows:
-        ms = lambda k: f"{row[k] * 1e3:.3f}" if k in row else "-"  # noqa: E731
+        def ms(key: str) -> str:
+            return f"{row[key] * 1e3:.3f}" if key in row else "-"
+
         ratio_mm = f"{row['ours'] / row['matmul']:.2f}" if "matmul" in row else "-"
         if "ours_saved" in row:
             mib = [f"{row[k] / 2**20:.2f}" for k in ("ours_saved", "plain_saved")]
@@ -139,8 +141,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:

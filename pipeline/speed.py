@@ -137,13 +137,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, Any], files: list[Path]) -> str:
     """One run in experiment `table10`: the settings as params, every number as `<backbone>/<column>`."""
+    from mlflow.entities import Metric, Param
+
     from .tracking import client, experiment_id
 
     mlflow_client = client(tracking_uri)
     run = mlflow_client.create_run(experiment_id(mlflow_client, EXPERIMENT), run_name="table10",
                                    tags={"mlflow.source.git.commit": str(meta["commit"])})
-    from mlflow.entities import Metric, Param
-
     params = [Param(k, str(v)) for k, v in meta.items() if k not in ("date", "load_after")]
     now = int(time.time() * 1000)
     metrics = [Metric(f"{row['key']}/{col}", float(row[col]), now, 0)
