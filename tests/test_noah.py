@@ -184,6 +184,10 @@ def test_fused_saves_only_input_and_statistics():
     assert saved_bytes(lambda: head.forward_reference(x), list(head.parameters())) >= 2 * b * n * m * hw * 4
 
 
+def test_empty_batch():
+    assert NoahHead(HeadConfig(N=4, r=0.5), C, M)(torch.randn(0, C, H, W)).shape == (0, M)
+
+
 def test_fused_runs_only_where_it_applies():
     assert not NoahHead(HeadConfig(N=4, r=0.5, aggregation="max"), C, M).fused
     assert not NoahHead(HeadConfig(N=4, r=0.5, softmax_axis="channel"), C, M).fused

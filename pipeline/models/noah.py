@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..config import ConfigError, HeadConfig
 
@@ -109,6 +110,7 @@ class PocaSum(torch.autograd.Function):
         return logits if scale == 1.0 else logits * scale
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, wk, bk, wv, bv, sums, *lse2 = ctx.saved_tensors
         n, rows, sigmoid, scale, chunk = ctx.cfg
@@ -232,7 +234,7 @@ class NoahHead(nn.Module):
                 and (cfg.dropout == 0 or not self.training))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.fused and x.shape[0]:
             return self.forward_fused(x)
         return self.forward_reference(x)
 
