@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+
+from .io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID_FILE = "mlflow_run_id"
@@ -130,7 +130,7 @@ class TrialRun:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = mlflow_client.create_run(experiment_id(mlflow_client, experiment), tags=all_tags, run_name=run_name)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(id_file, run.info.run_id)
+        atomic_write_text(id_file, run.info.run_id)
         return cls(tracking_uri, run.info.run_id)
 
     def run(self) -> Run:
@@ -186,18 +186,6 @@ def _existing_run(mlflow_client: MlflowClient, run_id: str) -> Run | None:
     except MlflowException:
         return None
     return run if run is not None and run.info.lifecycle_stage == "active" else None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_metrics_csv(path: Path, history: list[Mapping[str, float]]) -> None:

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -35,14 +34,18 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import (ConfigError, MlflowConfig, RecipeConfig, TrainConfig, TrialConfig, flatten, parse,
                      parse_head_spec, to_dict)
+from .io import atomic_write, atomic_write_text
 from .recipes import ScaledRecipe, get_recipe, scale
 from .tracking import REPO_ROOT, RUN_ID_FILE, TrialRun, find_finished, plot_learning_curves, resolve_uri, result_of
-from .tracking import git_commit, write_metrics_csv, write_text_atomic
+from .tracking import git_commit, write_metrics_csv
 
 TRAINING_CODE_VERSION = 1
 """Part of every trial identity. Bump it only when a change to the training code changes results
 (so finished runs are no longer reused); refactors that keep results leave it alone."""
 
+UNAPPLIED = ("drop_path", "layer_scale")
+"""Recipe options the models cannot take yet (built by `build_model`, which has no such argument):
+recorded on the run as the `recipe_not_applied` tag instead of being silently dropped."""
 CHECKPOINT = "last.pt"
 RESULT = "result.json"
 EpochCallback = Callable[[dict[str, float]], None]
@@ -313,15 +316,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file in the same folder and os.replace: never a half-written file."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -449,7 +445,7 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
         result.update(top1_ema=last["val_top1_ema"], top5_ema=last["val_top5_ema"])
     run.log_final(result)
     _log_artifacts(run, plan, history, _unwrap(step.model))
-    write_text_atomic(ckpt_dir / RESULT, json.dumps(result))
+    atomic_write_text(ckpt_dir / RESULT, json.dumps(result))
     return result
 
 
@@ -560,13 +556,15 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
         for name in (CHECKPOINT, RESULT, RUN_ID_FILE):
             (ckpt_dir / name).unlink(missing_ok=True)
     device = _device(train) if train.num_workers == 1 else torch.device("cpu")
-    data_hash = manifest_hash(trial.data_dir)
     commit = git_commit()
+    tags = {"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
+            "data_manifest_hash": manifest_hash(trial.data_dir), "backbone": trial.backbone,
+            "head": trial.head.name, "recipe": trial.recipe.name}
+    unapplied = [k for k in UNAPPLIED if getattr(trial.recipe, k)]
+    if unapplied:
+        tags["recipe_not_applied"] = ", ".join(unapplied) + " (build_model takes no such option yet)"
     run = TrialRun.open(uri, experiment, ckpt_dir, run_name=f"{trial.backbone} {trial.head.name} {trial.recipe.name}",
-                        tags={"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
-                              "data_manifest_hash": data_hash, "backbone": trial.backbone,
-                              "head": trial.head.name, "recipe": trial.recipe.name},
-                        parent_run_id=parent_run_id)
+                        tags=tags, parent_run_id=parent_run_id)
     plan = Plan(trial=trial, scaled=scaled, train=train, trial_id=tid, checkpoint_dir=str(ckpt_dir),
                 tracking_uri=uri, run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights)
     try:
