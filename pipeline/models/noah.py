@@ -49,6 +49,18 @@ def _grouped_columns(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(b, groups, c // groups, h * w).permute(1, 2, 0, 3).reshape(groups, c // groups, b * h * w)
 
 
+def _scratch(workspace: dict | None, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat temporary of `numel` elements, kept in `workspace` across calls (fresh CPU memory costs page
+    faults on every call); a new one each call without a workspace."""
+    if workspace is None:
+        return like.new_empty(numel)
+    slot = (name, like.device, like.dtype)
+    buf = workspace.get(slot)
+    if buf is None or buf.numel() < numel:
+        buf = workspace[slot] = like.new_empty(numel)
+    return buf[:numel]
+
+
 class PocaSum(torch.autograd.Function):
     """Σ_i Σ_hw act(K_i) ⊙ V_i for 1×1 embeddings, saving only the input and (N, M, B) statistics.
 
@@ -63,30 +75,30 @@ class PocaSum(torch.autograd.Function):
 
     @staticmethod
     def _chunks(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, rows: tuple[slice, slice], n: int,
-                chunk: int, key_scale: float):
-        """Per batch chunk: (start, stop, columns, key_scale·K, V), K and V as (N, M, b, H·W) buffer views."""
+                chunk: int, key_scale: float, workspace: dict | None):
+        """Per batch chunk: (start, stop, columns, key_scale·K, V), K and V as (N, M, b, H·W) scratch views."""
         b, _, h, w = x.shape
         groups, hw = wk.shape[0], h * w
         size = min(chunk, b) * hw
-        buf_k = x.new_empty(groups, wk.shape[1], size)
-        buf_v = x.new_empty(groups, wv.shape[1], size)
+        buf_k = _scratch(workspace, "key", groups * wk.shape[1] * size, x)
+        buf_v = _scratch(workspace, "value", groups * wv.shape[1] * size, x)
         for start in range(0, b, chunk):
             stop = min(start + chunk, b)
             cols = _grouped_columns(x[start:stop], groups)
-            shape = (groups, -1, (stop - start) * hw)
-            key = buf_k.view(-1)[: buf_k[..., : shape[2]].numel()].view(shape)
+            columns = cols.shape[-1]
+            key = buf_k[: groups * wk.shape[1] * columns].view(groups, -1, columns)
             key.baddbmm_(wk, cols[:, rows[0]], beta=0, alpha=key_scale)
-            value = torch.bmm(wv, cols[:, rows[1]],
-                              out=buf_v.view(-1)[: buf_v[..., : shape[2]].numel()].view(shape))
+            value = buf_v[: groups * wv.shape[1] * columns].view(groups, -1, columns)
+            torch.bmm(wv, cols[:, rows[1]], out=value)
             yield start, stop, cols, key.view(n, -1, stop - start, hw), value.view(n, -1, stop - start, hw)
 
     @staticmethod
     def forward(ctx, x, wk, bk, wv, bv, n: int, rows: tuple[slice, slice], sigmoid: bool, scale: float,
-                chunk: int):
+                chunk: int, workspace: dict | None):
         bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1)
         key_scale = 1.0 if sigmoid else LOG2E
         sums, stats = [], []
-        for _, _, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, key_scale):
+        for _, _, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, key_scale, workspace):
             if sigmoid:
                 attn = key.add_(bias_k).sigmoid_()
                 sums.append(torch.addcmul(attn.mul(value).sum(-1), bias_v, attn.sum(-1)))
@@ -105,7 +117,7 @@ class PocaSum(torch.autograd.Function):
             stats.append(total.log2_().add_(top))
         sums_t = torch.cat(sums, -1) if len(sums) > 1 else sums[0]
         ctx.save_for_backward(x, wk, bk, wv, bv, sums_t, *([] if sigmoid else [torch.cat(stats, -1)]))
-        ctx.cfg = (n, rows, sigmoid, scale, chunk)
+        ctx.cfg = (n, rows, sigmoid, scale, chunk, workspace)
         logits = sums_t.sum(0).t()
         return logits if scale == 1.0 else logits * scale
 
@@ -113,7 +125,7 @@ class PocaSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, wk, bk, wv, bv, sums, *lse2 = ctx.saved_tensors
-        n, rows, sigmoid, scale, chunk = ctx.cfg
+        n, rows, sigmoid, scale, chunk, workspace = ctx.cfg
         b, c, h, w = x.shape
         groups, hw = wk.shape[0], h * w
         d_wk, d_bk, d_wv, d_bv = (torch.zeros_like(t) for t in (wk, bk, wv, bv))
@@ -121,7 +133,8 @@ class PocaSum(torch.autograd.Function):
         grad = grad.t() * scale  # (M, B)
         bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1, 1)
         centre = sums - bv.view(n, -1, 1)  # Σ_hw A·V without the value bias, which V recomputed lacks
-        for start, stop, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, 1.0 if sigmoid else LOG2E):
+        key_scale = 1.0 if sigmoid else LOG2E
+        for start, stop, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, key_scale, workspace):
             g = grad[None, :, start:stop, None]
             if sigmoid:  # dV = g·σ(K), dK = g·V·σ(K)·(1 - σ(K))
                 attn = key.add_(bias_k).sigmoid_()
@@ -145,7 +158,7 @@ class PocaSum(torch.autograd.Function):
                 else:
                     d_cols[:, rows[0]] = d_in_k
                     d_cols[:, rows[1]] = d_in_v
-        return dx, d_wk, d_bk, d_wv, d_bv, None, None, None, None, None
+        return dx, d_wk, d_bk, d_wv, d_bv, None, None, None, None, None, None
 
 
 class NoahHead(nn.Module):
@@ -171,6 +184,7 @@ class NoahHead(nn.Module):
             self.value_linear = nn.Parameter(torch.empty(n, self.value_channels, self.value_channels))
             self.value_linear_bias = nn.Parameter(torch.zeros(n, self.value_channels))
         self.dropout = nn.Dropout(cfg.dropout)
+        self._workspace: dict = {}  # CPU scratch of the fused path (one call at a time per module)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -255,7 +269,8 @@ class NoahHead(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return PocaSum.apply(x.contiguous(), self.key_weight.view(groups, -1, self.key_channels),
                                  self.key_bias, self.value_weight.view(groups, -1, self.value_channels),
-                                 self.value_bias, cfg.N, rows, cfg.activation == "sigmoid", scale, chunk)
+                                 self.value_bias, cfg.N, rows, cfg.activation == "sigmoid", scale, chunk,
+                                 None if x.is_cuda else self._workspace)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the materialised A, V and P of `forward_maps` (every option)."""
