@@ -184,6 +184,20 @@ def test_fused_saves_only_input_and_statistics():
     assert saved_bytes(lambda: head.forward_reference(x), list(head.parameters())) >= 2 * b * n * m * hw * 4
 
 
+def test_inference_mode_then_training():
+    """The fused path's reused scratch works across inference mode, no_grad and autograd calls."""
+    head = NoahHead(HeadConfig(N=4, r=0.5), C, M)
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    with torch.inference_mode():
+        first = head(x)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), first)
+    head(x).sum().backward()
+    with torch.inference_mode():
+        torch.testing.assert_close(head(torch.cat([x, x]).detach())[:B], first)
+    assert x.grad is not None
+
+
 def test_empty_batch():
     assert NoahHead(HeadConfig(N=4, r=0.5), C, M)(torch.randn(0, C, H, W)).shape == (0, M)
 

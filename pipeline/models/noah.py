@@ -57,7 +57,8 @@ def _scratch(workspace: dict | None, name: str, numel: int, like: torch.Tensor) 
     slot = (name, like.device, like.dtype)
     buf = workspace.get(slot)
     if buf is None or buf.numel() < numel:
-        buf = workspace[slot] = like.new_empty(numel)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = workspace[slot] = torch.empty(numel, device=like.device, dtype=like.dtype)
     return buf[:numel]
 
 
