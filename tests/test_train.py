@@ -157,6 +157,31 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
         assert _steps(client, run_id, key) == [0, 1, 2], key
 
 
+def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: Path, tmp_path: Path) -> None:
+    # deit_pvt: warm-up, Mixup/CutMix, RandAugment, Random Erasing: every random draw is reseeded per epoch
+    trial = _trial(data_dir, recipe="deit_pvt")
+    whole = run_trial(trial, train=QUIET, tracking=_store(tmp_path / "a")[0], checkpoint_dir=tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash(row: dict[str, float]) -> None:
+        raise Crash(f"after epoch {int(row['epoch'])}")
+
+    tracking, client = _store(tmp_path / "b")
+    with pytest.raises(Crash):
+        run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "b", on_epoch=crash)
+    (failed,) = client.search_runs([client.get_experiment_by_name("noah").experiment_id])
+    assert failed.info.status == "FAILED" and "Crash: after epoch 0" in failed.data.tags["failure_reason"]
+    resumed = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "b")
+    assert resumed["run_id"] == failed.info.run_id and client.get_run(failed.info.run_id).info.status == "FINISHED"
+    assert "failure_reason" not in client.get_run(failed.info.run_id).data.tags
+    a, b = (torch.load(tmp_path / d / CHECKPOINT, map_location="cpu", weights_only=True) for d in ("a", "b"))
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["top1"] == whole["top1"]
+
+
 # ---- Ray Train, 2 workers
 
 
