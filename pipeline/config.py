@@ -223,14 +223,16 @@ class TableRow:
 class TableConfig:
     """A table's grid: the recipe its rows train with and the rows as the paper lays them out.
 
-    A `reid` table (Table 9) trains every row twice: from scratch with `recipe` and fine-tuned from
-    the same backbone and head's classification checkpoint with `finetune_recipe`.
+    A `reid` table (Table 9) trains every row twice: from scratch with `recipe` and fine-tuned with
+    `finetune_recipe` from the same backbone and head trained for classification with `pretrain_recipe`
+    on the profile's classification data (the pipeline's own checkpoint, never downloaded weights).
     """
 
     recipe: str = checked(lambda r: bool(r), "a key of `recipes`")
     rows: tuple[TableRow, ...] = checked(lambda rows: len(rows) > 0, "a non-empty list of rows")
     task: str = choice("classify", "reid", default="classify")
     finetune_recipe: str | None = None
+    pretrain_recipe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,7 @@ class TrialConfig:
     img_size: int = checked(lambda s: s >= 16, "an image size >= 16", default=224)
     epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
+    init_from: TrialConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -450,12 +453,13 @@ class Params:
                     raise ConfigError(f"datasets.{ref}.out", out, f"a folder under data/{name}/ (the prepare "
                                       f"stage's out for profile {name!r}) or an absolute path outside DVC")
         for name, table in self.tables.items():
-            for key in ("recipe", "finetune_recipe"):
+            for key in ("recipe", "finetune_recipe", "pretrain_recipe"):
                 ref = getattr(table, key)
                 if ref is not None and ref not in self.recipes:
                     raise ConfigError(f"tables.{name}.{key}", ref, "a key of `recipes`: " + ", ".join(self.recipes))
-            if table.task == "reid" and table.finetune_recipe is None:
-                raise ConfigError(f"tables.{name}.finetune_recipe", None, "a key of `recipes` (reid tables fine-tune too)")
+            for key in ("finetune_recipe", "pretrain_recipe"):
+                if table.task == "reid" and getattr(table, key) is None:
+                    raise ConfigError(f"tables.{name}.{key}", None, "a key of `recipes` (reid tables fine-tune too)")
 
     @property
     def active(self) -> ProfileConfig:

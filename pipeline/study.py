@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, HeadConfig, Params, TableRow, TrialConfig, parse, to_dict
+from .config import ConfigError, HeadConfig, Params, RecipeConfig, TableRow, TrialConfig, parse, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = REPO_ROOT / "params.yaml"
@@ -71,19 +71,30 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
     reid = spec.task == "reid"
     if reid and prof.reid_dataset is None:
         raise ConfigError(f"profiles.{params.profile}.reid_dataset", None, f"a dataset for {table} (a reid table)")
-    data_dir = _data_dir(params, prof.reid_dataset if reid else prof.dataset)
     img_size = (prof.reid_img_size or prof.img_size) if reid else prof.img_size
     rows = []
     for i, row in enumerate(spec.rows):
         where = f"tables.{table}.rows[{i}]"
         head = _check_head(row.backbone, row.head, img_size, where)
-        base = TrialConfig(backbone=row.backbone, data_dir=data_dir, head=head, recipe=params.recipes[spec.recipe],
-                           seed=params.seed, img_size=img_size, epochs=prof.epochs, batch_size=prof.batch_size)
-        trials = {"classify": base} if not reid else {
-            "scratch": base,
-            "finetune": dataclasses.replace(base, recipe=params.recipes[spec.finetune_recipe])}
+        classify = TrialConfig(backbone=row.backbone, data_dir=_data_dir(params, prof.dataset), head=head,
+                               recipe=_recipe(params, spec.pretrain_recipe if reid else spec.recipe),
+                               seed=params.seed, img_size=prof.img_size, epochs=prof.epochs,
+                               batch_size=prof.batch_size)
+        if not reid:
+            trials = {"classify": classify}
+        else:
+            scratch = dataclasses.replace(classify, data_dir=_data_dir(params, prof.reid_dataset),
+                                          recipe=_recipe(params, spec.recipe), img_size=img_size)
+            trials = {"scratch": scratch, "finetune": dataclasses.replace(
+                scratch, recipe=_recipe(params, spec.finetune_recipe), init_from=classify)}
         rows.append(RowTrials(table, dataclasses.replace(row, head=head), trials))
     return rows
+
+
+def _recipe(params: Params, name: str | None) -> RecipeConfig:
+    """A recipe of params.yaml, carrying its key as its name (names label runs; they are not hashed)."""
+    assert name is not None  # Params checked that every table names its recipes
+    return dataclasses.replace(params.recipes[name], name=name)
 
 
 def trial_key(trial: TrialConfig) -> str:

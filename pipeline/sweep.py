@@ -148,14 +148,18 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
     unique = {k: t for rt, ks in zip(rows, keys) for kind, t in rt.trials.items() for k in [ks[kind]]}
     uri = resolve_uri(params.mlflow.tracking_uri)
     todo = {k: t for k, t in unique.items() if find_finished(k, uri) is None}
+    # Fine-tuning starts from a classification trial's checkpoint: train missing ones first.
+    sources = {trial_key(t.init_from): t.init_from for t in todo.values() if t.init_from is not None}
+    phases = [p for p in ({k: t for k, t in sources.items() if find_finished(k, uri) is None}, todo) if p]
     print(f"sweep {table}: {len(rows)} rows, {len(unique)} unique trials, {len(unique) - len(todo)} already "
           f"finished, {len(todo)} to train", file=sys.stderr, flush=True)
-    if todo:
+    if phases:
         mlflow_client = client(uri)
         parent = mlflow_client.create_run(experiment_id(mlflow_client, table), run_name=f"{table} sweep",
                                           tags={"sweep": table, "git_commit": git_commit()})
         try:
-            tune_trials(params, table, todo, parent.info.run_id)
+            for phase in phases:
+                tune_trials(params, table, phase, parent.info.run_id)
         finally:
             mlflow_client.set_terminated(parent.info.run_id)
     prof = params.active

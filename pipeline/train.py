@@ -77,8 +77,9 @@ def resolve_trial(trial: TrialConfig | Mapping[str, Any],
     from .models import resolve_head
 
     trial = parse(TrialConfig, dict(trial) if isinstance(trial, Mapping) else trial, "trial")
+    source = resolve_trial(trial.init_from, recipes) if trial.init_from is not None else None
     return dataclasses.replace(trial, recipe=get_recipe(trial.recipe, recipes),
-                               head=resolve_head(trial.backbone, trial.head))
+                               head=resolve_head(trial.backbone, trial.head), init_from=source)
 
 
 def identity(trial: TrialConfig) -> dict[str, Any]:
@@ -88,7 +89,8 @@ def identity(trial: TrialConfig) -> dict[str, Any]:
     scaled = scale(trial.recipe, trial.epochs, trial.batch_size)
     return {"backbone": trial.backbone, "head": to_dict(trial.head), "recipe": recipe,
             "data": manifest_hash(trial.data_dir), "seed": trial.seed, "img_size": trial.img_size,
-            "epochs": scaled.epochs, "batch_size": scaled.batch_size, "code": TRAINING_CODE_VERSION}
+            "epochs": scaled.epochs, "batch_size": scaled.batch_size, "code": TRAINING_CODE_VERSION,
+            **({"init_from": trial_id(trial.init_from)} if trial.init_from is not None else {})}
 
 
 def trial_id(trial: TrialConfig | Mapping[str, Any],
@@ -150,8 +152,8 @@ class ShardSampler(Sampler):
         return iter(self._items())
 
 
-def _loaders(trial: TrialConfig, scaled: ScaledRecipe, train: TrainConfig, world: World
-             ) -> tuple[DataLoader, DataLoader]:
+def _loaders(trial: TrialConfig, scaled: ScaledRecipe, train: TrainConfig, world: World, reid: bool = False
+             ) -> tuple[DataLoader, ...]:
     """Train and val loaders; with several workers each takes its shard with batch / workers."""
     from .data import build_loader
 
@@ -161,13 +163,14 @@ def _loaders(trial: TrialConfig, scaled: ScaledRecipe, train: TrainConfig, world
     loaders = [build_loader(trial.data_dir, split, trial.img_size, batch, train=is_train,
                             augment=trial.recipe.augment if is_train else None, workers=train.loader_workers,
                             seed=trial.seed)
-               for split, is_train in (("train", True), ("val", False))]
+               for split, is_train in (("train", True), *((s, False) for s in (("query", "gallery") if reid else ("val",))))]
     if world.size == 1:
-        return loaders[0], loaders[1]
+        return tuple(loaders)
+    shard = 1 if reid else 2  # reid ranks whole query and gallery splits on every worker
     return tuple(DataLoader(ld.dataset, batch_size=batch, sampler=ShardSampler(ld.sampler, world, pad=is_train),
                             num_workers=train.loader_workers, drop_last=ld.drop_last,
                             persistent_workers=train.loader_workers > 0)
-                 for ld, is_train in zip(loaders, (True, False)))  # type: ignore[return-value]
+                 for ld, is_train in zip(loaders[:shard], (True, False))) + tuple(loaders[shard:])
 
 
 def _epoch_sampler_seed(loader: DataLoader, seed: int, epoch: int) -> None:
@@ -341,6 +344,8 @@ class Plan:
     run_id: str
     num_classes: int
     log_weights: bool
+    reid: bool = False
+    init_checkpoint: str | None = None
 
 
 class Progress:
@@ -381,7 +386,10 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
     lead = world.rank == 0
     ckpt_dir = Path(plan.checkpoint_dir)
     seed_everything(_mix(trial.seed, 0))
-    model = build_model(trial.backbone, trial.head, plan.num_classes, trial.img_size)
+    from .reid import build_reid_model, evaluate_reid, load_backbone
+
+    model = (build_reid_model if plan.reid else build_model)(trial.backbone, trial.head, plan.num_classes,
+                                                             trial.img_size)
     params, madds = _complexity(model, trial.img_size) if lead else (0, 0)
     cuda = world.device.type == "cuda"
     model.to(world.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
@@ -396,7 +404,16 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
-    train_loader, val_loader = _loaders(trial, scaled, plan.train, world)
+    elif plan.init_checkpoint is not None:
+        load_backbone(model, plan.init_checkpoint)
+    train_loader, *val_loaders = _loaders(trial, scaled, plan.train, world, plan.reid)
+
+    def validate(net: nn.Module) -> dict[str, float]:
+        if not plan.reid:
+            return evaluate(net, val_loaders[0], world)
+        m = evaluate_reid(_unwrap(net), *val_loaders)
+        return {"top1": m["rank1"], "top5": m["rank5"], "map": m["map"]}
+
     mixup = build_mixup(recipe, plan.num_classes)
     step = Step(model=wrap(model) if wrap else model, optimizer=optimizer,
                 scheduler=build_scheduler(optimizer, scaled, len(train_loader)),
@@ -421,9 +438,9 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
         images = world.sum([stats["images"]])[0]
         row = {"epoch": float(epoch), "train_loss": stats["train_loss"], "lr": stats["lr"],
                "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"]}
-        row.update({f"val_{k}": v for k, v in evaluate(step.model, val_loader, world).items()})
+        row.update({f"val_{k}": v for k, v in validate(step.model).items()})
         if ema is not None:
-            row.update({f"val_{k}_ema": v for k, v in evaluate(ema.module, val_loader, world).items()})
+            row.update({f"val_{k}_ema": v for k, v in validate(ema.module).items()})
         history.append(row)
         if lead:
             save_checkpoint(ckpt_dir / CHECKPOINT, {
@@ -441,6 +458,8 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
               "best_top1": max(row["val_top1"] for row in history), "params": params, "madds": madds,
               "train_seconds": sum(row["epoch_seconds"] for row in history),
               "images_per_s": sum(row["images_per_s_epoch"] for row in history) / len(history)}
+    if plan.reid:
+        result["map"] = last["val_map"]
     if ema is not None:
         result.update(top1_ema=last["val_top1_ema"], top5_ema=last["val_top5_ema"])
     run.log_final(result)
@@ -540,7 +559,7 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
     from .data import read_dataset
 
     trial = resolve_trial(trial, recipes)
-    _, classes, _ = read_dataset(trial.data_dir)
+    _, classes, stats = read_dataset(trial.data_dir)
     scaled = scale(trial.recipe, trial.epochs, trial.batch_size)
     if scaled.recipe.mixup > 0 or scaled.recipe.cutmix > 0:
         if scaled.batch_size // train.num_workers % 2:
@@ -549,6 +568,12 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
     uri = resolve_uri(tracking.tracking_uri)
     if reuse and (done := find_finished(tid, uri)) is not None:
         return result_of(done)
+    init_checkpoint = None
+    if trial.init_from is not None:
+        init_checkpoint = REPO_ROOT / train.checkpoint_root / trial_id(trial.init_from) / CHECKPOINT
+        if not init_checkpoint.is_file():
+            raise ConfigError("init_from", trial_id(trial.init_from), f"a trained classification trial "
+                              f"(no checkpoint at {init_checkpoint}; run that trial first)")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else REPO_ROOT / train.checkpoint_root / tid
     ckpt_dir = ckpt_dir.absolute()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -566,7 +591,8 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
     run = TrialRun.open(uri, experiment, ckpt_dir, run_name=f"{trial.backbone} {trial.head.name} {trial.recipe.name}",
                         tags=tags, parent_run_id=parent_run_id)
     plan = Plan(trial=trial, scaled=scaled, train=train, trial_id=tid, checkpoint_dir=str(ckpt_dir),
-                tracking_uri=uri, run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights)
+                tracking_uri=uri, run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights,
+                reid=stats.get("task") == "reid", init_checkpoint=str(init_checkpoint) if init_checkpoint else None)
     try:
         run.log_params(flatten(resolved_config(plan)))
         if train.num_workers == 1:
