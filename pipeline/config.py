@@ -23,6 +23,10 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}: got {value!r}; allowed: {allowed}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, Any, str]]:
+        """Pickle by the three parts, so the error crosses process boundaries (Ray workers) intact."""
+        return type(self), (self.key, self.value, self.allowed)
+
 
 def choice(*values: Any, default: Any = dataclasses.MISSING) -> Any:
     """A field that only takes one of `values`."""

@@ -11,14 +11,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from .config import ConfigError, HeadConfig, Params, RecipeConfig, TableRow, TrialConfig, parse, to_dict
+from .config import (ConfigError, HeadConfig, Params, PrepareConfig, RecipeConfig, TableRow, TrialConfig,
+                     parse, to_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = REPO_ROOT / "params.yaml"
+RESULTS = REPO_ROOT / "results"
+REPORTS = REPO_ROOT / "reports"
 
 
 def load_params(path: str | Path = PARAMS) -> Params:
@@ -108,7 +111,28 @@ def trial_key(trial: TrialConfig) -> str:
     return "unprepared-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def describe(trial: TrialConfig) -> dict[str, Any]:
-    """A compact readable identity for logs and results."""
-    recipe = trial.recipe if isinstance(trial.recipe, str) else trial.recipe.name
-    return {"backbone": trial.backbone, "head": trial.head.name, "recipe": recipe}
+def profile_datasets(params: Params, names: list[str] | None = None) -> dict[str, PrepareConfig]:
+    """The `datasets:` entries to prepare: `names`, or the active profile's `dataset` and `reid_dataset`."""
+    names = names or [n for n in (params.active.dataset, params.active.reid_dataset) if n]
+    for name in names:
+        if name not in params.datasets:
+            raise ConfigError("datasets", name, "a key of `datasets`: " + ", ".join(params.datasets))
+    return {n: params.datasets[n] for n in names}
+
+
+def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
+    """A DVC stage's whole `main`: `[--params FILE] [ARGS…]`, the params validated first; a bad option
+    ends the stage with exit code 2 and one line naming it, before any work starts."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", default=str(PARAMS), help="the params file (default: params.yaml)")
+    parser.add_argument("args", nargs="*")
+    ns = parser.parse_args(argv)
+    try:
+        body(load_params(ns.params), ns.args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

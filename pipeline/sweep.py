@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import HeadConfig, Params, TrialConfig, flatten, parse, to_dict
-from .study import REPO_ROOT, RowTrials, describe, table_rows, trial_key
-
-RESULTS = REPO_ROOT / "results"
+from .config import ConfigError, HeadConfig, Params, TrialConfig, flatten, parse, to_dict
+from .study import REPO_ROOT, RESULTS, RowTrials, table_rows, trial_key
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -191,17 +189,8 @@ def write_results(out_dir: Path, table: str, results: dict[str, Any]) -> None:
     atomic_write_text(out_dir / f"{table}.csv", frame.to_csv(index=False))
 
 
-def main(argv: list[str]) -> int:
-    """`python stages/sweep.py TABLE [PARAMS]`: the DVC sweep stage for one table."""
-    from .config import ConfigError
-    from .study import PARAMS, load_params
-
-    try:
-        params = load_params(argv[1] if len(argv) > 1 else PARAMS)
-        if not argv:
-            raise ConfigError("table", None, "a key of `tables`: " + ", ".join(params.tables))
-        run_table(params, argv[0])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def sweep_stage(params: Params, tables: list[str]) -> None:
+    """The DVC stage `sweep@TABLE`: `tables` holds the one table to run."""
+    if len(tables) != 1:
+        raise ConfigError("table", tables, "exactly one key of `tables`: " + ", ".join(params.tables))
+    run_table(params, tables[0])

@@ -39,13 +39,13 @@ from .recipes import ScaledRecipe, get_recipe, scale
 from .tracking import REPO_ROOT, RUN_ID_FILE, TrialRun, find_finished, plot_learning_curves, resolve_uri, result_of
 from .tracking import git_commit, write_metrics_csv
 
-TRAINING_CODE_VERSION = 1
+TRAINING_CODE_VERSION = 2
 """Part of every trial identity. Bump it only when a change to the training code changes results
 (so finished runs are no longer reused); refactors that keep results leave it alone."""
 
-UNAPPLIED = ("drop_path", "layer_scale")
-"""Recipe options the models cannot take yet (built by `build_model`, which has no such argument):
-recorded on the run as the `recipe_not_applied` tag instead of being silently dropped."""
+UNAPPLIED = ("layer_scale",)
+"""Recipe options the backbones have no parameter for (ConvNeXt's layer scale has no counterpart in a
+ResNet): recorded on the run as the `recipe_not_applied` tag instead of being silently dropped."""
 CHECKPOINT = "last.pt"
 RESULT = "result.json"
 EpochCallback = Callable[[dict[str, float]], None]
@@ -256,6 +256,7 @@ def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dic
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if step.cuda else contextlib.nullcontext()
     memory_format = torch.channels_last if step.cuda else torch.contiguous_format
     total = torch.zeros((), device=step.device, dtype=torch.float64)
+    correct = torch.zeros((), device=step.device, dtype=torch.int64)
     images = batches = 0
     lr = step.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
@@ -265,7 +266,8 @@ def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dic
         if step.mixup is not None:
             x, y = step.mixup(x, y)
         with autocast:
-            loss = step.criterion(step.model(x), y)
+            logits = step.model(x)
+            loss = step.criterion(logits, y)
         if (i + 1) % check_every == 0 or i + 1 == len(loader):
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"training loss became {loss.item()} at update {step.updates + 1}")
@@ -279,6 +281,7 @@ def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dic
         if step.ema is not None:
             step.ema.update(_unwrap(step.model), step=step.updates)
         total += loss.detach()
+        correct += (logits.detach().argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum()
         images += x.shape[0]
         batches += 1
         if progress is not None:
@@ -288,7 +291,8 @@ def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dic
     seconds = time.perf_counter() - start
     if not torch.isfinite(total):
         raise NonFiniteLossError(f"training loss became {total.item()} by update {step.updates}")
-    return {"train_loss": total.item() / max(batches, 1), "lr": lr, "images": images, "epoch_seconds": seconds}
+    return {"train_loss": total.item() / max(batches, 1), "lr": lr, "images": images, "correct": correct.item(),
+            "epoch_seconds": seconds}
 
 
 @torch.inference_mode()
@@ -388,8 +392,8 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
     seed_everything(_mix(trial.seed, 0))
     from .reid import build_reid_model, evaluate_reid, load_backbone
 
-    model = (build_reid_model if plan.reid else build_model)(trial.backbone, trial.head, plan.num_classes,
-                                                             trial.img_size)
+    model = (build_reid_model(trial.backbone, trial.head, plan.num_classes, trial.img_size) if plan.reid else
+             build_model(trial.backbone, trial.head, plan.num_classes, trial.img_size, trial.recipe.drop_path))
     params, madds = _complexity(model, trial.img_size) if lead else (0, 0)
     cuda = world.device.type == "cuda"
     model.to(world.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
@@ -435,8 +439,10 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
         finally:
             if bar is not None:
                 bar.close()
-        images = world.sum([stats["images"]])[0]
+        images, correct = world.sum([stats["images"], stats["correct"]])
+        # train_top1 is against the (mixed) targets' argmax: Fig. 3's training curve, under augmentation
         row = {"epoch": float(epoch), "train_loss": stats["train_loss"], "lr": stats["lr"],
+               "train_top1": 100.0 * correct / max(images, 1),
                "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"]}
         row.update({f"val_{k}": v for k, v in validate(step.model).items()})
         if ema is not None:
@@ -587,7 +593,7 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
             "head": trial.head.name, "recipe": trial.recipe.name}
     unapplied = [k for k in UNAPPLIED if getattr(trial.recipe, k)]
     if unapplied:
-        tags["recipe_not_applied"] = ", ".join(unapplied) + " (build_model takes no such option yet)"
+        tags["recipe_not_applied"] = ", ".join(unapplied) + " (no such parameter in this backbone)"
     run = TrialRun.open(uri, experiment, ckpt_dir, run_name=f"{trial.backbone} {trial.head.name} {trial.recipe.name}",
                         tags=tags, parent_run_id=parent_run_id)
     plan = Plan(trial=trial, scaled=scaled, train=train, trial_id=tid, checkpoint_dir=str(ckpt_dir),

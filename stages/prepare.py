@@ -1,26 +1,14 @@
-"""DVC stage `prepare`: build the prepared datasets named on the command line (default: the active
-profile's `dataset` and `reid_dataset`) from `params.yaml`'s `datasets:` entries."""
-from __future__ import annotations
-
+"""DVC stage `prepare`: the active profile's datasets (or those named) from params.yaml's `datasets:`."""
 import sys
 
-import yaml
-
-from pipeline.config import ConfigError
-from pipeline.data.prepare import datasets_from_params, prepare
+from pipeline.data.prepare import prepare
+from pipeline.study import profile_datasets, run_stage
 
 
-def main(argv: list[str]) -> int:
-    with open("params.yaml") as f:
-        params = yaml.safe_load(f)
-    try:
-        for cfg in datasets_from_params(params, argv).values():
-            prepare(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def main(params, names):
+    for cfg in profile_datasets(params, names).values():
+        prepare(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage(main, sys.argv[1:]))

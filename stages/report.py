@@ -1,32 +1,15 @@
-"""DVC stage `report`: Tables 4–11 (Markdown and CSV), the figures and reports/README.md from `results/`,
-the MLflow store named in `params.yaml` (`mlflow.tracking_uri`) and the trainer's checkpoints
-(`train.checkpoint_root`, for the attention maps). Never trains; runs in seconds."""
-from __future__ import annotations
-
-import argparse
+"""DVC stage `report`: Tables 4-11 (Markdown and CSV), the figures and reports/README.md from results/,
+the MLflow store and the trainer's checkpoints (for the attention maps). Never trains; runs in seconds."""
 import sys
 
-import yaml
-
-from pipeline.config import ConfigError, MlflowConfig, TrainConfig, parse
-from pipeline.report import add_arguments, run
-from pipeline.tracking import REPO_ROOT
+from pipeline.report import build_reports
+from pipeline.study import REPO_ROOT, REPORTS, RESULTS, run_stage
 
 
-def main(argv: list[str]) -> int:
-    with open("params.yaml") as f:
-        params = yaml.safe_load(f) or {}
-    try:
-        tracking = parse(MlflowConfig, params.get("mlflow"), "mlflow")
-        train = parse(TrainConfig, params.get("train"), "train")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(prog="stages/report.py", description=__doc__)
-    add_arguments(parser)
-    parser.set_defaults(tracking_uri=tracking.tracking_uri, checkpoints=REPO_ROOT / train.checkpoint_root)
-    return run(parser.parse_args(argv))
+def main(params, _):
+    build_reports(RESULTS, REPORTS, params.mlflow.tracking_uri,
+                  checkpoints=REPO_ROOT / params.train.checkpoint_root)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage(main, sys.argv[1:]))

@@ -1,7 +1,8 @@
-"""DVC stage `sweep@TABLE`: run one paper table's grid with Ray Tune (see pipeline/sweep.py)."""
+"""DVC stage `sweep@TABLE`: one paper table's grid through Ray Tune (pipeline/sweep.py)."""
 import sys
 
-from pipeline.sweep import main
+from pipeline.study import run_stage
+from pipeline.sweep import sweep_stage
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage(sweep_stage, sys.argv[1:]))

@@ -4,20 +4,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
 from pipeline.config import AugmentConfig, BuiltinDataConfig, ConfigError, PrepareConfig
 from pipeline.data.builtin import draw_shape
 from pipeline.data.loaders import build_loader
-from pipeline.data.prepare import datasets_from_params, prepare
+from pipeline.data.prepare import prepare
 from pipeline.data.sources import scan_market1501
 
 SMALL = BuiltinDataConfig(num_classes=3, train_per_class=6, val_per_class=3, image_size=32,
@@ -230,28 +230,17 @@ def test_cli_reports_a_layout_error_with_exit_code_2(tmp_path: Path):
     assert run.returncode == 2 and "error: root" in run.stderr and "ImageFolder tree" in run.stderr
 
 
-def test_datasets_from_params_follows_the_profile_and_names_bad_keys():
-    params = {"profile": "smoke", "profiles": {"smoke": {"dataset": "shapes", "reid_dataset": None}},
-              "datasets": {"shapes": {"source": "builtin", "out": "data/s", "resize": 40},
-                           "inet": {"source": "imagefolder", "root": "/x", "out": "data/i"}}}
-    assert list(datasets_from_params(params)) == ["shapes"]
-    assert datasets_from_params(params, ["inet"])["inet"].root == "/x"
-    with pytest.raises(ConfigError, match="datasets: got 'nope'"):
-        datasets_from_params(params, ["nope"])
-    with pytest.raises(ConfigError, match="datasets.shapes.resize"):
-        datasets_from_params({**params, "datasets": {"shapes": {"source": "builtin", "resize": 2}}})
-
-
 def test_dvc_stage_entry_builds_the_profile_datasets(tmp_path: Path):
     small = {k: getattr(SMALL, k) for k in SMALL.__dataclass_fields__}
-    params = {"profile": "p", "profiles": {"p": {"dataset": "shapes", "reid_dataset": "persons"}},
-              "datasets": {"shapes": {"source": "builtin", "out": "data/shapes", "resize": 24, "builtin": small},
-                           "persons": {"source": "builtin_reid", "out": "data/persons", "resize": 16,
-                                       "builtin": small}}}
-    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     repo = Path(__file__).parents[1]
-    run = subprocess.run([sys.executable, str(repo / "stages" / "prepare.py")], cwd=tmp_path, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"]["builtin"] = {"source": "builtin", "out": str(tmp_path / "shapes"), "resize": 24,
+                                     "builtin": small}
+    params["datasets"]["builtin_reid"] = {"source": "builtin_reid", "out": str(tmp_path / "persons"), "resize": 16,
+                                          "builtin": small}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run = subprocess.run([sys.executable, str(repo / "stages" / "prepare.py"), "--params", str(tmp_path / "params.yaml")],
+                         cwd=repo, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert json.loads((tmp_path / "data/shapes/stats.json").read_text())["task"] == "classification"
-    assert json.loads((tmp_path / "data/persons/stats.json").read_text())["task"] == "reid"
+    assert json.loads((tmp_path / "shapes/stats.json").read_text())["task"] == "classification"
+    assert json.loads((tmp_path / "persons/stats.json").read_text())["task"] == "reid"

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline import PAPER_TABLES
 from pipeline.config import ConfigError
-from pipeline.study import PARAMS, REPO_ROOT, load_params, table_rows
+from pipeline.study import PARAMS, REPO_ROOT, load_params, profile_datasets, table_rows
 
 PAPER_CSV = {"table4": "table4_N_r.csv", "table5": "table5_feature_split.csv", "table6": "table6_softmax_axis.csv",
              "table7": "table7_aggregation.csv", "table8": "table8_aggressive.csv", "table9": "table9_reid.csv",
@@ -37,6 +37,14 @@ def test_repository_params_cover_every_paper_row() -> None:
             for option in ("feature_split", "softmax_axis", "aggregation"):
                 if p.get(option):
                     assert getattr(rt.row.head, option) == p[option], (table, p["row"])
+
+
+def test_prepare_builds_the_active_profiles_datasets_or_those_named() -> None:
+    params = load_params()
+    assert list(profile_datasets(params)) == ["builtin", "builtin_reid"]
+    assert profile_datasets(params, ["imagenet"])["imagenet"].source == "imagefolder"
+    with pytest.raises(ConfigError, match="datasets: got 'nope'"):
+        profile_datasets(params, ["nope"])
 
 
 def test_reid_table_trains_each_row_twice() -> None:
@@ -90,7 +98,7 @@ def test_sweep_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "stages/sweep.py", "table6", str(path)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "stages/sweep.py", "--params", str(path), "table6"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr

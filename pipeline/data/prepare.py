@@ -215,23 +215,6 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     return stats
 
 
-def datasets_from_params(params: dict[str, Any], names: list[str] | None = None) -> dict[str, PrepareConfig]:
-    """The `datasets:` entries to build: `names`, or the active profile's `dataset` and `reid_dataset`."""
-    table = params.get("datasets")
-    if not isinstance(table, dict) or not table:
-        raise ConfigError("datasets", table, "a mapping name -> {source, root, out, resize, ...}")
-    if not names:
-        profile_name = params.get("profile")
-        profile = (params.get("profiles") or {}).get(profile_name)
-        if not isinstance(profile, dict):
-            raise ConfigError("profile", profile_name, "a key of `profiles`")
-        names = [n for n in (profile.get("dataset"), profile.get("reid_dataset")) if n]
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise ConfigError("datasets", unknown[0], "a key of `datasets`: " + ", ".join(table))
-    return {n: parse(PrepareConfig, table[n], f"datasets.{n}") for n in names}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, choices=["builtin", "builtin_reid", "imagefolder", "market1501"])
     parser.add_argument("--root", help="source folder (imagefolder, market1501)")

@@ -42,19 +42,21 @@ def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes:
 
 
 def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_classes: int,
-                img_size: int = 224) -> Classifier:
-    """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised."""
+                img_size: int = 224, drop_path_rate: float = 0.0) -> Classifier:
+    """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised;
+    `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule)."""
     cfg = resolve_head(backbone, head)
+    opts = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     _check_positive("num_classes", num_classes)
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 32 or img_size % 32:
         raise ConfigError("img_size", img_size, "a multiple of 32, at least 32")
     tokens = backbone_info(backbone).family in ("vit", "mlp")
     if cfg.kind == "baseline":
-        return Classifier(create_backbone(backbone, num_classes, img_size), None, tokens=tokens)
+        return Classifier(create_backbone(backbone, num_classes, img_size, **opts), None, tokens=tokens)
     if cfg.kind == "gap":
-        net = create_backbone(backbone, num_classes, img_size, class_token=False, global_pool="avg")
+        net = create_backbone(backbone, num_classes, img_size, class_token=False, global_pool="avg", **opts)
         return Classifier(net, None, tokens=tokens)
-    net = create_backbone(backbone, 0, img_size)
+    net = create_backbone(backbone, 0, img_size, **opts)
     neck = detach_head_conv(net)
     channels = net.head_hidden_size if neck is not None else net.num_features
     return Classifier(net, build_head(cfg, channels, num_classes), neck=neck, tokens=tokens)

@@ -255,7 +255,7 @@ class NoahHead(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
         """Logits through `PocaSum`; a batch chunk's (N, M, b, H·W) temporaries hold `chunk_elements`."""
-        cfg, (b, _, h, w) = self.cfg, x.shape
+        cfg, (_, _, h, w) = self.cfg, x.shape
         groups = 1 if cfg.feature_split == "none" else cfg.N
         if cfg.feature_split == "both":
             rows = (slice(0, self.key_channels), slice(self.key_channels, None))
