@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import PAPER_TABLES
 from .config import ConfigError, HeadConfig, parse_head_spec
+from .io import atomic_write_text
 from .models import NoahHead, backbone_info, build_model, list_backbones, resolve_head
 
 aten = torch.ops.aten
@@ -155,18 +155,12 @@ def rows(pairs: Iterable[tuple[str, HeadConfig]]) -> Iterable[Row]:
 
 
 def write_csv(path: Path, data: list[dict[str, Any]]) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(data[0]))
-            writer.writeheader()
-            writer.writerows(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the rows as CSV atomically (pipeline.io)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(data[0]))
+    writer.writeheader()
+    writer.writerows(data)
+    atomic_write_text(path, buf.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
