@@ -8,6 +8,7 @@ only the epochs the run does not hold yet, so each epoch appears once.
 from __future__ import annotations
 
 import csv
+import fcntl
 import functools
 import subprocess
 import time
@@ -48,8 +49,17 @@ def _artifact_root(uri: str) -> str | None:
 
 @functools.cache
 def client(uri: str) -> MlflowClient:
-    """The client of a tracking store (one per URI and process)."""
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    """The client of a tracking store (one per URI and process). A SQLite store is opened under an
+    exclusive lock on `<db>.lock`: processes opening a new store at once (trials starting together)
+    would otherwise race to create its tables and fail."""
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)  # creates or upgrades the tables
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
