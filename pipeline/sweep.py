@@ -142,6 +142,7 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
     from .tracking import client, experiment_id, find_finished, git_commit, resolve_uri
 
     rows = table_rows(params, table)
+    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable results folder fails now, not after training
     keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
     unique = {k: t for rt, ks in zip(rows, keys) for kind, t in rt.trials.items() for k in [ks[kind]]}
     uri = resolve_uri(params.mlflow.tracking_uri)
