@@ -21,13 +21,15 @@ from .study import REPO_ROOT, RESULTS, RowTrials, table_rows, trial_key
 
 def _trainable(config: dict[str, Any]) -> None:
     """One Ray Tune trial: train (or resume) through the trainer, reporting every epoch to Tune; the run
-    is tagged with the Ray node that trained it."""
+    is tagged with the Ray node that trained it. A diverged loss ends the trial without Ray's retries
+    (`max_failures` is for lost processes and nodes; a retry would diverge again): its MLflow run is
+    already FAILED with the reason."""
     import ray
     from ray import tune
 
     from .config import MlflowConfig, TrainConfig
     from .tracking import client, resolve_uri
-    from .train import run_trial
+    from .train import NonFiniteLossError, run_trial
 
     trial = parse(TrialConfig, config["trial"], "trial")
 
@@ -35,8 +37,13 @@ def _trainable(config: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     tracking = parse(MlflowConfig, config["mlflow"], "mlflow")
-    result = run_trial(trial, train=parse(TrainConfig, config["train"], "train"), tracking=tracking,
-                       experiment=config["experiment"], parent_run_id=config["parent_run_id"], on_epoch=report)
+    try:
+        result = run_trial(trial, train=parse(TrainConfig, config["train"], "train"), tracking=tracking,
+                           experiment=config["experiment"], parent_run_id=config["parent_run_id"], on_epoch=report)
+    except NonFiniteLossError as err:
+        print(f"trial {trial.backbone}/{trial.head.name} failed, not retried: {err}", file=sys.stderr, flush=True)
+        tune.report({"diverged": 1})
+        return
     client(resolve_uri(tracking.tracking_uri)).set_tag(result["run_id"], "ray_node_id",
                                                        ray.get_runtime_context().get_node_id())
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float))} | {"done": 1})
