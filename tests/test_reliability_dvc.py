@@ -1,0 +1,111 @@
+"""`dvc repro` killed mid-sweep and run again, in a clone of the repository (committed files only) with a
+shrunken params.yaml: trials that had FINISHED are reused (same MLflow run, never trained again), the
+killed trial resumes its own run, and reports/ holds every table."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.study import REPO_ROOT
+
+TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table11")
+BASELINE = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
+NOAH = {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}
+TAG = "NOAH_RELIABILITY_DVC"
+
+
+def _shrink(params: dict, tmp: Path) -> dict:
+    """Every table at one resnet18 row (Tables 4 and 11: baseline and NOAH, the pair the figures need), tiny built-in data at 32 px, one epoch, Table 10 on
+    resnet18 only; the MLflow store and checkpoints outside the clone."""
+    tiny = {"num_classes": 4, "train_per_class": 8, "val_per_class": 4, "image_size": 40, "train_ids": 4,
+            "test_ids": 4, "cameras": 2, "images_per_id": 2, "distractors": 2, "junk": 2}
+    params["profile"] = "smoke"
+    params["profiles"]["smoke"] = {"dataset": "builtin", "reid_dataset": "builtin_reid", "img_size": 32,
+                                   "reid_img_size": 32, "epochs": 1, "batch_size": 16}
+    params["datasets"]["builtin"] = {"source": "builtin", "out": "data/smoke/builtin", "resize": 40, "builtin": tiny}
+    params["datasets"]["builtin_reid"] = {"source": "builtin_reid", "out": "data/smoke/builtin_reid", "resize": 32,
+                                          "builtin": tiny}
+    params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    params["ray"].update(num_cpus=2, max_concurrent=1, storage_path=str(tmp / "ray_results"))
+    params["train"] = {**params.get("train", {}), "checkpoint_root": str(tmp / "checkpoints"), "progress": "line"}
+    params["benchmark"] = {**params.get("benchmark", {}), "backbones": ["resnet18"], "cpu_repeats": 1,
+                           "cpu_warmup": 0, "img_size": 32}
+    for name, table in params["tables"].items():
+        table["rows"] = [BASELINE, NOAH] if name in ("table4", "table11") else [BASELINE]
+    return params
+
+
+def _trial_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(ids, max_results=1000) if "trial_id" in r.data.tags] if ids else []
+
+
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process left over from the killed `dvc repro` (they carry TAG in their environment)."""
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(TAG) == tag:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def test_interrupted_dvc_repro_reuses_finished_trials(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True, timeout=120)
+    params = _shrink(yaml.safe_load((repo / "params.yaml").read_text()), tmp_path)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    uri = params["mlflow"]["tracking_uri"]
+    tag = uuid.uuid4().hex
+    env = {**os.environ, TAG: tag, "PYTHONPATH": str(repo),  # the clone's package, not the installed one
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not any(r.info.status == "FINISHED" for r in _trial_runs(uri)):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        _kill_tagged(tag)
+    before = {r.data.tags["trial_id"]: r for r in _trial_runs(uri)}
+    done = {k: r for k, r in before.items() if r.info.status == "FINISHED"}
+    assert done and not (repo / "reports" / "table4.md").exists(), "killed mid-study"
+
+    second = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    _kill_tagged(tag)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    after = _trial_runs(uri)
+    ids = [r.data.tags["trial_id"] for r in after]
+    assert len(ids) == len(set(ids)), "one MLflow run per trial, never a second"
+    assert all(r.info.status == "FINISHED" for r in after)
+    by_id = {r.data.tags["trial_id"]: r for r in after}
+    for key, run in done.items():  # reused, not retrained: same run, untouched since it finished
+        assert by_id[key].info.run_id == run.info.run_id
+        assert by_id[key].info.end_time == run.info.end_time
+        assert by_id[key].data.metrics == run.data.metrics
+    for key, run in before.items():  # the trial killed mid-training resumed its own run
+        assert by_id[key].info.run_id == run.info.run_id
+    assert "already finished" in second.stderr or "already finished" in second.stdout
+    for table in (*TABLES, "table10"):
+        for suffix in ("md", "csv"):
+            assert (repo / "reports" / f"{table}.{suffix}").stat().st_size > 0, (table, suffix)
+    assert (repo / "reports" / "README.md").is_file()
+    status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert "up to date" in status.stdout, status.stdout
