@@ -23,6 +23,10 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}: got {value!r}; allowed: {allowed}")
 
+    def under(self, where: str) -> ConfigError:
+        """The same error with its key placed inside `where`, e.g. `root` -> `datasets.imagenet.root`."""
+        return ConfigError(f"{where}.{self.key}", self.value, self.allowed)
+
     def __reduce__(self) -> tuple[type, tuple[str, Any, str]]:
         """Pickle by the three parts, so the error crosses process boundaries (Ray workers) intact."""
         return type(self), (self.key, self.value, self.allowed)
@@ -134,7 +138,7 @@ def parse(cls: type[T], data: Any, where: str = "") -> T:
     except ConfigError as err:
         if not where or err.key.startswith(f"{where}."):
             raise
-        raise ConfigError(f"{where}.{err.key}", err.value, err.allowed) from None
+        raise err.under(where) from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -62,7 +62,7 @@ def _check_head(backbone: str, head: HeadConfig, img_size: int, where: str) -> H
         with torch.device("meta"):
             build_model(backbone, head, num_classes=10, img_size=img_size)
     except ConfigError as err:
-        raise ConfigError(f"{where}.{err.key}", err.value, err.allowed) from None
+        raise err.under(where) from None
     return head
 
 
@@ -118,6 +118,17 @@ def profile_datasets(params: Params, names: list[str] | None = None) -> dict[str
         if name not in params.datasets:
             raise ConfigError("datasets", name, "a key of `datasets`: " + ", ".join(params.datasets))
     return {n: params.datasets[n] for n in names}
+
+
+def prepare_stage(params: Params, names: list[str]) -> None:
+    """The DVC stage `prepare`: the active profile's datasets, or those named."""
+    from .data.prepare import prepare
+
+    for name, cfg in profile_datasets(params, names).items():
+        try:
+            prepare(cfg)
+        except ConfigError as err:
+            raise err.under(f"datasets.{name}") from None
 
 
 def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:

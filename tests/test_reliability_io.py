@@ -120,7 +120,6 @@ def test_concurrent_trials_lose_nothing_through_an_mlflow_server(mlflow_server: 
 # ---- a data root that does not exist
 
 
-@pytest.mark.xfail(strict=True, reason="stages/prepare.py reports the key as `root`, not `datasets.imgs.root`")
 def test_prepare_stage_names_a_missing_data_root_at_once(tmp_path: Path) -> None:
     params = {"profile": "p", "profiles": {"p": {"dataset": "imgs"}},
               "datasets": {"imgs": {"source": "imagefolder", "root": str(tmp_path / "no-such-root"),

@@ -60,6 +60,7 @@ def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = N
     from . import figures
 
     out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # a DVC out even when no figure can be drawn
     built = {}
     for name, spec in TABLES.items():
         built[name] = build_table(spec, results_dir, out_dir)
