@@ -113,8 +113,10 @@ def result_of(run: Run) -> dict[str, Any]:
 
 FINAL_METRICS = ("top1", "top5", "map", "top1_ema", "top5_ema", "best_top1", "params", "madds", "train_seconds",
                  "images_per_s")
-EPOCH_METRICS = ("train_loss", "lr", "train_top1", "val_top1", "val_top5", "val_map", "images_per_s_epoch", "epoch_seconds")
+EPOCH_METRICS = ("train_loss", "lr", "train_top1", "val_top1", "val_top5", "images_per_s_epoch", "epoch_seconds")
 EMA_EPOCH_METRICS = ("val_top1_ema", "val_top5_ema")  # only for recipes with an EMA of the weights
+REID_EPOCH_METRICS = ("val_map",)  # only for re-identification trials
+LOGGED_EPOCH_METRICS = EPOCH_METRICS + EMA_EPOCH_METRICS + REID_EPOCH_METRICS
 
 
 class TrialRun:
@@ -166,7 +168,7 @@ class TrialRun:
         held = self.logged_epochs()
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(row[k]), now, int(row["epoch"])) for row in history if int(row["epoch"]) not in held
-                   for k in EPOCH_METRICS + EMA_EPOCH_METRICS if k in row]
+                   for k in LOGGED_EPOCH_METRICS if k in row]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -201,7 +203,7 @@ def _existing_run(mlflow_client: MlflowClient, run_id: str) -> Run | None:
 
 def write_metrics_csv(path: Path, history: list[Mapping[str, float]]) -> None:
     """The per-epoch metrics as CSV (one row per epoch)."""
-    keys = ["epoch", *[k for k in EPOCH_METRICS + EMA_EPOCH_METRICS if any(k in row for row in history)]]
+    keys = ["epoch", *[k for k in LOGGED_EPOCH_METRICS if any(k in row for row in history)]]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()

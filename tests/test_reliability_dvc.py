@@ -63,6 +63,8 @@ def _kill_tagged(tag: str) -> None:
 def test_interrupted_dvc_repro_reuses_finished_trials(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True, timeout=120)
+    for committed in (repo / "reports").glob("table*"):  # the clone's reports must come from this study
+        committed.unlink()
     params = _shrink(yaml.safe_load((repo / "params.yaml").read_text()), tmp_path)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     uri = params["mlflow"]["tracking_uri"]
