@@ -1,8 +1,13 @@
-"""Shared fixtures: a tiny prepared built-in dataset and params files that point every stage at it."""
+"""Shared fixtures: a tiny prepared built-in dataset, params files that point every stage at it, and a
+two-node Ray cluster on 127.0.0.1."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
@@ -56,3 +61,33 @@ def tiny_params(tmp_path: Path, tiny_data: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(*args: str, env: dict[str, str]) -> None:
+    subprocess.run(["ray", "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """Two Ray nodes on 127.0.0.1 (`ray start --head` and `ray start --address`, one CPU and a resource of
+    their own each, token auth); yields the head's address and the temp folder that names every process of
+    this cluster, by which it is stopped afterwards (never `ray stop`, which would end any other Ray)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    address = f"127.0.0.1:{_free_port()}"
+    try:
+        _ray_start("--head", f"--port={address.split(':')[1]}", f"--temp-dir={temp}", "--include-dashboard=false",
+                   '--resources={"head_node": 1}', env=env)
+        _ray_start(f"--address={address}", '--resources={"second_node": 1}', env=env)
+        yield address, temp
+    finally:
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)

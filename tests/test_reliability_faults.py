@@ -4,15 +4,12 @@ from its checkpoint into the same MLflow run, and no finished epoch or trial is 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import psutil
 import pytest
@@ -21,7 +18,6 @@ from mlflow import MlflowClient
 from pipeline.study import load_params, table_rows, trial_key
 from pipeline.sweep import run_table, tune_trials
 from pipeline.train import CHECKPOINT, load_checkpoint
-from test_cluster import _free_port, _ray
 
 EPOCHS = 5
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
@@ -52,6 +48,14 @@ class Killer(threading.Thread):
                         proc.send_signal(signal.SIGKILL)
                     self.killed, self.epoch, self.at = [p.pid for p in victims], epoch, time.time()
                     return
+
+    def __enter__(self) -> "Killer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
 
 
 def _tagged_trial_workers(tag: str) -> list[psutil.Process]:
@@ -87,13 +91,8 @@ def test_sigkilled_trial_is_retried_and_resumes_from_its_checkpoint(
         profiles={"smoke": {"epochs": EPOCHS, "batch_size": 8}},
         ray={"max_failures": 2, "max_concurrent": 1},
         tables={"tk": {"recipe": "resnet", "rows": [ROW]}}))
-    killer = Killer(Path(params.train.checkpoint_root), lambda: _tagged_trial_workers(tag))
-    killer.start()
-    try:
+    with Killer(Path(params.train.checkpoint_root), lambda: _tagged_trial_workers(tag)) as killer:
         results = run_table(params, "tk", tmp_path / "results")
-    finally:
-        killer.stop.set()
-        killer.join()
     assert killer.killed, "the trial process was killed mid-training"
     assert 1 <= killer.epoch < EPOCHS
     (row,) = results["rows"]
@@ -154,24 +153,6 @@ def test_nan_trial_fails_quickly_with_its_reason_and_the_sweep_goes_on(
 # ---- a two-node cluster losing a node
 
 
-@pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
-    """Two Ray nodes on 127.0.0.1 (one CPU each, token auth); yields the head's address and the temp folder
-    naming every process of this cluster (stopped by it afterwards, leaving any other Ray alone)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    address = f"127.0.0.1:{_free_port()}"
-    try:
-        _ray("--head", f"--port={address.split(':')[1]}", f"--temp-dir={temp}", "--include-dashboard=false",
-             '--resources={"head_node": 1}', env=env)
-        _ray(f"--address={address}", '--resources={"second_node": 1}', env=env)
-        yield address, temp
-    finally:
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
-
-
 def _second_node(temp: str) -> list[psutil.Process]:
     """The second node's raylet and everything it started, once it runs a trial."""
     for proc in psutil.process_iter(["cmdline"]):
@@ -183,21 +164,16 @@ def _second_node(temp: str) -> list[psutil.Process]:
     return []
 
 
-def test_trials_of_a_killed_node_finish_on_the_other(cluster: tuple[str, str], tiny_params: Callable[..., Path],
+def test_trials_of_a_killed_node_finish_on_the_other(ray_cluster: tuple[str, str], tiny_params: Callable[..., Path],
                                                      tmp_path: Path) -> None:
-    address, temp = cluster
+    address, temp = ray_cluster
     params = load_params(tiny_params(
         profiles={"smoke": {"epochs": 3, "batch_size": 8}},
         ray={"address": address, "cpus_per_trial": 1, "max_concurrent": 2, "max_failures": 2},
         tables={"tn": {"recipe": "resnet", "rows": [
             ROW, {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]}}))
-    killer = Killer(Path(params.train.checkpoint_root), lambda: _second_node(temp))
-    killer.start()
-    try:
+    with Killer(Path(params.train.checkpoint_root), lambda: _second_node(temp)) as killer:
         results = run_table(params, "tn", tmp_path / "results")
-    finally:
-        killer.stop.set()
-        killer.join()
     assert killer.killed, "the second node was killed while it trained a trial"
     assert [r["status"] for r in results["rows"]] == ["FINISHED", "FINISHED"]
     client = MlflowClient(params.mlflow.tracking_uri)
