@@ -25,7 +25,7 @@ REPORTS = REPO_ROOT / "reports"
 
 
 def load_params(path: str | Path = PARAMS) -> Params:
-    """Parse and cross-check a params file (structure only; `check_tables` builds the models)."""
+    """Parse and cross-check a params file (structure only; `table_rows` builds the models)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("params", str(path), "an existing params.yaml")

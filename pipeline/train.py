@@ -1,7 +1,7 @@
 """Train and evaluate one trial: the engine every sweep trial calls (`run_trial`).
 
 One trial = backbone + head + recipe + prepared data + seed (+ image size, epochs, batch of the profile).
-The recipe comes from the paper's appendix (pipeline/recipes.py) and is fitted to the trial's epochs and
+The recipe is one of the appendix's (params.yaml `recipes:`) and is fitted to the trial's epochs and
 batch without changing its shape. The run is tracked in MLflow (pipeline/tracking.py), checkpointed
 atomically after every epoch and resumed from the last checkpoint when started again. Each epoch is
 seeded from (seed, epoch), so a resumed run repeats what an uninterrupted one would have done.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -61,13 +62,21 @@ class NonFiniteLossError(FloatingPointError):
 def manifest_hash(data_dir: str | Path) -> str:
     """SHA-256 of a prepared dataset's manifest.csv and classes.json (the manifest holds every image's
     own SHA-256, so this changes whenever any image, label or split does)."""
-    digest = hashlib.sha256()
-    for name in ("manifest.csv", "classes.json"):
-        path = Path(data_dir) / name
+    files = [Path(data_dir) / name for name in ("manifest.csv", "classes.json")]
+    for path in files:
         if not path.is_file():
-            raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {name}; "
+            raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {path.name}; "
                               "build it with `python -m pipeline prepare`)")
-        digest.update(path.read_bytes())
+    return _hash_files(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Hash of the files' bytes, cached by (path, mtime, size): a trial's identity, tags and config all
+    ask for it, and an ImageNet manifest is large."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
@@ -621,15 +630,15 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="a backbones.csv key, e.g. resnet18")
     parser.add_argument("--head", default="kind=noah", help="head options, e.g. kind=noah,N=4,r=0.5")
-    parser.add_argument("--recipe", default="resnet", help="a recipe name (params.yaml `recipes:` or built in)")
+    parser.add_argument("--recipe", default="resnet", help="a recipe name of params.yaml `recipes:`")
     parser.add_argument("--data", required=True, help="a prepared dataset folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (lr scales with it)")
     parser.add_argument("--experiment", default="train", help="MLflow experiment name")
-    parser.add_argument("--params", default="params.yaml",
-                        help="read `recipes`, `mlflow` and `train` from this file when it exists")
+    parser.add_argument("--params", default=None,
+                        help="read `recipes`, `mlflow` and `train` from this file (default: the repository's)")
     parser.add_argument("--tracking-uri", default=None, help="default: params.yaml mlflow.tracking_uri")
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (1: in this process)")
     parser.add_argument("--gpu", choices=("auto", "yes", "no"), default=None)
@@ -640,21 +649,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = yaml.safe_load(Path(args.params).read_text()) if Path(args.params).is_file() else {}
-    params = params or {}
-    train = to_dict(parse(TrainConfig, params.get("train"), "train"))
-    train.update({k: v for k, v in (("num_workers", args.num_workers), ("loader_workers", args.loader_workers))
-                  if v is not None})
+    from .study import PARAMS, load_params
+
+    params = load_params(args.params or PARAMS)
+    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("loader_workers", args.loader_workers))
+                 if v is not None}
     if args.gpu is not None:
-        train["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
-    tracking = parse(MlflowConfig, params.get("mlflow"), "mlflow")
-    if args.tracking_uri or args.log_weights:
-        tracking = dataclasses.replace(tracking, tracking_uri=args.tracking_uri or tracking.tracking_uri,
-                                       log_weights=args.log_weights or tracking.log_weights)
+        overrides["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
+    train = parse(TrainConfig, {**to_dict(params.train), **overrides}, "train")
+    tracking = dataclasses.replace(params.mlflow, tracking_uri=args.tracking_uri or params.mlflow.tracking_uri,
+                                   log_weights=args.log_weights or params.mlflow.log_weights)
     trial = {"backbone": args.backbone, "head": parse_head_spec(args.head), "recipe": args.recipe,
              "data_dir": args.data, "seed": args.seed, "img_size": args.img_size, "epochs": args.epochs,
              "batch_size": args.batch_size}
-    result = run_trial(trial, recipes=params.get("recipes"), train=parse(TrainConfig, train, "train"), tracking=tracking,
-                       experiment=args.experiment, checkpoint_dir=args.checkpoint_dir, reuse=not args.retrain)
+    result = run_trial(trial, recipes=params.recipes, train=train, tracking=tracking, experiment=args.experiment,
+                       checkpoint_dir=args.checkpoint_dir, reuse=not args.retrain)
     print(json.dumps(result, indent=2))
     return 0

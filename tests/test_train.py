@@ -123,8 +123,9 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
                                                                                   tmp_path: Path) -> None:
     tracking, client = _store(tmp_path)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"mlflow": {"tracking_uri": tracking.tracking_uri},
-                                           "train": {"progress": "bar"}}))
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params.update(mlflow={"tracking_uri": tracking.tracking_uri}, train={"progress": "bar"})
+    params_file.write_text(yaml.safe_dump(params))
     ckpt = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     log = tmp_path / "first.log"
