@@ -28,12 +28,12 @@ def _trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     from .config import MlflowConfig, TrainConfig
-    from .tracking import client, resolve_uri
+    from .tracking import client
     from .train import NonFiniteLossError, run_trial
 
     trial = parse(TrialConfig, config["trial"], "trial")
 
-    def report(metrics: dict[str, float]) -> None:
+    def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     tracking = parse(MlflowConfig, config["mlflow"], "mlflow")
@@ -44,13 +44,12 @@ def _trainable(config: dict[str, Any]) -> None:
         print(f"trial {trial.backbone}/{trial.head.name} failed, not retried: {err}", file=sys.stderr, flush=True)
         tune.report({"diverged": 1})
         return
-    client(resolve_uri(tracking.tracking_uri)).set_tag(result["run_id"], "ray_node_id",
-                                                       ray.get_runtime_context().get_node_id())
-    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float))} | {"done": 1})
+    client(tracking.tracking_uri).set_tag(result["run_id"], "ray_node_id", ray.get_runtime_context().get_node_id())
+    report(result | {"done": 1})
 
 
 def _trial_name(trial: Any) -> str:
-    """`resnet18-noah(N=4,r=0.5)-resnet-00001`: readable in Ray's progress table and folders."""
+    """`resnet18-noah(N4_r0.5)-00001`: readable in Ray's progress table and folders."""
     cfg = trial.config["trial"]
     head = parse(TrialConfig, cfg, "trial").head.name
     return f"{cfg['backbone']}-{head}-{trial.trial_id[-5:]}".replace(",", "_").replace("=", "")
@@ -108,24 +107,9 @@ def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], pare
         ray.shutdown()
 
 
-def latest_run(trial_id: str, uri: str) -> Any:
-    """The FINISHED run of a trial identity if there is one, else its newest run of any status."""
-    from mlflow.entities import ViewType
-
-    from .tracking import TRIAL_TAG, client, find_finished
-
-    if (done := find_finished(trial_id, uri)) is not None:
-        return done
-    mlflow_client = client(uri)
-    ids = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    runs = mlflow_client.search_runs(ids, filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'",
-                                     order_by=["attributes.start_time DESC"], max_results=1) if ids else []
-    return runs[0] if runs else None
-
-
 def _row_result(rt: RowTrials, keys: dict[str, str], uri: str) -> dict[str, Any]:
     """A results row: the head, the table's setting, and each trial's outcome read back from MLflow."""
-    from .tracking import result_of
+    from .tracking import latest_run, result_of
 
     head, default = to_dict(rt.row.head), to_dict(HeadConfig())
     setting = {k: v for k, v in head.items() if k != "kind" and (k in ("N", "r") or v != default[k])}
@@ -151,7 +135,7 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
     rows = table_rows(params, table)
     out_dir.mkdir(parents=True, exist_ok=True)  # an unusable results folder fails now, not after training
     keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
-    unique = {k: t for rt, ks in zip(rows, keys) for kind, t in rt.trials.items() for k in [ks[kind]]}
+    unique = {ks[kind]: t for rt, ks in zip(rows, keys) for kind, t in rt.trials.items()}
     uri = resolve_uri(params.mlflow.tracking_uri)
     todo = {k: t for k, t in unique.items() if find_finished(k, uri) is None}
     # Fine-tuning starts from a classification trial's checkpoint: train missing ones first.
@@ -168,13 +152,12 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
                 tune_trials(params, table, phase, parent.info.run_id)
         finally:
             mlflow_client.set_terminated(parent.info.run_id)
-    prof = params.active
-    meta = {"table": table, "profile": params.profile, "dataset": prof.dataset if rows[0].trials.get("classify")
-            else prof.reid_dataset, "img_size": rows[0].trials[next(iter(rows[0].trials))].img_size,
-            "epochs": prof.epochs, "batch_size": prof.batch_size, "recipe": params.tables[table].recipe,
-            "seed": params.seed, "commit": git_commit(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    meta["num_classes"] = _num_classes(next(iter(rows[0].trials.values())).data_dir)
+    prof, first = params.active, next(iter(rows[0].trials.values()))  # every row trains on the same data
+    meta = {"table": table, "profile": params.profile,
+            "dataset": prof.reid_dataset if params.tables[table].task == "reid" else prof.dataset,
+            "num_classes": _num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
+            "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seed": params.seed,
+            "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     results = {"meta": meta, "rows": [_row_result(rt, ks, uri) for rt, ks in zip(rows, keys)]}
     write_results(out_dir, table, results)
     return results
@@ -191,7 +174,6 @@ def write_results(out_dir: Path, table: str, results: dict[str, Any]) -> None:
 
     from .io import atomic_write_text
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{table}.json", json.dumps(results, indent=2, default=str) + "\n")
     frame = pd.DataFrame([flatten(r) for r in results["rows"]])
     atomic_write_text(out_dir / f"{table}.csv", frame.to_csv(index=False))

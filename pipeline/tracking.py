@@ -87,16 +87,27 @@ def git_commit() -> str:
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
 
 
-def find_finished(trial_id: str, tracking_uri: str) -> Run | None:
-    """The newest FINISHED run of a trial identity in any experiment (what a sweep reuses), or None."""
+def _newest_run(trial_id: str, tracking_uri: str, where: str, order: str) -> Run | None:
+    """The first run of a trial identity, in any active experiment, matching `where` in `order`."""
     mlflow_client = client(tracking_uri)
     ids = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not ids:
         return None
-    runs = mlflow_client.search_runs(
-        ids, filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.end_time DESC"], max_results=1)
+    runs = mlflow_client.search_runs(ids, filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'{where}",
+                                     order_by=[order], max_results=1)
     return runs[0] if runs else None
+
+
+def find_finished(trial_id: str, tracking_uri: str) -> Run | None:
+    """The newest FINISHED run of a trial identity in any experiment (what a sweep reuses), or None."""
+    return _newest_run(trial_id, tracking_uri, " and attributes.status = 'FINISHED'", "attributes.end_time DESC")
+
+
+def latest_run(trial_id: str, tracking_uri: str) -> Run | None:
+    """The FINISHED run of a trial identity if there is one, else its newest run of any status (what a
+    results row reports, failures with their reason included)."""
+    return find_finished(trial_id, tracking_uri) or _newest_run(trial_id, tracking_uri, "",
+                                                                "attributes.start_time DESC")
 
 
 def result_of(run: Run) -> dict[str, Any]:
