@@ -31,13 +31,18 @@ def _finished_ids(params: Params) -> set[str]:
     return {r.data.tags[TRIAL_TAG] for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def _train_images(params: Params, trial: TrialConfig) -> int | None:
-    """Training images of the trial's data: counted from the manifest when prepared, else the profile's."""
-    manifest = Path(trial.data_dir) / "manifest.csv"
-    if manifest.is_file():
-        import pandas as pd
+@functools.lru_cache(maxsize=None)
+def _prepared_train_images(data_dir: str) -> int | None:
+    """Training images of a prepared dataset (its stats.json counts), or None before it is prepared."""
+    stats = Path(data_dir) / "stats.json"
+    return json.loads(stats.read_text())["counts"]["train"]["images"] if stats.is_file() else None
 
-        return int((pd.read_csv(manifest, usecols=["split"])["split"] == "train").sum())
+
+def _train_images(params: Params, trial: TrialConfig) -> int | None:
+    """Training images of the trial's data: as prepared, else what its `datasets:` entry expects."""
+    prepared = _prepared_train_images(trial.data_dir)
+    if prepared is not None:
+        return prepared
     name = next(n for n, d in params.datasets.items() if str(Path(trial.data_dir)).endswith(d.out))
     return params.datasets[name].train_images
 
