@@ -51,18 +51,16 @@ def _data_dir(params: Params, name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _check_head(backbone: str, head: HeadConfig, img_size: int, where: str) -> HeadConfig:
-    """The head with N and r resolved, after building the model on the meta device (no memory, no time)."""
+def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
+    """The head with N and r resolved, after building the model on the meta device (no memory, no time);
+    cached, since tables repeat the same rows."""
     import torch
 
     from .models import build_model, resolve_head
 
-    try:
-        head = resolve_head(backbone, head)
-        with torch.device("meta"):
-            build_model(backbone, head, num_classes=10, img_size=img_size)
-    except ConfigError as err:
-        raise err.under(where) from None
+    head = resolve_head(backbone, head)
+    with torch.device("meta"):
+        build_model(backbone, head, num_classes=10, img_size=img_size)
     return head
 
 
@@ -78,7 +76,10 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
     rows = []
     for i, row in enumerate(spec.rows):
         where = f"tables.{table}.rows[{i}]"
-        head = _check_head(row.backbone, row.head, img_size, where)
+        try:
+            head = _checked_head(row.backbone, row.head, img_size)
+        except ConfigError as err:
+            raise err.under(where) from None
         classify = TrialConfig(backbone=row.backbone, data_dir=_data_dir(params, prof.dataset), head=head,
                                recipe=_recipe(params, spec.pretrain_recipe if reid else spec.recipe),
                                seed=params.seed, img_size=prof.img_size, epochs=prof.epochs,
