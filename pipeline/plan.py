@@ -20,12 +20,12 @@ BENCHMARK_TABLE = "table10"  # the speed benchmark: model pairs, no training
 
 def _finished_ids(params: Params) -> set[str]:
     """Trial identities with a FINISHED MLflow run; an absent SQLite store means none (and stays absent)."""
-    from .tracking import TRIAL_TAG, client, resolve_uri
+    from .tracking import TRIAL_TAG, client, local_store
 
-    uri = resolve_uri(params.mlflow.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    local = local_store(params.mlflow.tracking_uri)
+    if local is not None and not local.exists():
         return set()
-    mlflow_client = client(uri)
+    mlflow_client = client(params.mlflow.tracking_uri)
     ids = [e.experiment_id for e in mlflow_client.search_experiments()]
     runs = mlflow_client.search_runs(ids, filter_string="attributes.status = 'FINISHED'") if ids else []
     return {r.data.tags[TRIAL_TAG] for r in runs if TRIAL_TAG in r.data.tags}

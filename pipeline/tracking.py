@@ -40,6 +40,15 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def local_store(uri: str) -> Path | None:
+    """The file or folder of a local store (SQLite file or file store), None for a server; readers that
+    must not create a store check that it exists first."""
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return Path(uri) if "://" not in uri else None
+
+
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of a SQLite store go beside the database file (`mlartifacts/`), not the working folder."""
     if uri.startswith("sqlite:///"):

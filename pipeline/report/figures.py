@@ -69,13 +69,12 @@ def open_store(tracking_uri: str | None) -> tuple[Any, str | None]:
     """A client of an existing MLflow store, or the reason there is none (a report never creates a store)."""
     if not tracking_uri:
         return None, "no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta"
-    from ..tracking import client, resolve_uri
+    from ..tracking import client, local_store
 
-    uri = resolve_uri(tracking_uri)
-    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri if "://" not in uri else None
-    if local is not None and not Path(local).exists():
+    local = local_store(tracking_uri)
+    if local is not None and not local.exists():
         return None, f"the MLflow store {local} does not exist (no trial has been tracked yet)"
-    return client(uri), None
+    return client(tracking_uri), None
 
 
 def _history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
