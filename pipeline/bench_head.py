@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from .config import ConfigError, HeadConfig
 from .models.noah import NoahHead
+from .speed import timed_in_turns
 
 # name: (channels, height, width, N, r), the paper's NOAH settings on these backbones
 SHAPES: dict[str, tuple[int, int, int, int, float]] = {
@@ -69,18 +69,10 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> 
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each contender, timed in turns so drifting load hits all alike."""
+    """Median seconds per call of each contender, timed in turns (Table 10's `timed_in_turns`) so
+    drifting load hits all alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for rep in range(warmup + repeats):
-        for name, fn in contenders.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in timed_in_turns(contenders, repeats, warmup, sync).items()}
 
 
 def bench_shape(name: str, batches: tuple[int, ...], repeats: int, num_classes: int, device: str) -> list[dict]:
