@@ -5,7 +5,7 @@ head aggregates the N·H·W local POCAs of every class into one logit. The group
 of one matmul (or one grouped convolution for 3×3 kernels), never a Python loop.
 
 With 1×1 kernels, sum/avg aggregation and a per-class spatial softmax (or sigmoid), the head runs as
-one autograd function (`PocaSum`) that keeps only its input and two (N, M, B) statistics for backward
+one autograd function (`PocaSum`) that keeps only its input and two N·M·B statistics for backward
 and recomputes A and V there: the logit of class m is Σ_i Σ_hw A_i[m,hw]·V_i[m,hw], so neither the
 forward nor the backward pass needs a (B, N, M, H·W) tensor beyond the batch chunk in flight.
 """
@@ -63,103 +63,108 @@ def _scratch(workspace: dict | None, name: str, numel: int, like: torch.Tensor) 
 
 
 class PocaSum(torch.autograd.Function):
-    """Σ_i Σ_hw act(K_i) ⊙ V_i for 1×1 embeddings, saving only the input and (N, M, B) statistics.
+    """Σ_i Σ_hw act(K_i) ⊙ V_i for 1×1 embeddings, saving only the input and N·M·B statistics.
 
-    Weights are (G, N/G·M, C_in) with G = N groups (or 1 group seen by all N blocks when there is no
-    feature split); `rows` = (key rows, value rows) pick each block's channels of its group. The batch
-    runs in chunks of `chunk` samples whose (N, M, b, H·W) temporaries live in two reused buffers.
-    Spatial softmax uses base 2 (the key weights scaled by log2 e) because `exp2` is the fast one, is
-    blind to the key bias (shift invariance: its gradient is 0) and sums to 1, so the value bias adds
-    to the logits directly. On CPU the max-shift pass is skipped unless a row's sum of exps is not a
-    normal number.
+    Weights are (G, R, C_in) with G = N groups (or 1 group seen by all N blocks when there is no feature
+    split) and R = N/G·M output rows; `rows` = (key rows, value rows) pick each block's channels of its
+    group. K and V are computed transposed, as (G, b·H·W, R): the GEMM then has the feature map's
+    positions as its long side, as a dense classifier's matmul does, and the spatial reductions run over
+    a strided axis with the classes contiguous (both measurably faster than (G, R, b·H·W) on CPU). The
+    batch runs in chunks of `chunk` samples whose temporaries live in two reused buffers. Spatial
+    softmax uses base 2 (the key weights scaled by log2 e) because `exp2` is the fast one, is blind to
+    the key bias (shift invariance: its gradient is 0) and sums to 1, so the value bias adds to the
+    logits directly. On CPU the max-shift pass is skipped unless a row's sum of exps is not a normal
+    number. Statistics are kept as (G, B, R).
     """
 
     @staticmethod
-    def _chunks(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, rows: tuple[slice, slice], n: int,
-                chunk: int, key_scale: float, workspace: dict | None):
-        """Per batch chunk: (start, stop, columns, key_scale·K, V), K and V as (N, M, b, H·W) scratch views."""
+    def _chunks(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, rows: tuple[slice, slice], chunk: int,
+                key_scale: float, workspace: dict | None):
+        """Per batch chunk: (start, stop, key columns, value columns, key_scale·K, V); the columns are
+        (G, C_in, b·H·W) and K, V (G, b, H·W, R) scratch views."""
         b, _, h, w = x.shape
-        groups, hw = wk.shape[0], h * w
-        size = min(chunk, b) * hw
-        buf_k = _scratch(workspace, "key", groups * wk.shape[1] * size, x)
-        buf_v = _scratch(workspace, "value", groups * wv.shape[1] * size, x)
+        groups, outs, hw = wk.shape[0], wk.shape[1], h * w
+        size = groups * outs * min(chunk, b) * hw
+        buf_k, buf_v = _scratch(workspace, "key", size, x), _scratch(workspace, "value", size, x)
         for start in range(0, b, chunk):
             stop = min(start + chunk, b)
             cols = _grouped_columns(x[start:stop], groups)
-            columns = cols.shape[-1]
-            key = buf_k[: groups * wk.shape[1] * columns].view(groups, -1, columns)
-            key.baddbmm_(wk, cols[:, rows[0]], beta=0, alpha=key_scale)
-            value = buf_v[: groups * wv.shape[1] * columns].view(groups, -1, columns)
-            torch.bmm(wv, cols[:, rows[1]], out=value)
-            yield start, stop, cols, key.view(n, -1, stop - start, hw), value.view(n, -1, stop - start, hw)
+            cols_k, cols_v = cols[:, rows[0]], cols[:, rows[1]]
+            shape = (groups, (stop - start) * hw, outs)
+            key = buf_k[: math.prod(shape)].view(shape).baddbmm_(cols_k.mT, wk.mT, beta=0, alpha=key_scale)
+            value = torch.bmm(cols_v.mT, wv.mT, out=buf_v[: math.prod(shape)].view(shape))
+            maps = (groups, stop - start, hw, outs)
+            yield start, stop, cols_k, cols_v, key.view(maps), value.view(maps)
 
     @staticmethod
-    def forward(ctx, x, wk, bk, wv, bv, n: int, rows: tuple[slice, slice], sigmoid: bool, scale: float,
-                chunk: int, workspace: dict | None):
-        bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1)
+    def forward(ctx, x, wk, bk, wv, bv, rows: tuple[slice, slice], sigmoid: bool, scale: float, chunk: int,
+                workspace: dict | None):
+        groups, outs = wk.shape[:2]
+        bias_k, bias_v = bk.view(groups, 1, 1, outs), bv.view(groups, 1, outs)
         key_scale = 1.0 if sigmoid else LOG2E
         sums, stats = [], []
-        for _, _, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, key_scale, workspace):
+        for _, _, cols_k, _, key, value in PocaSum._chunks(x, wk, wv, rows, chunk, key_scale, workspace):
             if sigmoid:
                 attn = key.add_(bias_k).sigmoid_()
-                sums.append(torch.addcmul(attn.mul(value).sum(-1), bias_v, attn.sum(-1)))
+                sums.append(torch.addcmul(attn.mul(value).sum(2), bias_v, attn.sum(2)))
                 continue
             top = None if x.is_cuda else key.new_zeros(())
             if top is not None:
-                total = key.exp2_().sum(-1)
-                low, high = torch.aminmax(total)
-                if not (bool(low >= 2.0 ** -100) and bool(high < math.inf)):  # over/underflow, NaN
+                total = key.exp2_().sum(2)
+                low, high = (v.item() for v in torch.aminmax(total))
+                if not (low >= 2.0 ** -100 and high < math.inf):  # over/underflow, NaN
                     top = None
-                    key.view(wk.shape[0], -1, cols.shape[-1]).baddbmm_(wk, cols[:, rows[0]], beta=0, alpha=LOG2E)
+                    key.view(groups, -1, outs).baddbmm_(cols_k.mT, wk.mT, beta=0, alpha=LOG2E)
             if top is None:
-                top = key.amax(-1)
-                total = key.sub_(top[..., None]).exp2_().sum(-1)
-            sums.append(key.mul_(value).sum(-1).div_(total).add_(bias_v))  # (N, M, b)
+                top = key.amax(2)
+                total = key.sub_(top[:, :, None]).exp2_().sum(2)
+            sums.append(key.mul_(value).sum(2).div_(total).add_(bias_v))  # (G, b, R)
             stats.append(total.log2_().add_(top))
-        sums_t = torch.cat(sums, -1) if len(sums) > 1 else sums[0]
-        ctx.save_for_backward(x, wk, bk, wv, bv, sums_t, *([] if sigmoid else [torch.cat(stats, -1)]))
-        ctx.cfg = (n, rows, sigmoid, scale, chunk, workspace)
-        logits = sums_t.sum(0).t()
+        sums_t = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
+        ctx.save_for_backward(x, wk, bk, wv, bv, sums_t, *([] if sigmoid else [torch.cat(stats, 1)]))
+        ctx.cfg = (rows, sigmoid, scale, chunk, workspace)
+        logits = sums_t.view(groups, x.shape[0], -1, bv.shape[-1]).sum((0, 2))
         return logits if scale == 1.0 else logits * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, wk, bk, wv, bv, sums, *lse2 = ctx.saved_tensors
-        n, rows, sigmoid, scale, chunk, workspace = ctx.cfg
+        rows, sigmoid, scale, chunk, workspace = ctx.cfg
         b, c, h, w = x.shape
-        groups, hw = wk.shape[0], h * w
+        groups, outs = wk.shape[:2]
         d_wk, d_bk, d_wv, d_bv = (torch.zeros_like(t) for t in (wk, bk, wv, bv))
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad = grad.t() * scale  # (M, B)
-        bias_k, bias_v = bk.view(n, -1, 1, 1), bv.view(n, -1, 1, 1)
-        centre = sums - bv.view(n, -1, 1)  # Σ_hw A·V without the value bias, which V recomputed lacks
+        grad = (grad * scale).repeat(1, outs // grad.shape[1])  # (B, R): block i's rows share class m's grad
+        bias_k, bias_v = bk.view(groups, 1, 1, outs), bv.view(groups, 1, 1, outs)
+        centre = sums - bv.view(groups, 1, outs)  # Σ_hw A·V without the value bias, which V recomputed lacks
         key_scale = 1.0 if sigmoid else LOG2E
-        for start, stop, cols, key, value in PocaSum._chunks(x, wk, wv, rows, n, chunk, key_scale, workspace):
-            g = grad[None, :, start:stop, None]
+        for start, stop, cols_k, cols_v, key, value in PocaSum._chunks(x, wk, wv, rows, chunk, key_scale,
+                                                                       workspace):
+            g = grad[None, start:stop, None]
             if sigmoid:  # dV = g·σ(K), dK = g·V·σ(K)·(1 - σ(K))
                 attn = key.add_(bias_k).sigmoid_()
                 d_key = value.add_(bias_v).mul_(attn).mul_(1 - attn).mul_(g)
                 d_value = attn.mul_(g)
             else:  # dV = g·A, dK = g·A·(V - Σ_hw A·V)
-                d_value = key.sub_(lse2[0][..., start:stop, None]).exp2_().mul_(g)
-                d_key = value.sub_(centre[..., start:stop, None]).mul_(d_value)
-            d_key, d_value = d_key.view(groups, -1, cols.shape[-1]), d_value.view(groups, -1, cols.shape[-1])
-            d_wk.baddbmm_(d_key, cols[:, rows[0]].mT)
-            d_wv.baddbmm_(d_value, cols[:, rows[1]].mT)
-            d_bv += d_value.sum(-1).view_as(bv)
+                d_value = key.sub_(lse2[0][:, start:stop, None]).exp2_().mul_(g)
+                d_key = value.sub_(centre[:, start:stop, None]).mul_(d_value)
+            d_bv += d_value.sum((1, 2)).view_as(bv)
             if sigmoid:
-                d_bk += d_key.sum(-1).view_as(bk)
+                d_bk += d_key.sum((1, 2)).view_as(bk)
+            d_key, d_value = d_key.view(groups, -1, outs), d_value.view(groups, -1, outs)
+            d_wk.baddbmm_(d_key.mT, cols_k.mT)
+            d_wv.baddbmm_(d_value.mT, cols_v.mT)
             if dx is not None:
-                d_cols = dx[start:stop].view(stop - start, groups, c // groups, hw).permute(1, 2, 0, 3)
-                d_in_k = torch.bmm(wk.mT, d_key).view(groups, -1, stop - start, hw)
-                d_in_v = torch.bmm(wv.mT, d_value).view(groups, -1, stop - start, hw)
+                d_cols = dx[start:stop].view(stop - start, groups, c // groups, h * w).permute(1, 2, 0, 3)
+                d_in_k = torch.bmm(wk.mT, d_key.mT).view(groups, -1, stop - start, h * w)
+                d_in_v = torch.bmm(wv.mT, d_value.mT).view(groups, -1, stop - start, h * w)
                 if rows[0] == rows[1]:
                     d_cols.copy_(d_in_k.add_(d_in_v))
                 else:
                     d_cols[:, rows[0]] = d_in_k
                     d_cols[:, rows[1]] = d_in_v
-        return dx, d_wk, d_bk, d_wv, d_bv, None, None, None, None, None, None
+        return dx, d_wk, d_bk, d_wv, d_bv, None, None, None, None, None
 
 
 class NoahHead(nn.Module):
@@ -270,7 +275,7 @@ class NoahHead(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return PocaSum.apply(x.contiguous(), self.key_weight.view(groups, -1, self.key_channels),
                                  self.key_bias, self.value_weight.view(groups, -1, self.value_channels),
-                                 self.value_bias, cfg.N, rows, cfg.activation == "sigmoid", scale, chunk,
+                                 self.value_bias, rows, cfg.activation == "sigmoid", scale, chunk,
                                  None if x.is_cuda else self._workspace)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
