@@ -174,6 +174,9 @@ def test_each_report_opens_with_its_scale(built: Path) -> None:
                  "commit `0123abc`", "date `2026-11-24 21:00 UTC`"):
         assert part in scale
     assert lines[3] == ">" and "not from ImageNet" in lines[4]
+    timing = (built / "table10.md").read_text().splitlines()
+    assert "img_size `224` · cpu `x86_64` · commit `0123abc`" in timing[2] and "profile" not in timing[2]
+    assert "Not recorded" not in "\n".join(timing[3:6]) and "not on the paper's hardware" in timing[4]
     index = (built / "README.md").read_text()
     for name in TABLES:
         assert f"[{name}.md]({name}.md)" in index and f"[{name}.csv]({name}.csv)" in index

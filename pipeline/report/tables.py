@@ -18,6 +18,7 @@ from .specs import FAMILIES, Metric, PaperRow, TableSpec, backbones, is_baseline
 DASH = "—"
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 META_KEYS = ("dataset", "num_classes", "img_size", "epochs", "profile", "commit", "date")
+TIMING_KEYS = ("img_size", "cpu", "gpu", "commit", "date")  # Table 10 times random inputs: no dataset
 
 
 @dataclass
@@ -236,17 +237,22 @@ def _cell(line: Line, m: Metric, spec: TableSpec, paper: bool, best: float | Non
     return text
 
 
-def scale_lines(meta: dict[str, Any], error: str | None) -> list[str]:
-    """The block each report opens with: the scale the numbers were produced at."""
+def scale_lines(meta: dict[str, Any], error: str | None, timing: bool = False) -> list[str]:
+    """The block each report opens with: the scale the numbers were produced at (for a timing table, the
+    machine they were timed on)."""
     if error:
         return [f"> **Scale:** unknown: {error}."]
-    shown = [f"{k} `{meta[k]}`" for k in META_KEYS if meta.get(k) not in (None, "")]
-    missing = [k for k in META_KEYS if meta.get(k) in (None, "")]
-    extra = [f"{k} `{v}`" for k, v in meta.items() if k not in META_KEYS and not isinstance(v, (dict, list))]
+    keys = TIMING_KEYS if timing else META_KEYS
+    shown = [f"{k} `{meta[k]}`" for k in keys if meta.get(k) not in (None, "")]
+    missing = [k for k in keys if meta.get(k) in (None, "") and not (timing and k == "gpu")]
+    extra = [f"{k} `{v}`" for k, v in meta.items() if k not in keys and not isinstance(v, (dict, list))]
     out = ["> **Scale:** " + " · ".join(shown + extra)]
     if missing:
         out += [">", f"> Not recorded in the results: {', '.join(missing)}."]
-    if meta.get("profile") != "imagenet":
+    if timing:
+        out += [">", "> Timed on the machine named above, not on the paper's hardware: compare NOAH's overhead (%) "
+                "with the paper's, not frames/s."]
+    elif meta.get("profile") != "imagenet":
         out += [">", f"> These numbers come from the `{meta.get('profile', 'unknown')}` profile, not from ImageNet "
                 "at the paper's settings: compare trends with the paper, not values."]
     return out
@@ -258,7 +264,7 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     header = ["Network", *(s.label for s in spec.settings)]
     for m in spec.metrics:
         header += [m.label, f"{m.label} paper"]
-    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale_lines(results.meta, results.error),
+    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale_lines(results.meta, results.error, spec.producer == "benchmark"),
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     family = None
     for block in _blocks(lines):
