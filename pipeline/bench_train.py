@@ -10,7 +10,6 @@ processes on a shared machine hits both alike.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
@@ -23,16 +22,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .config import ConfigError, parse_head_spec
 from .recipes import get_recipe, scale
-from .train import Step, build_criterion, build_mixup, build_optimizer, build_scheduler, train_one_epoch
+from .train import (Step, build_criterion, build_mixup, build_optimizer, build_scheduler, precision,
+                    train_one_epoch)
 
 TARGET = 0.90
 
 
 def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, device: torch.device) -> float:
     """Seconds for one plain PyTorch pass over `loader`."""
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    autocast, memory_format = precision(device)
     model.train()
     start = time.perf_counter()
     for x, y in loader:
@@ -43,7 +41,7 @@ def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataL
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
@@ -58,8 +56,7 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
         raise ConfigError("--steps/--repeats", (steps, repeats), "steps >= 2 and repeats >= 1")
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    model = build_model(backbone, head, num_classes, img_size).to(device, memory_format=memory_format)
+    model = build_model(backbone, head, num_classes, img_size).to(device, memory_format=precision(device)[1])
     twin = copy.deepcopy(model)
     data = TensorDataset(torch.randn(steps * batch_size, 3, img_size, img_size),
                          torch.randint(0, num_classes, (steps * batch_size,)))

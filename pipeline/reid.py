@@ -22,7 +22,6 @@ is exactly the classification one and fine-tuning loads its weights unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +177,10 @@ def load_backbone(model: ReidNet, checkpoint: str | Path) -> list[str]:
 def extract(model: ReidNet, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embeddings (float32), person ids and camera ids of every image a reid loader yields."""
     model.eval()
+    from .train import precision
+
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    autocast, memory_format = precision(device)
     feats, pids, camids = [], [], []
     for batch in loader:
         if len(batch) != 4:

@@ -255,6 +255,14 @@ class Step:
         return self.device.type == "cuda"
 
 
+def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.memory_format]:
+    """The autocast context and input memory format of every forward pass (training, evaluation, reid
+    ranking, bench-train): bf16 autocast and channels_last on GPU, float32 and contiguous on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16), torch.channels_last
+    return contextlib.nullcontext(), torch.contiguous_format
+
+
 def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dict[str, float]:
     """One pass over `loader`: bf16 autocast and channels_last on GPU, an lr update per step, EMA.
 
@@ -262,8 +270,7 @@ def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dic
     GPU, where each check waits for the device)."""
     step.model.train()
     check_every = 16 if step.cuda else 1
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if step.cuda else contextlib.nullcontext()
-    memory_format = torch.channels_last if step.cuda else torch.contiguous_format
+    autocast, memory_format = precision(step.device)
     total = torch.zeros((), device=step.device, dtype=torch.float64)
     correct = torch.zeros((), device=step.device, dtype=torch.int64)
     images = batches = 0
@@ -308,9 +315,7 @@ def train_one_epoch(step: Step, loader: DataLoader, progress: Any = None) -> dic
 def evaluate(model: nn.Module, loader: DataLoader, world: World) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) over the whole split (each worker counts its shard)."""
     model.eval()
-    cuda = world.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    autocast, memory_format = precision(world.device)
     counts = torch.zeros(3, dtype=torch.float64, device=world.device)
     for batch in loader:
         x = batch[0].to(world.device, non_blocking=True, memory_format=memory_format)
@@ -405,7 +410,7 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
              build_model(trial.backbone, trial.head, plan.num_classes, trial.img_size, trial.recipe.drop_path))
     params, madds = _complexity(model, trial.img_size) if lead else (0, 0)
     cuda = world.device.type == "cuda"
-    model.to(world.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    model.to(world.device, memory_format=precision(world.device)[1])
     optimizer = build_optimizer(model, scaled)
     ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
     state = load_checkpoint(ckpt_dir / CHECKPOINT)
