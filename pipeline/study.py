@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import yaml
 
+from . import REPO_ROOT
 from .config import (ConfigError, HeadConfig, Params, PrepareConfig, RecipeConfig, TableRow, TrialConfig,
                      parse, to_dict)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = REPO_ROOT / "params.yaml"
 RESULTS = REPO_ROOT / "results"
 REPORTS = REPO_ROOT / "reports"

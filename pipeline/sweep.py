@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import REPO_ROOT
 from .config import ConfigError, HeadConfig, Params, TrialConfig, flatten, parse, to_dict
-from .study import REPO_ROOT, RESULTS, RowTrials, table_rows, trial_key
+from .study import RESULTS, RowTrials, table_rows, trial_key
 
 
 def _trainable(config: dict[str, Any]) -> None:

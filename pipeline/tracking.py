@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
+from . import REPO_ROOT
 from .io import atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID_FILE = "mlflow_run_id"
 TRIAL_TAG = "trial_id"
 REASON_TAG = "failure_reason"

@@ -33,11 +33,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from . import REPO_ROOT
 from .config import (ConfigError, MlflowConfig, RecipeConfig, TrainConfig, TrialConfig, flatten, parse,
                      parse_head_spec, to_dict)
 from .io import atomic_write, atomic_write_text
 from .recipes import ScaledRecipe, get_recipe, scale
-from .tracking import REPO_ROOT, RUN_ID_FILE, TrialRun, find_finished, plot_learning_curves, resolve_uri, result_of
+from .tracking import RUN_ID_FILE, TrialRun, find_finished, plot_learning_curves, resolve_uri, result_of
 from .tracking import git_commit, write_metrics_csv
 
 TRAINING_CODE_VERSION = 2

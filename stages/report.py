@@ -2,8 +2,9 @@
 the MLflow store and the trainer's checkpoints (for the attention maps). Never trains; runs in seconds."""
 import sys
 
+from pipeline import REPO_ROOT
 from pipeline.report import build_reports
-from pipeline.study import REPO_ROOT, REPORTS, RESULTS, run_stage
+from pipeline.study import REPORTS, RESULTS, run_stage
 
 
 def main(params, _):

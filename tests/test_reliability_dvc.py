@@ -15,7 +15,7 @@ import psutil
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.study import REPO_ROOT
+from pipeline import REPO_ROOT
 
 TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table11")
 BASELINE = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}

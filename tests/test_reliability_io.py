@@ -21,7 +21,8 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.io import atomic_write, atomic_write_text
-from pipeline.study import REPO_ROOT, load_params
+from pipeline import REPO_ROOT
+from pipeline.study import load_params
 from pipeline.sweep import run_table
 from pipeline.train import load_checkpoint, run_trial
 

@@ -22,7 +22,8 @@ from pipeline.config import (BuiltinDataConfig, ConfigError, MlflowConfig, Prepa
 from pipeline.data.prepare import prepare
 from pipeline.models import build_model
 from pipeline.recipes import get_recipe, scale
-from pipeline.tracking import EPOCH_METRICS, REPO_ROOT
+from pipeline import REPO_ROOT
+from pipeline.tracking import EPOCH_METRICS
 from pipeline.train import (CHECKPOINT, NonFiniteLossError, build_optimizer, build_scheduler, run_trial,
                             trial_id)
 
