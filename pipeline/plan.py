@@ -34,7 +34,9 @@ def _finished_ids(params: Params) -> set[str]:
 @functools.lru_cache(maxsize=None)
 def _prepared_train_images(data_dir: str) -> int | None:
     """Training images of a prepared dataset (its stats.json counts), or None before it is prepared."""
-    stats = Path(data_dir) / "stats.json"
+    from .data.prepare import STATS
+
+    stats = Path(data_dir) / STATS
     return json.loads(stats.read_text())["counts"]["train"]["images"] if stats.is_file() else None
 
 

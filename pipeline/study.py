@@ -104,9 +104,10 @@ def _recipe(params: Params, name: str | None) -> RecipeConfig:
 def trial_key(trial: TrialConfig) -> str:
     """The trial identity hash once the data is prepared; before that, a hash of the resolved config
     with the dataset's folder standing in for its manifest (what `plan` counts)."""
+    from .data.prepare import MANIFEST
     from .train import trial_id
 
-    if (Path(trial.data_dir) / "manifest.csv").is_file():
+    if (Path(trial.data_dir) / MANIFEST).is_file():
         return trial_id(trial)
     text = json.dumps(to_dict(trial), sort_keys=True, default=str)
     return "unprepared-" + hashlib.sha256(text.encode()).hexdigest()[:16]

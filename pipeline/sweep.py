@@ -165,7 +165,9 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
 
 
 def _num_classes(data_dir: str) -> int | None:
-    path = Path(data_dir) / "classes.json"
+    from .data.prepare import CLASSES
+
+    path = Path(data_dir) / CLASSES
     return len(json.loads(path.read_text())) if path.is_file() else None
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import REPO_ROOT
 from .config import (ConfigError, MlflowConfig, RecipeConfig, TrainConfig, TrialConfig, flatten, parse,
                      parse_head_spec, to_dict)
+from .data.prepare import CLASSES, MANIFEST, read_meta, require_prepared
 from .io import atomic_write, atomic_write_text
 from .recipes import ScaledRecipe, get_recipe, scale
 from .tracking import RUN_ID_FILE, TrialRun, find_finished, plot_learning_curves, resolve_uri, result_of
@@ -63,11 +64,8 @@ class NonFiniteLossError(FloatingPointError):
 def manifest_hash(data_dir: str | Path) -> str:
     """SHA-256 of a prepared dataset's manifest.csv and classes.json (the manifest holds every image's
     own SHA-256, so this changes whenever any image, label or split does)."""
-    files = [Path(data_dir) / name for name in ("manifest.csv", "classes.json")]
-    for path in files:
-        if not path.is_file():
-            raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {path.name}; "
-                              "build it with `python -m pipeline prepare`)")
+    require_prepared(data_dir, (MANIFEST, CLASSES))
+    files = [Path(data_dir) / name for name in (MANIFEST, CLASSES)]
     return _hash_files(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
 
 
@@ -577,10 +575,8 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
     run. `reuse=False` ignores both and trains from scratch into a new run. Any error ends the run FAILED with the error text as its `failure_reason` tag.
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune.
     """
-    from .data import read_dataset
-
     trial = resolve_trial(trial, recipes)
-    _, classes, stats = read_dataset(trial.data_dir)
+    classes, stats = read_meta(trial.data_dir)
     scaled = scale(trial.recipe, trial.epochs, trial.batch_size)
     if scaled.recipe.mixup > 0 or scaled.recipe.cutmix > 0:
         if scaled.batch_size // train.num_workers % 2:

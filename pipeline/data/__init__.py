@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"build_loader": "loaders", "build_transform": "loaders", "read_dataset": "loaders"}
+_EXPORTS = {"build_loader": "loaders", "build_transform": "loaders", "read_dataset": "loaders", "read_meta": "prepare"}
 __all__ = list(_EXPORTS)
 
 

@@ -12,7 +12,6 @@ Determinism: a `SeededSampler` draws the order and one seed per sample from a ge
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,21 +23,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from ..config import AugmentConfig, ConfigError
-from .prepare import CLASSES, MANIFEST, STATS
+from .prepare import MANIFEST, read_meta, require_prepared
 
 CROP_PCT = 224 / 256  # the paper's resize 256 → crop 224
 
 
 def read_dataset(data_dir: str | Path) -> tuple[list[dict[str, str]], list[str], dict[str, Any]]:
     """(manifest rows, classes, stats) of a prepared folder, with a clear error when it is not one."""
-    folder = Path(data_dir)
-    missing = [n for n in (MANIFEST, CLASSES, STATS) if not (folder / n).is_file()]
-    if missing:
-        raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {', '.join(missing)}; "
-                          "build it with `python -m pipeline prepare`)")
-    with open(folder / MANIFEST, newline="") as f:
+    require_prepared(data_dir)
+    with open(Path(data_dir) / MANIFEST, newline="") as f:
         rows = list(csv.DictReader(f))
-    return rows, json.loads((folder / CLASSES).read_text()), json.loads((folder / STATS).read_text())
+    return rows, *read_meta(data_dir)
 
 
 def _interp(name: str) -> T.InterpolationMode:

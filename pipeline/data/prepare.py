@@ -35,6 +35,21 @@ STATS = "stats.json"
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased (support scales with the shrink), as torchvision Resize
 
 
+def require_prepared(data_dir: str | Path, names: tuple[str, ...] = (MANIFEST, CLASSES, STATS)) -> None:
+    """A clear error, naming the missing files, when `data_dir` lacks some of a prepared folder's `names`."""
+    missing = [n for n in names if not (Path(data_dir) / n).is_file()]
+    if missing:
+        raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {', '.join(missing)}; "
+                          "build it with `python -m pipeline prepare`)")
+
+
+def read_meta(data_dir: str | Path) -> tuple[list[str], dict[str, Any]]:
+    """(classes, stats) of a prepared folder, without reading its manifest (one row per image)."""
+    require_prepared(data_dir, (CLASSES, STATS))
+    folder = Path(data_dir)
+    return json.loads((folder / CLASSES).read_text()), json.loads((folder / STATS).read_text())
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

@@ -5,7 +5,6 @@ the function returns a sentence saying why instead of a path, and the report pri
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,10 +295,11 @@ def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tens
 
 def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title: str, images: int) -> Figure:
     from ..data.loaders import build_loader
+    from ..data.prepare import STATS, read_meta
     from ..models import build_model
 
     data_dir = spec["data_dir"]
-    if data_dir is None or not (Path(data_dir) / "stats.json").exists():
+    if data_dir is None or not (Path(data_dir) / STATS).exists():
         return Figure(title, note=f"prepared validation data not found at {data_dir}")
     if spec["num_classes"] is None:
         return Figure(title, note=f"run {spec['run_id']} records no number of classes")
@@ -307,8 +307,7 @@ def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title:
     model = build_model(spec["backbone"], spec["head"], int(spec["num_classes"]), spec["img_size"])
     model.load_state_dict(state)
     batch, labels = _distinct_classes(build_loader(data_dir, "val", spec["img_size"], 32, train=False), images)
-    stats = json.loads((Path(data_dir) / "stats.json").read_text())
+    classes, stats = read_meta(data_dir)
     name = f"{title}: {spec['name']}, run {spec['run_id'][:8]}"
-    classes = json.loads((Path(data_dir) / "classes.json").read_text())
     names = classes if isinstance(classes, list) else None
     return attention_figure(model, batch, labels, stats["mean"], stats["std"], out, name, names)
