@@ -115,11 +115,7 @@ class Row:
     paper: tuple[int, int] | None
 
     def as_dict(self) -> dict[str, Any]:
-        defaults = HeadConfig()
-        options = [f"{f}={getattr(self.head, f)}" for f in ("feature_split", "activation", "softmax_axis",
-                                                            "aggregation", "kernel_size", "shared_attention",
-                                                            "extra_linear", "dropout")
-                   if getattr(self.head, f) != getattr(defaults, f)]
+        options = [f"{k}={v}" for k, v in self.head.options().items()]
         paper_params, paper_madds = self.paper or ("", "")
         return {"backbone": self.backbone, "head": self.head.kind,
                 "N": "" if self.head.N is None else self.head.N, "r": "" if self.head.r is None else self.head.r,

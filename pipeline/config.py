@@ -190,11 +190,14 @@ class HeadConfig:
         if self.kind != "noah":
             return self.kind
         parts = [f"N={self.N}", f"r={self.r:g}"] if self.N is not None and self.r is not None else []
-        defaults = HeadConfig()
-        for f in dataclasses.fields(self):
-            if f.name not in ("kind", "N", "r") and getattr(self, f.name) != getattr(defaults, f.name):
-                parts.append(f"{f.name}={getattr(self, f.name)}")
+        parts += [f"{k}={v}" for k, v in self.options().items()]
         return f"noah({','.join(parts)})"
+
+    def options(self) -> dict[str, Any]:
+        """The options besides kind, N and r that differ from the paper's design: what makes a variant."""
+        defaults = HeadConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("kind", "N", "r") and getattr(self, f.name) != getattr(defaults, f.name)}
 
 
 def parse_head(head: dict[str, Any] | HeadConfig | None, where: str = "head") -> HeadConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import REPO_ROOT
-from .config import ConfigError, HeadConfig, Params, TrialConfig, flatten, parse, to_dict
+from .config import ConfigError, Params, TrialConfig, flatten, parse, to_dict
 from .study import RESULTS, RowTrials, table_rows, trial_key
 
 
@@ -112,9 +112,9 @@ def _row_result(rt: RowTrials, keys: dict[str, str], uri: str) -> dict[str, Any]
     """A results row: the head, the table's setting, and each trial's outcome read back from MLflow."""
     from .tracking import latest_run, result_of
 
-    head, default = to_dict(rt.row.head), to_dict(HeadConfig())
-    setting = {k: v for k, v in head.items() if k != "kind" and (k in ("N", "r") or v != default[k])}
-    out: dict[str, Any] = {"row": rt.row.row, "backbone": rt.row.backbone, "head": head,
+    head = rt.row.head
+    setting = {"N": head.N, "r": head.r, **head.options()}
+    out: dict[str, Any] = {"row": rt.row.row, "backbone": rt.row.backbone, "head": to_dict(head),
                            "head_name": rt.row.head.name, "setting": setting}
     for kind, key in keys.items():
         run = latest_run(key, uri)
