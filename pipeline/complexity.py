@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from . import PAPER_TABLES
+from . import read_paper_table
 from .config import ConfigError, HeadConfig, parse_head_spec
 from .io import atomic_write_text
 from .models import NoahHead, backbone_info, build_model, list_backbones, resolve_head
@@ -75,11 +75,6 @@ _VARIANTS = {"poca": {}, "sigmoid": {"activation": "sigmoid"}, "kernel3x3": {"ke
              "shared_attention": {"shared_attention": True}, "extra_linear": {"extra_linear": True}}
 
 
-def _read(name: str) -> list[dict[str, str]]:
-    with open(PAPER_TABLES / name, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def paper_head(row: dict[str, str]) -> HeadConfig:
     """The head config a paper table row describes."""
     data: dict[str, Any] = {"kind": row["head"]}
@@ -97,7 +92,7 @@ def paper_figures() -> dict[tuple[str, HeadConfig], tuple[int, int]]:
     out: dict[tuple[str, HeadConfig], tuple[int, int]] = {}
     for name in ("table1_3_main.csv", "table4_N_r.csv", "table5_feature_split.csv", "table8_aggressive.csv",
                  "table11_poca_variants.csv"):
-        for row in _read(name):
+        for row in read_paper_table(name):
             key = (row["key"], paper_head(row))
             out.setdefault(key, (round(float(row["params_m"]) * 1e6), round(float(row["madds_g"]) * 1e9)))
     return out
@@ -132,7 +127,7 @@ def _rel(ours: int, paper: int | str) -> str:
 def default_heads(backbone: str) -> list[HeadConfig]:
     """Baseline, the paper's NOAH and, where Table 2 prints one, the GAP head."""
     kinds = ["baseline", "noah"] + (["gap"] if any(r["key"] == backbone and r["head"] == "gap"
-                                                    for r in _read("table1_3_main.csv")) else [])
+                                                    for r in read_paper_table("table1_3_main.csv")) else [])
     return [resolve_head(backbone, {"kind": k}) for k in kinds]
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import PAPER_TABLES
+from . import read_paper_table
 from .config import BenchmarkConfig, ConfigError, parse
 from .io import atomic_write_text
 
@@ -44,8 +44,7 @@ def overhead_pct(vanilla_fps: float, noah_fps: float) -> float:
 
 def paper_order() -> list[str]:
     """The 26 backbone keys in Table 10's row order."""
-    with open(PAPER_TABLES / "table10_speed.csv", newline="") as f:
-        return [row["key"] for row in csv.DictReader(f)]
+    return [row["key"] for row in read_paper_table("table10_speed.csv")]
 
 
 def timed_in_turns(models: dict[str, Callable[[], object]], repeats: int, warmup: int,

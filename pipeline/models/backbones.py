@@ -7,7 +7,6 @@ the model without its classifier, which is what NOAH replaces. Nothing is ever d
 """
 from __future__ import annotations
 
-import csv
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +18,7 @@ from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 from torch import nn
 from torchvision.models import shufflenet_v2_x1_0
 
-from .. import PAPER_TABLES
+from .. import read_paper_table
 from ..config import ConfigError
 from . import pvt  # noqa: F401  (registers pvt_v1_* with timm)
 
@@ -42,10 +41,9 @@ class BackboneInfo:
 @functools.cache
 def backbone_table() -> dict[str, BackboneInfo]:
     """backbones.csv, the one place the paper's per-backbone defaults live."""
-    with open(PAPER_TABLES / "backbones.csv", newline="") as f:
-        return {row["key"]: BackboneInfo(row["key"], row["paper_name"], row["family"], int(row["paper_table"]),
-                                         float(row["width"]), int(row["noah_N"]), float(row["noah_r"]))
-                for row in csv.DictReader(f)}
+    return {row["key"]: BackboneInfo(row["key"], row["paper_name"], row["family"], int(row["paper_table"]),
+                                     float(row["width"]), int(row["noah_N"]), float(row["noah_r"]))
+            for row in read_paper_table("backbones.csv")}
 
 
 _REGISTRY: dict[str, CreateFn] = {}

@@ -5,13 +5,12 @@ A `TableSpec` names the paper CSV that fixes the rows and their order, the setti
 """
 from __future__ import annotations
 
-import csv
 import functools
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
-from .. import PAPER_TABLES
+from .. import read_paper_table
 
 PaperRow = dict[str, str]
 
@@ -54,14 +53,12 @@ class TableSpec:
 @functools.cache
 def backbones() -> dict[str, PaperRow]:
     """`backbones.csv` keyed by backbone key."""
-    with open(PAPER_TABLES / "backbones.csv", newline="") as f:
-        return {r["key"]: r for r in csv.DictReader(f)}
+    return {r["key"]: r for r in read_paper_table("backbones.csv")}
 
 
 def paper_rows(spec: TableSpec) -> list[PaperRow]:
     """The paper's rows of a table in print order, each with a `row` number (Table 10 numbers them 1…26)."""
-    with open(PAPER_TABLES / spec.paper_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_paper_table(spec.paper_csv)
     for i, r in enumerate(rows, 1):
         r.setdefault("row", str(i))
     return rows
