@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from . import read_paper_table
 from .config import ConfigError, HeadConfig, parse_head_spec
 from .io import atomic_write_text
+from .progress import steps
 from .models import NoahHead, backbone_info, build_model, list_backbones, resolve_head
 
 aten = torch.ops.aten
@@ -172,26 +173,11 @@ def run(args: argparse.Namespace) -> int:
     head = None if args.head is None else parse_head_spec(args.head)
     pairs = [(k, h) for k in keys for h in ([resolve_head(k, head)] if head else default_heads(k))]
     data = []
-    progress = _progress(len(pairs))
+    step = steps(len(pairs))
     for i, row in enumerate(rows(pairs), 1):
         data.append(row.as_dict())
-        progress(i, f"{row.backbone} {row.head.name}: {row.params:,} params, {row.madds:,} MAdds")
+        step(i, f"{row.backbone} {row.head.name}: {row.params:,} params, {row.madds:,} MAdds")
     write_csv(args.out, data)
     print(f"wrote {len(data)} rows to {args.out}", file=sys.stderr)
     return 0
 
-
-def _progress(total: int):
-    """A tqdm bar on a terminal, one line per step otherwise."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, file=sys.stderr)
-
-        def step(i: int, text: str) -> None:
-            bar.set_postfix_str(text, refresh=False)
-            bar.update(1)
-            if i == total:
-                bar.close()
-        return step
-    return lambda i, text: print(f"[{i}/{total}] {text}", file=sys.stderr, flush=True)

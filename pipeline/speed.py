@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from . import read_paper_table
 from .config import BenchmarkConfig, ConfigError, parse
 from .io import atomic_write_text
+from .progress import steps
 
 EXPERIMENT = "table10"
 PAPER_COLUMNS = ["key", "vanilla_params_m", "vanilla_gpu_fps", "vanilla_cpu_fps", "noah_params_m", "noah_gpu_fps",
@@ -173,23 +173,14 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
         "load_before": round(os.getloadavg()[0], 2)}
     rows = []
     started = time.perf_counter()
-    show_bar = sys.stderr.isatty()
-    if show_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(keys), desc="table10", unit="pair")
+    step = steps(len(keys))
     for i, key in enumerate(keys, 1):
         row = {"row": order.index(key) + 1, **benchmark_backbone(key, cfg, use_gpu)}
         rows.append(row)
-        if show_bar:
-            bar.update()
-        else:
-            cpu = f"cpu {row['vanilla_cpu_fps']:.2f} vs {row['noah_cpu_fps']:.2f} fps ({row['cpu_overhead_pct']:+.2f}%)"
-            gpu = (f", gpu {row['vanilla_gpu_fps']:.1f} vs {row['noah_gpu_fps']:.1f} fps "
-                   f"({row['gpu_overhead_pct']:+.2f}%)") if use_gpu else ""
-            print(f"[{i}/{len(keys)}] {key}: {cpu}{gpu}  {time.perf_counter() - started:.0f}s", flush=True)
-    if show_bar:
-        bar.close()
+        cpu = f"cpu {row['vanilla_cpu_fps']:.2f} vs {row['noah_cpu_fps']:.2f} fps ({row['cpu_overhead_pct']:+.2f}%)"
+        gpu = (f", gpu {row['vanilla_gpu_fps']:.1f} vs {row['noah_gpu_fps']:.1f} fps "
+               f"({row['gpu_overhead_pct']:+.2f}%)") if use_gpu else ""
+        step(i, f"{key}: {cpu}{gpu}  {time.perf_counter() - started:.0f}s")
     meta["load_after"] = round(os.getloadavg()[0], 2)
     meta["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(cfg.out)

@@ -20,12 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..config import ConfigError, PrepareConfig, parse
+from ..progress import progress
 from . import builtin
 from .sources import SOURCES, Item, Scan
 
@@ -52,21 +53,6 @@ def read_meta(data_dir: str | Path) -> tuple[list[str], dict[str, Any]]:
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
-    """A tqdm bar on a terminal, otherwise one line per tenth of the work (logs stay readable)."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=desc, unit="img")
-        return
-    step, start = max(1, total // 10), time.perf_counter()
-    for i, item in enumerate(items, 1):
-        yield item
-        if i % step == 0 or i == total:
-            rate = i / max(time.perf_counter() - start, 1e-9)
-            print(f"{desc}: {i}/{total} ({rate:.0f} img/s)", file=sys.stderr, flush=True)
 
 
 def target_size(width: int, height: int, short: int) -> tuple[int, int]:
