@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import read_paper_table
-from .config import BenchmarkConfig, ConfigError, parse
+from .config import BenchmarkConfig, ConfigError, MlflowConfig, parse
 from .io import atomic_write_text
 from .progress import steps
 
@@ -138,7 +138,7 @@ def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, An
     """One run in experiment `table10`: the settings as params, every number as `<backbone>/<column>`."""
     from mlflow.entities import Metric, Param
 
-    from .tracking import client, experiment_id
+    from .tracking import MAX_BATCH, client, experiment_id
 
     mlflow_client = client(tracking_uri)
     run = mlflow_client.create_run(experiment_id(mlflow_client, EXPERIMENT), run_name="table10",
@@ -147,8 +147,9 @@ def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, An
     now = int(time.time() * 1000)
     metrics = [Metric(f"{row['key']}/{col}", float(row[col]), now, 0)
                for row in rows for col in COLUMNS[2:] if row.get(col) is not None]
-    for start in range(0, max(len(params), len(metrics)), 100):
-        mlflow_client.log_batch(run.info.run_id, metrics=metrics[start:start + 100], params=params[start:start + 100])
+    for start in range(0, max(len(params), len(metrics)), MAX_BATCH):
+        mlflow_client.log_batch(run.info.run_id, metrics=metrics[start:start + MAX_BATCH],
+                                params=params[start:start + MAX_BATCH])
     for path in files:
         mlflow_client.log_artifact(run.info.run_id, str(path))
     mlflow_client.set_terminated(run.info.run_id)
@@ -206,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=d.img_size)
     parser.add_argument("--out", default=d.out, help="path prefix: writes PREFIX.csv and PREFIX.json")
     parser.add_argument("--gpu", choices=("auto", "on", "off"), default="auto", help="time on CUDA too")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store ('' to skip)")
+    parser.add_argument("--tracking-uri", default=MlflowConfig.tracking_uri, help="MLflow store ('' to skip)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:

@@ -23,18 +23,19 @@ from mlflow.exceptions import MlflowException
 from . import REPO_ROOT
 from .io import atomic_write_text
 
+SQLITE = "sqlite:///"
 RUN_ID_FILE = "mlflow_run_id"
 TRIAL_TAG = "trial_id"
 REASON_TAG = "failure_reason"
-_MAX_BATCH = 100  # MLflow's limit on params per log_batch call
+MAX_BATCH = 100  # MLflow's limit on params per log_batch call
 _MAX_TAG = 5000
 
 
 def resolve_uri(uri: str) -> str:
     """An absolute tracking URI: a relative SQLite or local path is taken from the repository root,
     so trials whose working folder Ray changed still write to the same store."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str((REPO_ROOT / uri[len("sqlite:///"):]).resolve())
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str((REPO_ROOT / uri.removeprefix(SQLITE)).resolve())
     if "://" not in uri:
         return str((REPO_ROOT / uri).resolve())
     return uri
@@ -44,16 +45,21 @@ def local_store(uri: str) -> Path | None:
     """The file or folder of a local store (SQLite file or file store), None for a server; readers that
     must not create a store check that it exists first."""
     uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///"))
+    db = _sqlite_file(uri)
+    if db is not None:
+        return db
     return Path(uri) if "://" not in uri else None
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI, None for any other store."""
+    return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
 
 
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of a SQLite store go beside the database file (`mlartifacts/`), not the working folder."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return None
+    db = _sqlite_file(uri)
+    return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
 @functools.cache
@@ -62,9 +68,9 @@ def client(uri: str) -> MlflowClient:
     exclusive lock on `<db>.lock`: processes opening a new store at once (trials starting together)
     would otherwise race to create its tables and fail."""
     uri = resolve_uri(uri)
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_file(uri)
+    if db is None:
         return MlflowClient(tracking_uri=uri)
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -173,8 +179,8 @@ class TrialRun:
         """Log params the run does not hold yet (MLflow params are write-once)."""
         held = self.run().data.params
         todo = [Param(k, str(v)) for k, v in params.items() if k not in held]
-        for i in range(0, len(todo), _MAX_BATCH):
-            self.client.log_batch(self.run_id, params=todo[i:i + _MAX_BATCH])
+        for i in range(0, len(todo), MAX_BATCH):
+            self.client.log_batch(self.run_id, params=todo[i:i + MAX_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:_MAX_TAG]) for k, v in tags.items()])

@@ -217,7 +217,7 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, choices=["builtin", "builtin_reid", "imagefolder", "market1501"])
+    parser.add_argument("--source", required=True, help="where the images come from (PrepareConfig.source)")
     parser.add_argument("--root", help="source folder (imagefolder, market1501)")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--resize", type=int, default=PrepareConfig.resize, help="short side in pixels")
