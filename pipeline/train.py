@@ -168,10 +168,11 @@ def _loaders(trial: TrialConfig, scaled: ScaledRecipe, train: TrainConfig, world
     if scaled.batch_size % world.size:
         raise ConfigError("batch_size", scaled.batch_size, f"a multiple of num_workers ({world.size})")
     batch = scaled.batch_size // world.size
+    splits = [("train", True), *((s, False) for s in (("query", "gallery") if reid else ("val",)))]
     loaders = [build_loader(trial.data_dir, split, trial.img_size, batch, train=is_train,
                             augment=trial.recipe.augment if is_train else None, workers=train.loader_workers,
                             seed=trial.seed)
-               for split, is_train in (("train", True), *((s, False) for s in (("query", "gallery") if reid else ("val",))))]
+               for split, is_train in splits]
     if world.size == 1:
         return tuple(loaders)
     shard = 1 if reid else 2  # reid ranks whole query and gallery splits on every worker
@@ -572,7 +573,8 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
 
     A trial whose identity already has a FINISHED run is not trained again. Otherwise it resumes from
     the last checkpoint in `checkpoint_dir` (default `<checkpoint_root>/<trial_id>`) and the same MLflow
-    run. `reuse=False` ignores both and trains from scratch into a new run. Any error ends the run FAILED with the error text as its `failure_reason` tag.
+    run. `reuse=False` ignores both and trains from scratch into a new run. Any error ends the run FAILED
+    with the error text as its `failure_reason` tag.
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune.
     """
     trial = resolve_trial(trial, recipes)
@@ -587,9 +589,10 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
         return result_of(done)
     init_checkpoint = None
     if trial.init_from is not None:
-        init_checkpoint = REPO_ROOT / train.checkpoint_root / trial_id(trial.init_from) / CHECKPOINT
+        source_id = trial_id(trial.init_from)
+        init_checkpoint = REPO_ROOT / train.checkpoint_root / source_id / CHECKPOINT
         if not init_checkpoint.is_file():
-            raise ConfigError("init_from", trial_id(trial.init_from), f"a trained classification trial "
+            raise ConfigError("init_from", source_id, f"a trained classification trial "
                               f"(no checkpoint at {init_checkpoint}; run that trial first)")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else REPO_ROOT / train.checkpoint_root / tid
     ckpt_dir = ckpt_dir.absolute()

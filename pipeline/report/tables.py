@@ -264,7 +264,8 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     header = ["Network", *(s.label for s in spec.settings)]
     for m in spec.metrics:
         header += [m.label, f"{m.label} paper"]
-    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale_lines(results.meta, results.error, spec.producer == "benchmark"),
+    scale = scale_lines(results.meta, results.error, timing=spec.producer == "benchmark")
+    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale,
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     family = None
     for block in _blocks(lines):
