@@ -106,7 +106,7 @@ class PocaSum(torch.autograd.Function):
         for _, _, cols_k, _, key, value in PocaSum._chunks(x, wk, wv, rows, chunk, key_scale, workspace):
             if sigmoid:
                 attn = key.add_(bias_k).sigmoid_()
-                sums.append(torch.addcmul(attn.mul(value).sum(2), bias_v, attn.sum(2)))
+                sums.append(torch.addcmul(value.mul_(attn).sum(2), bias_v, attn.sum(2)))
                 continue
             top = None if x.is_cuda else key.new_zeros(())
             if top is not None:
