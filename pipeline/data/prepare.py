@@ -5,6 +5,8 @@ JPEG settings), `manifest.csv`, `classes.json` and `stats.json`. Rows, classes a
 sorted order and nothing time- or machine-dependent is written, so identical input and params give
 byte-identical output (DVC's cache works). Decoding runs in a process pool with JPEG draft mode, and
 the folder is built next to `out` and renamed into place, so a killed run never leaves half a dataset.
+The folder also carries `MARKER`: prepare replaces only a folder that holds it (or an empty or new one),
+so a mistyped `--out` can never delete files prepare did not write.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from ..config import ConfigError, PrepareConfig, parse
 from ..progress import progress
@@ -33,6 +35,9 @@ from .sources import SOURCES, Item, Scan
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
 STATS = "stats.json"
+MARKER = ".noah-prepared"
+MARKER_TEXT = "Built by `python -m pipeline prepare`, which replaces this whole folder when it runs again.\n"
+SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased (support scales with the shrink), as torchvision Resize
 
 
@@ -48,7 +53,8 @@ def read_meta(data_dir: str | Path) -> tuple[list[str], dict[str, Any]]:
     """(classes, stats) of a prepared folder, without reading its manifest (one row per image)."""
     require_prepared(data_dir, (CLASSES, STATS))
     folder = Path(data_dir)
-    return json.loads((folder / CLASSES).read_text()), json.loads((folder / STATS).read_text())
+    return (json.loads((folder / CLASSES).read_text(encoding="utf-8")),
+            json.loads((folder / STATS).read_text(encoding="utf-8")))
 
 
 def default_workers() -> int:
@@ -62,10 +68,21 @@ def target_size(width: int, height: int, short: int) -> tuple[int, int]:
     return max(1, round(width * short / height)), short
 
 
-def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
-    """Decode, shrink and re-encode one image (runs in a worker process).
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. Pillow's `convert` clips wider values to 0..255 (a 16-bit photo turns white), so
+    those are scaled first: 16-bit modes and `I` (0..65535 when read from a 16-bit file) by 1/257, and `F` by
+    255, taking float images as 0..1 (their usual range); values outside the range clip."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        scale = 255 if img.mode == "F" else 1 / 257
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float32) * scale), 0, 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
-    Returns either {"error": reason} or the manifest fields plus exact integer pixel sums for the stats.
+
+def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
+    """Decode, turn upright (EXIF orientation), shrink and re-encode one image (runs in a worker process).
+
+    Returns either {"error": reason} or the manifest fields plus exact integer pixel sums for the stats;
+    sizes are those of the upright image.
     """
     try:
         data = Path(src).read_bytes()
@@ -75,11 +92,13 @@ def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
         return {"error": "empty file (0 bytes)"}
     try:
         with Image.open(io.BytesIO(data)) as img:
-            orig = img.size
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            turned = orientation in SWAPPED_ORIENTATIONS
+            orig = img.size[::-1] if turned else img.size
             size = target_size(*orig, resize)
-            img.draft("RGB", size)  # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale when that suffices
+            img.draft("RGB", size[::-1] if turned else size)  # JPEG: libjpeg decodes at 1/2, 1/4 or 1/8 scale
             img.load()
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            rgb = to_rgb(img if orientation == 1 else ImageOps.exif_transpose(img))
         if rgb.size != size:
             rgb = rgb.resize(size, RESAMPLE)
     except Image.UnidentifiedImageError:
@@ -120,7 +139,7 @@ def _mean_std(results: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -> dict[str, Any]:
@@ -150,7 +169,7 @@ def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -
     good.sort(key=lambda g: (order[g[0].split], g[0].dst))
     columns = ["path", "label", "split", "class", "sha256", "orig_width", "orig_height", "width", "height",
                "src"] + (["pid", "camid"] if scan.task == "reid" else [])
-    with open(out / MANIFEST, "w", newline="") as f:
+    with open(out / MANIFEST, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
         for item, res in good:
@@ -177,22 +196,53 @@ def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -
         stats["builtin"] = {k: getattr(cfg.builtin, k) for k in cfg.builtin.__dataclass_fields__}
     _write_json(out / CLASSES, classes)
     _write_json(out / STATS, stats)
+    (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     return stats
 
 
+def _replaceable(folder: Path) -> bool:
+    """True for an empty folder or one that carries `MARKER`: the only existing folders prepare replaces."""
+    return folder.is_dir() and ((folder / MARKER).is_file() or not any(folder.iterdir()))
+
+
+def check_out(out: Path) -> None:
+    """Refuse an `out` (resolved) whose replacement would delete files prepare did not write."""
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        found = "the working folder" if out == cwd else "a parent of the working folder"
+    elif out == Path.home().resolve():
+        found = "the home folder"
+    elif out.exists() and not out.is_dir():
+        found = "a file"
+    elif out.exists() and not _replaceable(out):
+        found = f"a folder with files that prepare did not write (no {MARKER})"
+    else:
+        return
+    raise ConfigError("out", str(out), f"a folder that does not exist yet, an empty folder, or one prepare built "
+                      f"(it holds {MARKER}), since prepare replaces the whole folder; found {found}, so nothing "
+                      "was touched")
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` by the finished `tmp` folder with renames (atomic on one file system)."""
+    """Replace `out` by the finished `tmp` folder with renames (atomic on one file system).
+
+    `out` is checked again (conversion took time), and the old folder is deleted only if, renamed aside,
+    it is still one prepare may replace; otherwise it stays, renamed, rather than be lost.
+    """
+    check_out(out)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if _replaceable(old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     """Build `cfg.out` from `cfg.source`; returns the stats written to stats.json."""
     workers = default_workers() if workers is None else workers
-    out = Path(cfg.out).absolute()
+    out = Path(cfg.out).resolve()
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as staging:
@@ -219,7 +269,8 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="where the images come from (PrepareConfig.source)")
     parser.add_argument("--root", help="source folder (imagefolder, market1501)")
-    parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--out", required=True, help=f"output folder: new, empty or built by prepare (holds {MARKER}); "
+                        "replaced atomically")
     parser.add_argument("--resize", type=int, default=PrepareConfig.resize, help="short side in pixels")
     parser.add_argument("--quality", type=int, default=PrepareConfig.quality, help="JPEG quality of the copies")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in datasets")

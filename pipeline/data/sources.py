@@ -3,14 +3,16 @@ rejects), or raises one `ConfigError` that says which layout it expected and wha
 
 Registered in `SOURCES` by name; `builtin` and `builtin_reid` generate their tree first (see builtin.py)
 and then use the `imagefolder` and `market1501` scanners, so every dataset takes the same path.
+A file or folder whose name is not valid UTF-8 cannot be written to the manifest: it is rejected (a folder
+with everything in it) under a readable path that shows the bad bytes as `\\xNN`.
 """
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..config import ConfigError
 
@@ -39,15 +41,34 @@ class Scan:
     rejected: list[dict[str, str]] = field(default_factory=list)
 
     def reject(self, path: str, reason: str) -> None:
-        self.rejected.append({"path": path, "reason": reason})
+        self.rejected.append({"path": readable(path), "reason": reason})
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every file under `folder`, in a sorted, platform-independent order."""
+def readable(path: str) -> str:
+    """`path` as valid UTF-8 text: bytes that are not UTF-8 (held by Python as surrogate escapes) become `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    return readable(name) == name
+
+
+def _bad_name(scan: Scan, root: Path, path: Path, is_dir: bool) -> bool:
+    """Reject `path` when its name is not valid UTF-8 (the manifest and stats are UTF-8 text)."""
+    if _utf8(path.name):
+        return False
+    scan.reject(path.relative_to(root).as_posix(), f"{'folder' if is_dir else 'file'} name is not valid UTF-8")
+    return True
+
+
+def _files(scan: Scan, root: Path, folder: Path) -> list[Path]:
+    """Every file under `folder`, in a sorted, platform-independent order; names that are not UTF-8 are rejected,
+    a folder with all it holds."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
+        here = Path(dirpath)
+        dirnames[:] = [d for d in sorted(dirnames) if not _bad_name(scan, root, here / d, True)]
+        out.extend(here / f for f in sorted(filenames) if not _bad_name(scan, root, here / f, False))
     return out
 
 
@@ -85,10 +106,12 @@ def scan_imagefolder(root: Path) -> Scan:
         if not any(e.is_dir() for e in entries):
             raise _layout_error(root / split, f"class folders in {split}/ ({expected})")
         for entry in entries:
+            if _bad_name(scan, root, entry, entry.is_dir()):
+                continue
             if not entry.is_dir():
                 scan.reject(entry.relative_to(root).as_posix(), "not inside a class folder")
                 continue
-            files = _files(entry)
+            files = _files(scan, root, entry)
             if not files:
                 scan.reject(entry.relative_to(root).as_posix(), "empty class folder")
             for path in files:
@@ -108,7 +131,7 @@ def scan_market1501(root: Path) -> Scan:
         raise _layout_error(root, expected)
     scan, seen = Scan("reid", tuple(MARKET_SPLITS)), {}
     for split, folder in MARKET_SPLITS.items():
-        for path in _files(root / folder):
+        for path in _files(scan, root, root / folder):
             rel = path.relative_to(root).as_posix()
             match = MARKET_NAME.match(path.name)
             if path.suffix.lower() in IMAGE_EXTENSIONS and not match:
