@@ -8,6 +8,8 @@ frozen dataclass. `parse` turns plain mappings into these dataclasses and reject
 from __future__ import annotations
 
 import dataclasses
+import math
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}: got {value!r}; allowed: {allowed}")
+        super().__init__(f"{key}: got {_shown(value)}; allowed: {allowed}")
 
     def under(self, where: str) -> ConfigError:
         """The same error with its key placed inside `where`, e.g. `root` -> `datasets.imagenet.root`."""
@@ -30,6 +32,22 @@ class ConfigError(ValueError):
     def __reduce__(self) -> tuple[type, tuple[str, Any, str]]:
         """Pickle by the three parts, so the error crosses process boundaries (Ray workers) intact."""
         return type(self), (self.key, self.value, self.allowed)
+
+
+MAX_SHOWN = 200
+"""Characters of a bad value that an error message shows: a huge value (a long list, a whole section
+given where a number belongs) must not bury the message."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}… ({len(text)} characters)"
+
+
+INT64 = 2**63
+"""Every integer the schema takes fits a signed 64-bit integer (what torch, numpy and SQLite hold)."""
+SEEDS = 2**32
+"""Seeds are 0 … 2**32 - 1: numpy's global seed takes no more, and a seed must reach every generator."""
 
 
 def choice(*values: Any, default: Any = dataclasses.MISSING) -> Any:
@@ -42,6 +60,24 @@ def checked(check: Callable[[Any], bool], allowed: str, default: Any = dataclass
     """A field whose value must satisfy `check`; `allowed` says in words what passes."""
     return field(default=default, default_factory=default_factory,
                  metadata={"check": check, "allowed": allowed})
+
+
+def seed_field() -> Any:
+    """A seed: an integer from 0 to 2**32 - 1, default 0."""
+    return checked(lambda s: 0 <= s < SEEDS, "an integer from 0 to 2**32 - 1", default=0)
+
+
+IMG_SIZE_RULE = "a multiple of 32, at least 32"
+
+
+def valid_img_size(size: Any) -> bool:
+    """The backbones downsample by 32, so an input size is a whole multiple of it."""
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 32 and size % 32 == 0
+
+
+def img_size_field(default: Any) -> Any:
+    """An input image size (`valid_img_size`), checked where params.yaml sets it, not when a model is built."""
+    return checked(valid_img_size, IMG_SIZE_RULE, default=default)
 
 
 def _type_name(tp: Any) -> str:
@@ -90,13 +126,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(key, value, "true or false")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64:
             return value
-        raise ConfigError(key, value, "an integer")
+        raise ConfigError(key, value, "an integer (within ±2**63)")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(key, value, "a number")
+        raise ConfigError(key, value, "a finite number")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -125,7 +161,12 @@ def parse(cls: type[T], data: Any, where: str = "") -> T:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(key, None, f"a value is required ({_type_name(hints[name])})")
             continue
-        value = _coerce(hints[name], data[name], key)
+        try:
+            value = _coerce(hints[name], data[name], key)
+        except ConfigError as err:  # a checked field says what it takes better than its type does
+            if err.key != key or "allowed" not in f.metadata:
+                raise
+            raise ConfigError(key, data[name], f"{f.metadata['allowed']} ({_type_name(hints[name])})") from None
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(key, value, "one of " + ", ".join(map(repr, choices)))
@@ -256,8 +297,8 @@ class ProfileConfig:
 
     dataset: str = checked(lambda d: bool(d), "a key of `datasets`")
     reid_dataset: str | None = None
-    img_size: int = checked(lambda s: s >= 16, "an image size >= 16", default=224)
-    reid_img_size: int | None = checked(lambda s: s >= 16, "an image size >= 16", default=None)
+    img_size: int = img_size_field(224)
+    reid_img_size: int | None = img_size_field(None)
     epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     gpu_tflops: float = checked(lambda t: t > 0, "a positive number (effective TFLOP/s per GPU)", default=30.0)
@@ -283,7 +324,7 @@ class RayConfig:
 class BuiltinDataConfig:
     """Size of the generated datasets (`builtin` shapes, `builtin_reid` persons); all drawn from `seed`."""
 
-    seed: int = 0
+    seed: int = seed_field()
     num_classes: int = checked(lambda n: 2 <= n <= 10, "an integer from 2 to 10 (one per shape kind)", default=8)
     train_per_class: int = checked(lambda n: n >= 1, "an integer >= 1", default=40)
     val_per_class: int = checked(lambda n: n >= 1, "an integer >= 1", default=16)
@@ -384,8 +425,8 @@ class TrialConfig:
     data_dir: str = checked(lambda d: bool(d), "a prepared dataset folder (with manifest.csv)")
     head: HeadConfig = field(default_factory=HeadConfig)
     recipe: str | RecipeConfig = "resnet"
-    seed: int = 0
-    img_size: int = checked(lambda s: s >= 16, "an image size >= 16", default=224)
+    seed: int = seed_field()
+    img_size: int = img_size_field(224)
     epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     init_from: TrialConfig | None = None
@@ -428,7 +469,7 @@ class BenchmarkConfig:
     gpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=3)
     cpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
     gpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=200)
-    img_size: int = checked(lambda n: n >= 32 and n % 32 == 0, "a multiple of 32, at least 32", default=224)
+    img_size: int = img_size_field(224)
     out: str = checked(lambda d: bool(d), "a path prefix (writes PREFIX.csv and PREFIX.json)",
                        default="results/table10")
 
@@ -445,7 +486,7 @@ class Params:
     datasets: dict[str, PrepareConfig]
     tables: dict[str, TableConfig]
     recipes: dict[str, RecipeConfig] = field(default_factory=dict)
-    seed: int = 0
+    seed: int = seed_field()
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -460,7 +501,7 @@ class Params:
                 if ref is not None and ref not in self.datasets:
                     raise ConfigError(f"profiles.{name}.{key}", ref, "a key of `datasets`: " + ", ".join(self.datasets))
                 out = self.datasets[ref].out if ref is not None else "/"
-                if not (out.startswith("/") or out.startswith(f"data/{name}/")):
+                if not (out.startswith("/") or posixpath.normpath(out).startswith(f"data/{name}/")):
                     raise ConfigError(f"datasets.{ref}.out", out, f"a folder under data/{name}/ (the prepare "
                                       f"stage's out for profile {name!r}) or an absolute path outside DVC")
         for name, table in self.tables.items():

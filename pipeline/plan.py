@@ -69,6 +69,12 @@ def gpu_hours(params: Params, trial: TrialConfig) -> float | None:
     return epochs * images / images_per_s / 3600
 
 
+def _table_order(name: str) -> tuple[int, int, str]:
+    """The paper's order (`table4` before `table10`), then tables of other names alphabetically."""
+    number = name.removeprefix("table")
+    return (0, int(number), "") if number.isdigit() else (1, 0, name)
+
+
 def plan(params: Params) -> dict[str, Any]:
     """Counts and estimates per table and in total; no configuration is counted twice in the total."""
     from .study import table_rows, trial_key
@@ -95,7 +101,7 @@ def plan(params: Params) -> dict[str, Any]:
     total = {"rows": sum(t["rows"] for t in tables.values()), "trials": sum(t["trials"] for t in tables.values()),
              "unique_trials": len(seen), "finished": len(seen & finished),
              "gpu_hours": None if None in hours else round(sum(hours), 2)}
-    order = sorted(tables, key=lambda t: int(t.removeprefix("table")))
+    order = sorted(tables, key=_table_order)
     return {"profile": params.profile, "tables": {t: tables[t] for t in order}, "total": total}
 
 

@@ -24,15 +24,40 @@ RESULTS = REPO_ROOT / "results"
 REPORTS = REPO_ROOT / "reports"
 
 
+MAX_YAML_VALUES = 100_000
+"""Values a params file may hold once its aliases are expanded (the repository's holds a few thousand)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """Safe YAML whose aliases (`*name`) may not expand past MAX_YAML_VALUES values: nine nested aliases of
+    nine uses each (a "billion laughs" file) would otherwise hang validation and fill the memory."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded", node.start_mark)
+        return super().construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under `node` with every alias expanded, each shared node measured once."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias adds nothing more
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def load_params(path: str | Path = PARAMS) -> Params:
     """Parse and cross-check a params file (structure only; `table_rows` builds the models)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("params", str(path), "an existing params.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_BoundedLoader)
     except yaml.YAMLError as err:
-        raise ConfigError("params", str(path), f"valid YAML ({err})") from None
+        raise ConfigError("params", str(path), f"valid YAML of at most {MAX_YAML_VALUES} values ({err})") from None
     return parse(Params, data)
 
 
@@ -45,7 +70,8 @@ class RowTrials:
     trials: dict[str, TrialConfig]
 
 
-def _data_dir(params: Params, name: str) -> str:
+def data_dir(params: Params, name: str) -> str:
+    """The folder of dataset `name` (a relative `out` is taken from the repository root)."""
     out = Path(params.datasets[name].out)
     return str(out if out.is_absolute() else REPO_ROOT / out)
 
@@ -80,14 +106,14 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
             head = _checked_head(row.backbone, row.head, img_size)
         except ConfigError as err:
             raise err.under(where) from None
-        classify = TrialConfig(backbone=row.backbone, data_dir=_data_dir(params, prof.dataset), head=head,
+        classify = TrialConfig(backbone=row.backbone, data_dir=data_dir(params, prof.dataset), head=head,
                                recipe=_recipe(params, spec.pretrain_recipe if reid else spec.recipe),
                                seed=params.seed, img_size=prof.img_size, epochs=prof.epochs,
                                batch_size=prof.batch_size)
         if not reid:
             trials = {"classify": classify}
         else:
-            scratch = dataclasses.replace(classify, data_dir=_data_dir(params, prof.reid_dataset),
+            scratch = dataclasses.replace(classify, data_dir=data_dir(params, prof.reid_dataset),
                                           recipe=_recipe(params, spec.recipe), img_size=img_size)
             trials = {"scratch": scratch, "finetune": dataclasses.replace(
                 scratch, recipe=_recipe(params, spec.finetune_recipe), init_from=classify)}
@@ -133,12 +159,19 @@ def prepare_stage(params: Params, names: list[str]) -> None:
             raise err.under(f"datasets.{name}") from None
 
 
+class StageError(RuntimeError):
+    """A stage ran but could not produce its outputs (e.g. trials that failed): exit 1 with the cause."""
+
+
 def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
     """A DVC stage's whole `main`: `[--params FILE] [ARGS…]`, the params validated first; a bad option
-    ends the stage with exit code 2 and one line naming it, before any work starts."""
+    ends the stage with exit code 2 and one line naming it, before any work starts; outputs it could not
+    produce end it with exit code 1 and one line saying why."""
     import argparse
+    import signal
     import sys
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a stage as Ctrl-C does, cleanly
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default=str(PARAMS), help="the params file (default: params.yaml)")
     parser.add_argument("args", nargs="*")
@@ -148,4 +181,10 @@ def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT or SIGTERM); run the stage again to resume", file=sys.stderr)
+        return 130
     return 0

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import REPO_ROOT
+from .cluster import connect
 from .config import ConfigError, Params, TrialConfig, flatten, parse, to_dict
-from .study import RESULTS, RowTrials, table_rows, trial_key
+from .io import require_writable
+from .study import RESULTS, RowTrials, StageError, data_dir, table_rows, trial_key
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -67,26 +68,13 @@ def _resources(params: Params) -> Any:
     return tune.PlacementGroupFactory([{"CPU": 0.5}] + [worker] * workers)
 
 
-def connect(params: Params) -> str:
-    """Join the cluster at `ray.address` or RAY_ADDRESS, else start a local Ray; returns where."""
-    import ray
-
-    address = params.ray.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return "already connected"
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return address
-    ray.init(num_cpus=params.ray.num_cpus, include_dashboard=False, log_to_driver=True)
-    return "local"
-
-
-def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], parent_run_id: str) -> None:
-    """Run `trials` (keyed by identity) as one Ray Tune grid; failures stay in MLflow, not raised."""
+def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], parent_run_id: str) -> dict[str, str]:
+    """Run `trials` (keyed by identity) as one Ray Tune grid; failures stay in MLflow, not raised. Returns the
+    error of each trial that Ray saw fail for good, by identity (a trial can fail before its run exists)."""
     import ray
     from ray import tune
 
-    where = connect(params)
+    where = connect(params.ray.address, params.ray.num_cpus)
     print(f"sweep {table}: {len(trials)} trial(s) on Ray ({where})", file=sys.stderr, flush=True)
     space = {
         "trial": tune.grid_search([to_dict(t) for t in trials.values()]),
@@ -103,13 +91,23 @@ def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], pare
             storage_path=str(storage if storage.is_absolute() else REPO_ROOT / storage),
             failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=1))
     try:
-        tuner.fit()
+        grid = tuner.fit()
     finally:
         ray.shutdown()
+    keys = {json.dumps(to_dict(t), sort_keys=True): k for k, t in trials.items()}
+    return {keys[json.dumps(r.config["trial"], sort_keys=True)]: _error_text(r.error) for r in grid if r.error}
 
 
-def _row_result(rt: RowTrials, keys: dict[str, str], uri: str) -> dict[str, Any]:
-    """A results row: the head, the table's setting, and each trial's outcome read back from MLflow."""
+def _error_text(error: BaseException) -> str:
+    """`Type: message` of the error a trial raised (Ray wraps it in its own task error)."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def _row_result(rt: RowTrials, keys: dict[str, str], uri: str, errors: dict[str, str]) -> dict[str, Any]:
+    """A results row: the head, the table's setting, and each trial's outcome read back from MLflow (or the
+    error Ray saw, for a trial that failed before its run existed)."""
     from .tracking import latest_run, result_of
 
     head = rt.row.head
@@ -119,11 +117,11 @@ def _row_result(rt: RowTrials, keys: dict[str, str], uri: str) -> dict[str, Any]
     for kind, key in keys.items():
         run = latest_run(key, uri)
         if run is None:
-            res = {"status": "MISSING", "reason": "no run was recorded for this trial"}
+            res = {"status": "MISSING", "reason": errors.get(key, "no run was recorded for this trial")}
         else:
             res = result_of(run)
             if res["status"] != "FINISHED" and not res.get("reason"):
-                res["reason"] = f"run ended {res['status']}"
+                res["reason"] = errors.get(key, f"run ended {res['status']}")
         prefix = "" if kind == "classify" else f"{kind}_"
         out.update({f"{prefix}{k}": v for k, v in res.items()})
     return out
@@ -134,34 +132,93 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
     from .tracking import client, experiment_id, find_finished, git_commit, resolve_uri
 
     rows = table_rows(params, table)
-    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable results folder fails now, not after training
+    uri = resolve_uri(params.mlflow.tracking_uri)
+    check_ready(params, table, out_dir, uri)
     keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
     unique = {ks[kind]: t for rt, ks in zip(rows, keys) for kind, t in rt.trials.items()}
-    uri = resolve_uri(params.mlflow.tracking_uri)
     todo = {k: t for k, t in unique.items() if find_finished(k, uri) is None}
     # Fine-tuning starts from a classification trial's checkpoint: train missing ones first.
     sources = {trial_key(t.init_from): t.init_from for t in todo.values() if t.init_from is not None}
     phases = [p for p in ({k: t for k, t in sources.items() if find_finished(k, uri) is None}, todo) if p]
     print(f"sweep {table}: {len(rows)} rows, {len(unique)} unique trials, {len(unique) - len(todo)} already "
           f"finished, {len(todo)} to train", file=sys.stderr, flush=True)
+    errors: dict[str, str] = {}
     if phases:
         mlflow_client = client(uri)
         parent = mlflow_client.create_run(experiment_id(mlflow_client, table), run_name=f"{table} sweep",
                                           tags={"sweep": table, "git_commit": git_commit()})
+        ended = "KILLED"  # unless it ends otherwise: interrupted (SIGINT, SIGTERM)
         try:
             for phase in phases:
-                tune_trials(params, table, phase, parent.info.run_id)
+                errors |= tune_trials(params, table, phase, parent.info.run_id)
+            ended = "FINISHED"
+        except Exception:
+            ended = "FAILED"
+            raise
         finally:
-            mlflow_client.set_terminated(parent.info.run_id)
+            _close_sweep(mlflow_client, parent.info, ended)
     prof, first = params.active, next(iter(rows[0].trials.values()))  # every row trains on the same data
     meta = {"table": table, "profile": params.profile,
             "dataset": prof.reid_dataset if params.tables[table].task == "reid" else prof.dataset,
             "num_classes": _num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
             "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seed": params.seed,
             "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    results = {"meta": meta, "rows": [_row_result(rt, ks, uri) for rt, ks in zip(rows, keys)]}
+    results = {"meta": meta, "rows": [_row_result(rt, ks, uri, errors) for rt, ks in zip(rows, keys)]}
     write_results(out_dir, table, results)
+    failed = _unfinished(results["rows"])
+    if failed:
+        raise StageError(f"{table}: {len(failed)} trial(s) did not finish ({'; '.join(failed)}); their reasons are "
+                         f"in {out_dir / table}.json and MLflow; run the stage again to retry them")
     return results
+
+
+def _close_sweep(mlflow_client: Any, parent: Any, status: str) -> None:
+    """End the sweep's parent run with `status`, and as KILLED, with a reason, every trial run of it still
+    RUNNING: its process was ended with the sweep (a re-run reopens the run and resumes the trial)."""
+    from .tracking import REASON_TAG
+
+    left = mlflow_client.search_runs([parent.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"))
+    for run in left:
+        mlflow_client.set_tag(run.info.run_id, REASON_TAG, f"interrupted: the sweep ended {status}")
+        mlflow_client.set_terminated(run.info.run_id, "KILLED")
+    mlflow_client.set_terminated(parent.run_id, status)
+
+
+def _unfinished(rows: list[dict[str, Any]]) -> list[str]:
+    """`row N: reason` for each trial of `rows` that ended without a result. A diverged trial (NaN loss) is
+    a result of its recipe, reported as such, not a failure of the stage."""
+    from .train import NonFiniteLossError
+
+    out = []
+    for row in rows:
+        for prefix in ("", "scratch_", "finetune_"):
+            status, reason = row.get(f"{prefix}status"), row.get(f"{prefix}reason") or ""
+            if status is not None and status != "FINISHED" and not reason.startswith(NonFiniteLossError.__name__):
+                out.append(f"row {row['row']}{' ' + prefix.rstrip('_') if prefix else ''}: {reason}")
+    return out
+
+
+def check_ready(params: Params, table: str, out_dir: Path, uri: str) -> None:
+    """Fail in seconds, before Ray starts, on what would fail every trial or lose its result: unprepared
+    data, a results, checkpoint or Ray folder that cannot be written, an MLflow store that cannot be used."""
+    from .data.prepare import require_prepared
+    from .tracking import client
+
+    prof = params.active
+    for name in (prof.dataset, prof.reid_dataset if params.tables[table].task == "reid" else None):
+        if name is not None:
+            try:
+                require_prepared(data_dir(params, name))
+            except ConfigError as err:
+                raise ConfigError(f"datasets.{name}.out", err.value, err.allowed) from None
+    for key, folder in (("results", out_dir), ("train.checkpoint_root", REPO_ROOT / params.train.checkpoint_root),
+                        ("ray.storage_path", REPO_ROOT / params.ray.storage_path)):
+        require_writable(folder, key)
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - whatever it is, it would fail every trial once Ray started
+        raise ConfigError("mlflow.tracking_uri", uri, f"a usable MLflow store ({type(err).__name__}: {err})") from None
 
 
 def _num_classes(data_dir: str) -> int | None:

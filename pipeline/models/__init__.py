@@ -7,7 +7,7 @@ from typing import Any
 from timm.layers import ClassifierHead
 from torch import nn
 
-from ..config import ConfigError, HeadConfig, parse_head
+from ..config import IMG_SIZE_RULE, ConfigError, HeadConfig, parse_head, valid_img_size
 from .backbones import (backbone_info, backbone_table, create_backbone, detach_head_conv, has_class_token,
                         list_backbones)
 from .classifier import Classifier
@@ -48,8 +48,8 @@ def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_cla
     cfg = resolve_head(backbone, head)
     opts = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     _check_positive("num_classes", num_classes)
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 32 or img_size % 32:
-        raise ConfigError("img_size", img_size, "a multiple of 32, at least 32")
+    if not valid_img_size(img_size):
+        raise ConfigError("img_size", img_size, IMG_SIZE_RULE)
     tokens = backbone_info(backbone).family in ("vit", "mlp")
     if cfg.kind == "baseline":
         return Classifier(create_backbone(backbone, num_classes, img_size, **opts), None, tokens=tokens)

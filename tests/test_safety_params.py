@@ -1,0 +1,204 @@
+"""Bad params and unusable outputs, met the way a user meets them: through the stages and the CLI. Each
+fails in seconds with one short line naming the key, before Ray, MLflow or any data is touched, and a
+sweep whose trials did not finish exits non-zero with their reasons in the results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pipeline import REPO_ROOT
+from pipeline.config import MAX_SHOWN, ConfigError
+from pipeline.study import PARAMS, StageError, load_params
+from pipeline.sweep import run_table
+
+ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
+
+
+def _repo_params(tmp_path: Path, **changes: object) -> Path:
+    """The repository's params.yaml with top-level `changes`, tracked in a temporary store."""
+    data = yaml.safe_load(PARAMS.read_text())
+    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data.update(changes)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _stage(stage: str, params: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"stages/{stage}.py", "--params", str(params), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, key: str, code: int = 2) -> str:
+    assert proc.returncode == code, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}"), proc.stderr
+    return lines[0]
+
+
+# ---- params.yaml
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """Nine levels of nine aliases would expand to 9**9 strings: the file is refused, not expanded."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\nprofile: *a8\n")
+    start = time.monotonic()
+    proc = _stage("sweep", path, "table4", timeout=60)
+    line = _one_error_line(proc, "params")
+    assert "aliases" in line and len(line) < 1000
+    assert time.monotonic() - start < 30
+
+
+def test_error_messages_show_a_long_value_cut(tmp_path: Path) -> None:
+    proc = _stage("prepare", _repo_params(tmp_path, seed=list(range(5000))))
+    line = _one_error_line(proc, "seed")
+    assert "characters)" in line and len(line) < MAX_SHOWN + 300
+
+
+@pytest.mark.parametrize("seed", [2**70, -1])
+def test_train_cli_bounds_the_seed_before_any_run_exists(tmp_path: Path, tiny_data: Path, seed: int) -> None:
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--data",
+                           str(tiny_data), "--seed", str(seed), "--img-size", "32", "--epochs", "1",
+                           "--tracking-uri", f"sqlite:///{db}", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert "2**32 - 1" in _one_error_line(proc, "trial.seed")
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    datasets = {"builtin": {"source": "builtin", "out": str(out), "builtin": {"seed": -1}}}
+    proc = _stage("prepare", _repo_params(tmp_path, datasets={**yaml.safe_load(PARAMS.read_text())["datasets"],
+                                                               **datasets}), "builtin")
+    _one_error_line(proc, "datasets.builtin.builtin.seed")
+    assert not out.exists()
+
+
+def test_profile_image_size_is_checked_where_it_is_set(tmp_path: Path) -> None:
+    profiles = yaml.safe_load(PARAMS.read_text())["profiles"]
+    profiles["smoke"]["img_size"] = 48
+    proc = _stage("sweep", _repo_params(tmp_path, profiles=profiles), "table6")
+    assert "a multiple of 32" in _one_error_line(proc, "profiles.smoke.img_size")
+
+
+def test_dataset_out_cannot_climb_out_of_its_profile_folder(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    datasets = yaml.safe_load(PARAMS.read_text())["datasets"]
+    escape = os.path.relpath(victim, REPO_ROOT / "data" / "smoke")
+    datasets["builtin"]["out"] = f"data/smoke/{escape}"
+    proc = _stage("prepare", _repo_params(tmp_path, datasets=datasets))
+    assert "under data/smoke/" in _one_error_line(proc, "datasets.builtin.out")
+    assert [p.name for p in victim.iterdir()] == ["keep.txt"] and (victim / "keep.txt").read_text() == "mine"
+
+
+def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
+    tables = yaml.safe_load(PARAMS.read_text())["tables"]
+    tables = {"extra": {"recipe": "resnet", "rows": [ROW]}, "table10b": {"recipe": "resnet", "rows": [ROW]},
+              **{k: tables[k] for k in ("table6", "table11")}}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--params", str(_repo_params(tmp_path, tables=tables)),
+                           "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(proc.stdout)["tables"]) == ["table6", "table10", "table11", "extra", "table10b"]
+
+
+# ---- the sweep stage: ready before Ray starts, non-zero when trials fail
+
+
+def test_sweep_stage_with_unprepared_data_fails_before_ray(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+    path = tiny_params(datasets={"builtin": {"out": str(tmp_path / "not-prepared")}},
+                       tables={"tmiss": {"recipe": "resnet", "rows": [ROW]}})
+    start = time.monotonic()
+    proc = _stage("sweep", path, "tmiss")
+    line = _one_error_line(proc, "datasets.builtin.out")
+    assert "a prepared dataset folder" in line and str(tmp_path / "not-prepared") in line
+    assert time.monotonic() - start < 30, "failed before Ray started"
+    assert "Ray" not in proc.stderr and not (tmp_path / "ray_results").exists()
+    assert not (REPO_ROOT / "results" / "tmiss.json").exists()
+
+
+@contextmanager
+def _read_only_mount(folder: Path) -> Iterator[None]:
+    """A read-only file system at `folder` (root ignores permission bits, not a read-only mount)."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("what", ["results", "checkpoints", "mlflow"])
+def test_read_only_outputs_fail_before_ray_and_name_the_key(tiny_params: Callable[..., Path], tmp_path: Path,
+                                                            what: str) -> None:
+    folder = tmp_path / "ro"
+    changes = {"checkpoints": {"train": {"checkpoint_root": str(folder)}},
+               "mlflow": {"mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}}}.get(what, {})
+    params = load_params(tiny_params(tables={"tro": {"recipe": "resnet", "rows": [ROW]}}, **changes))
+    key = {"results": "results", "checkpoints": "train.checkpoint_root", "mlflow": "mlflow.tracking_uri"}[what]
+    with _read_only_mount(folder):
+        start = time.monotonic()
+        with pytest.raises(ConfigError) as err:
+            run_table(params, "tro", folder if what == "results" else tmp_path / "results")
+    assert err.value.key == key and ("Read-only file system" in str(err.value) or what == "mlflow"), str(err.value)
+    assert time.monotonic() - start < 30 and not list(tmp_path.glob("ray_results/*")), "failed before Ray started"
+
+
+def test_trials_failing_inside_ray_fail_the_stage_with_their_reason(tiny_params: Callable[..., Path],
+                                                                   tmp_path: Path) -> None:
+    """An odd batch cannot be mixed up in pairs: the trial fails before its MLflow run exists; the results
+    row carries Ray's error, and the stage raises instead of recording success."""
+    params = load_params(tiny_params(
+        recipes={"mix": {"optimizer": "sgd", "lr": 0.1, "batch_size": 256, "epochs": 100, "mixup": 0.2}},
+        profiles={"smoke": {"batch_size": 15}}, ray={"max_failures": 0},
+        tables={"tmix": {"recipe": "mix", "rows": [ROW]}}))
+    with pytest.raises(StageError) as err:
+        run_table(params, "tmix", tmp_path / "results")
+    (row,) = json.loads((tmp_path / "results" / "tmix.json").read_text())["rows"]
+    assert row["status"] == "MISSING"
+    assert row["reason"].startswith("ConfigError: batch_size: got 15; allowed: an even batch"), row["reason"]
+    assert "row 1: ConfigError: batch_size" in str(err.value)
+
+
+# ---- Ray listens on loopback only
+
+LOCAL_RAY = textwrap.dedent("""
+    import json, psutil
+    from pipeline.cluster import connect
+
+    print(connect(None, 1), flush=True)
+    me = psutil.Process()
+    tree = {me.pid, *(p.pid for p in me.children(recursive=True))}
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in tree]
+    print(json.dumps(listening))
+""")
+
+
+def test_a_local_ray_listens_on_loopback_only() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    where, listening = proc.stdout.strip().splitlines()[-2:]
+    addresses = json.loads(listening)
+    assert where == "local, 127.0.0.1"
+    assert len(addresses) >= 2, "the GCS and the raylet at least"
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in addresses), addresses
