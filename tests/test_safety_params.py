@@ -202,3 +202,45 @@ def test_a_local_ray_listens_on_loopback_only() -> None:
     assert where == "local, 127.0.0.1"
     assert len(addresses) >= 2, "the GCS and the raylet at least"
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in addresses), addresses
+
+
+# ---- an interrupted sweep stage
+
+
+def test_sigterm_ends_the_sweep_stage_and_its_runs_as_killed(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+    """SIGTERM (what `kill`, a scheduler or DVC's own interruption sends) mid-trial: the stage exits non-zero,
+    the sweep's run and the trial's run end KILLED with a reason, and the trial's checkpoint still loads."""
+    from mlflow import MlflowClient
+
+    from pipeline.train import CHECKPOINT, load_checkpoint
+
+    path = tiny_params(profiles={"smoke": {"epochs": 200}}, tables={"tsigterm": {"recipe": "resnet", "rows": [ROW]}})
+    params = load_params(path)
+    client = MlflowClient(params.mlflow.tracking_uri)
+    proc = subprocess.Popen([sys.executable, "stages/sweep.py", "--params", str(path), "tsigterm"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        trial_run = None
+        while trial_run is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) \
+                if Path(str(params.mlflow.tracking_uri).removeprefix("sqlite:///")).exists() else []
+            trial_run = next((r for r in runs if "trial_id" in r.data.tags
+                              and client.get_metric_history(r.info.run_id, "val_top1")), None)
+        assert trial_run is not None, "no trial finished an epoch in time"
+        proc.send_signal(15)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+        (REPO_ROOT / "results" / "tsigterm.json").unlink(missing_ok=True)
+        (REPO_ROOT / "results" / "tsigterm.csv").unlink(missing_ok=True)
+    assert proc.returncode != 0, output
+    ended = client.get_run(trial_run.info.run_id)
+    assert ended.info.status == "KILLED", output
+    assert ended.data.tags["failure_reason"].startswith("interrupted"), ended.data.tags
+    parent = client.get_run(ended.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+    state = load_checkpoint(Path(params.train.checkpoint_root) / trial_run.data.tags["trial_id"] / CHECKPOINT,
+                            trial_run.data.tags["trial_id"])
+    assert state is not None and state["epoch"] >= 1

@@ -31,7 +31,7 @@ CROP_PCT = 224 / 256  # the paper's resize 256 → crop 224
 def read_dataset(data_dir: str | Path) -> tuple[list[dict[str, str]], list[str], dict[str, Any]]:
     """(manifest rows, classes, stats) of a prepared folder, with a clear error when it is not one."""
     require_prepared(data_dir)
-    with open(Path(data_dir) / MANIFEST, newline="") as f:
+    with open(Path(data_dir) / MANIFEST, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return rows, *read_meta(data_dir)
 
