@@ -3,24 +3,31 @@ later stage) never sees half a file, and a crash leaves the previous version int
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write` on a temp file beside `path`, fsync it, then move it over `path`."""
+    """Call `write` on a temp file beside `path`, fsync it, then move it over `path`.
+
+    The temp file is created with mode 0666 less the umask, like `open` (mkstemp's 0600 would make every
+    output private to its writer). A write error that names no file (a full disk) is raised again naming
+    `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
         raise
 
 

@@ -139,20 +139,20 @@ def build_reid_model(backbone: str, head: dict[str, Any] | HeadConfig, num_ids: 
     return ReidNet(net, build_head(cfg, net.backbone.num_features, EMBED_DIM), cfg, num_ids)
 
 
-def load_backbone(model: ReidNet, checkpoint: str | Path) -> list[str]:
+def load_backbone(model: ReidNet, checkpoint: str | Path, trial_id: str | None = None) -> list[str]:
     """Initialise `model`'s backbone from a classification checkpoint of the same backbone and head.
 
-    `checkpoint` is the trainer's (`{"model": state_dict, …}`) or a bare state_dict, read with
-    `weights_only=True`. Every backbone tensor must be there with its shape (strict); the checkpoint's
-    classifier (its own FC, or its NOAH head over the classification classes) is left out and the reid
-    embedding head and identity classifier keep their fresh initialisation. Returns the skipped keys.
+    `checkpoint` is the trainer's, read and verified by its `load_checkpoint` (CheckpointError when damaged
+    or, with `trial_id`, another trial's). Every backbone tensor must be there with its shape (strict); the
+    checkpoint's classifier (its own FC, or its NOAH head over the classification classes) is left out and
+    the reid embedding head and identity classifier keep their fresh initialisation. Returns the skipped keys.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
+    from .train import load_checkpoint
+
+    found = load_checkpoint(checkpoint, trial_id)
+    if found is None:
         raise ConfigError("init_from", str(checkpoint), "the path of a classification checkpoint file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = found["model"]
     own = model.backbone.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()

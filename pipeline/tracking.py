@@ -11,6 +11,7 @@ import csv
 import fcntl
 import functools
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -78,9 +79,14 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, creating it if needed (tolerating another process creating it first)."""
+    """The id of experiment `name`, creating it if needed (tolerating another process creating it first).
+    A deleted one is restored: MLflow keeps its name taken and takes no runs into it while it is deleted."""
     for _ in range(2):
         found = mlflow_client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(found.experiment_id)
+            print(f"restored the deleted MLflow experiment {name!r} (id {found.experiment_id}) to log into it",
+                  file=sys.stderr)
         if found is not None:
             return found.experiment_id
         try:
@@ -155,11 +161,12 @@ class TrialRun:
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, checkpoint_dir: Path, run_name: str,
              tags: Mapping[str, str], parent_run_id: str | None = None) -> TrialRun:
-        """Reopen the run whose id the checkpoint folder holds, or start one and record its id there."""
+        """Reopen the run whose id the checkpoint folder holds if it is this trial's (its `trial_id` tag is
+        the one in `tags`), or start one and record its id there."""
         mlflow_client = client(tracking_uri)
         id_file = checkpoint_dir / RUN_ID_FILE
         held = _existing_run(mlflow_client, id_file.read_text().strip()) if id_file.exists() else None
-        if held is not None:
+        if held is not None and held.data.tags.get(TRIAL_TAG) == tags.get(TRIAL_TAG):
             mlflow_client.update_run(held.info.run_id, status="RUNNING")
             if REASON_TAG in held.data.tags:
                 mlflow_client.delete_tag(held.info.run_id, REASON_TAG)
@@ -212,10 +219,10 @@ class TrialRun:
     def finish(self) -> None:
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
-    def fail(self, reason: str) -> None:
-        """End the run FAILED with the error text as a tag."""
+    def fail(self, reason: str, killed: bool = False) -> None:
+        """End the run FAILED (KILLED: interrupted, e.g. by SIGTERM) with the reason as a tag."""
         self.set_tags({REASON_TAG: reason})
-        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FAILED))
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
 
 
 def _existing_run(mlflow_client: MlflowClient, run_id: str) -> Run | None:

@@ -4,7 +4,9 @@ One trial = backbone + head + recipe + prepared data + seed (+ image size, epoch
 The recipe is one of the appendix's (params.yaml `recipes:`) and is fitted to the trial's epochs and
 batch without changing its shape. The run is tracked in MLflow (pipeline/tracking.py), checkpointed
 atomically after every epoch and resumed from the last checkpoint when started again. Each epoch is
-seeded from (seed, epoch), so a resumed run repeats what an uninterrupted one would have done.
+seeded from (seed, epoch), so a resumed run repeats what an uninterrupted one would have done. A
+checkpoint records its trial id and the SHA-256 of its content: one that is damaged or another trial's
+is set aside (`last.pt.rejected-<n>`) and the trial starts from scratch in a new run.
 
 With `TrainConfig.num_workers > 1` the same loop runs data-parallel in Ray Train's TorchTrainer (gloo on
 CPU, NCCL on GPU) with the same global batch; only rank 0 writes checkpoints and logs to MLflow.
@@ -19,11 +21,14 @@ import hashlib
 import json
 import math
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,8 @@ UNAPPLIED = ("layer_scale",)
 """Recipe options the backbones have no parameter for (ConvNeXt's layer scale has no counterpart in a
 ResNet): recorded on the run as the `recipe_not_applied` tag instead of being silently dropped."""
 CHECKPOINT = "last.pt"
+CHECKPOINT_MAGIC = b"noah-pipeline checkpoint v1\n"
+"""The first line of every checkpoint file; the second holds the payload's length and SHA-256."""
 RESULT = "result.json"
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -336,14 +343,66 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ---- checkpoints
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged (truncated, bytes changed), not the trainer's, unsafe to load, or another
+    trial's: never trained on."""
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save through a temporary file in the same folder and os.replace: never a half-written file."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """One atomic file (never half written): a header line with the payload's length and SHA-256, then
+    torch.save's bytes, so that `load_checkpoint` can tell a damaged file from a good one."""
+    buffer = BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = CHECKPOINT_MAGIC + f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    atomic_write(path, lambda f: f.writelines((header, payload)))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path` (tensors and plain data only: weights_only=True), or None."""
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+def load_checkpoint(path: str | Path, trial_id: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None if there is none; tensors and plain data only (weights_only=True).
+
+    Raises CheckpointError when its header, length or hash does not match its bytes, when it holds more than
+    weights_only allows, or when it is not trial `trial_id`'s (when given)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    end = data.find(b"\n", len(CHECKPOINT_MAGIC))
+    fields = data[len(CHECKPOINT_MAGIC):end].split() if data.startswith(CHECKPOINT_MAGIC) and end > 0 else []
+    if len(fields) != 2 or not fields[0].isdigit():
+        raise CheckpointError(f"{path}: not a trainer checkpoint (no valid header)")
+    payload, length = memoryview(data)[end + 1:], int(fields[0])
+    if len(payload) != length:
+        raise CheckpointError(f"{path}: truncated or extended ({len(payload)} bytes after the header, not {length})")
+    if hashlib.sha256(payload).hexdigest().encode() != fields[1]:
+        raise CheckpointError(f"{path}: damaged (its SHA-256 differs from the one its header records)")
+    try:
+        state = torch.load(BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be loaded safely: {err}") from err
+    if trial_id is not None and state.get("trial_id") != trial_id:
+        raise CheckpointError(f"{path}: belongs to trial {state.get('trial_id')}, not {trial_id}")
+    return state
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a rejected checkpoint to the first free `<name>.rejected-<n>` beside it: kept for a look, never
+    loaded again."""
+    n = 1
+    while path.with_name(f"{path.name}.rejected-{n}").exists():
+        n += 1
+    return path.rename(path.with_name(f"{path.name}.rejected-{n}"))
+
+
+def _reject_bad_checkpoint(ckpt_dir: Path, tid: str) -> str | None:
+    """Set aside the folder's checkpoint if it is damaged or another trial's, so the trial starts from
+    scratch; returns why (None: it is good or absent). Run once by the driver, before any worker loads it."""
+    path = ckpt_dir / CHECKPOINT
+    try:
+        load_checkpoint(path, tid)
+    except CheckpointError as err:
+        return f"{err}; moved to {_set_aside(path).name}"
+    return None
 
 
 # ---- the trial
@@ -363,7 +422,8 @@ class Plan:
     num_classes: int
     log_weights: bool
     reid: bool = False
-    init_checkpoint: str | None = None
+    init_from: str | None = None
+    """The trial id of the classification trial whose checkpoint initialises a fine-tuned backbone."""
 
 
 class Progress:
@@ -413,7 +473,7 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
     model.to(world.device, memory_format=precision(world.device)[1])
     optimizer = build_optimizer(model, scaled)
     ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
-    state = load_checkpoint(ckpt_dir / CHECKPOINT)
+    state = load_checkpoint(ckpt_dir / CHECKPOINT, plan.trial_id)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if state is not None:
@@ -422,8 +482,8 @@ def fit(plan: Plan, world: World, on_epoch: EpochCallback | None = None,
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
-    elif plan.init_checkpoint is not None:
-        load_backbone(model, plan.init_checkpoint)
+    elif plan.init_from is not None:
+        load_backbone(model, trial_folder(plan.train, plan.init_from) / CHECKPOINT, plan.init_from)
     train_loader, *val_loaders = _loaders(trial, scaled, plan.train, world, plan.reid)
 
     def validate(net: nn.Module) -> dict[str, float]:
@@ -563,6 +623,38 @@ def _device(train: TrainConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def trial_folder(train: TrainConfig, tid: str) -> Path:
+    """A trial's checkpoint folder under `train.checkpoint_root` (absolute: Ray may change the working folder)."""
+    return (REPO_ROOT / train.checkpoint_root / tid).absolute()
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived while a trial trained: its run ends KILLED and the command exits 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Interrupted` inside this block, so the run is ended, not left RUNNING, and
+    the checkpoint keeps its last complete epoch (writes are atomic). Only the main thread may install
+    handlers (Ray Tune runs trainables in threads); signals the process ignores stay ignored."""
+    main = threading.current_thread() is threading.main_thread()
+    signals = [s for s in (signal.SIGTERM, signal.SIGINT) if main and signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, _raise_interrupted) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def run_trial(trial: TrialConfig | Mapping[str, Any], *,
               recipes: Mapping[str, RecipeConfig | Mapping[str, Any]] | None = None,
               train: TrainConfig = TrainConfig(), tracking: MlflowConfig = MlflowConfig(),
@@ -573,8 +665,10 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
 
     A trial whose identity already has a FINISHED run is not trained again. Otherwise it resumes from
     the last checkpoint in `checkpoint_dir` (default `<checkpoint_root>/<trial_id>`) and the same MLflow
-    run. `reuse=False` ignores both and trains from scratch into a new run. Any error ends the run FAILED
-    with the error text as its `failure_reason` tag.
+    run, if they are this trial's (a damaged or foreign checkpoint is set aside and noted in the new run's
+    `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. Any error
+    ends the run FAILED with the error text as its `failure_reason` tag; SIGTERM or SIGINT ends it KILLED
+    (in the main thread; raises `Interrupted`).
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune.
     """
     trial = resolve_trial(trial, recipes)
@@ -587,19 +681,19 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
     uri = resolve_uri(tracking.tracking_uri)
     if reuse and (done := find_finished(tid, uri)) is not None:
         return result_of(done)
-    init_checkpoint = None
-    if trial.init_from is not None:
-        source_id = trial_id(trial.init_from)
-        init_checkpoint = REPO_ROOT / train.checkpoint_root / source_id / CHECKPOINT
-        if not init_checkpoint.is_file():
-            raise ConfigError("init_from", source_id, f"a trained classification trial "
-                              f"(no checkpoint at {init_checkpoint}; run that trial first)")
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else REPO_ROOT / train.checkpoint_root / tid
-    ckpt_dir = ckpt_dir.absolute()
+    source_id = trial_id(trial.init_from) if trial.init_from is not None else None
+    if source_id is not None and not (trial_folder(train, source_id) / CHECKPOINT).is_file():
+        raise ConfigError("init_from", source_id, f"a trained classification trial (no checkpoint at "
+                          f"{trial_folder(train, source_id) / CHECKPOINT}; run that trial first)")
+    ckpt_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train, tid)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if not reuse:
         for name in (CHECKPOINT, RESULT, RUN_ID_FILE):
             (ckpt_dir / name).unlink(missing_ok=True)
+    rejected = _reject_bad_checkpoint(ckpt_dir, tid)
+    if rejected is not None:  # training starts from scratch: into a new run, not over the old run's epochs
+        (ckpt_dir / RUN_ID_FILE).unlink(missing_ok=True)
+        print(f"warning: checkpoint rejected, training from scratch: {rejected}", file=sys.stderr)
     device = _device(train) if train.num_workers == 1 else torch.device("cpu")
     commit = git_commit()
     tags = {"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
@@ -612,18 +706,21 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
                         tags=tags, parent_run_id=parent_run_id)
     plan = Plan(trial=trial, scaled=scaled, train=train, trial_id=tid, checkpoint_dir=str(ckpt_dir),
                 tracking_uri=uri, run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights,
-                reid=stats.get("task") == "reid", init_checkpoint=str(init_checkpoint) if init_checkpoint else None)
+                reid=stats.get("task") == "reid", init_from=source_id)
     try:
-        run.log_params(flatten(resolved_config(plan)))
-        if train.num_workers == 1:
-            result = fit(plan, World(device=device), on_epoch)
-        else:
-            result = _fit_ray(plan)
+        with _interruptible():
+            if rejected is not None:
+                run.set_tags({"checkpoint_rejected": rejected})
+            run.log_params(flatten(resolved_config(plan)))
+            if train.num_workers == 1:
+                result = fit(plan, World(device=device), on_epoch)
+            else:
+                result = _fit_ray(plan)
     except Exception as err:
         run.fail(f"{type(err).__name__}: {err}")
         raise
     except BaseException as err:
-        run.fail(f"interrupted: {type(err).__name__}")
+        run.fail(f"interrupted: {err if isinstance(err, Interrupted) else type(err).__name__}", killed=True)
         raise
     run.finish()
     return {**result, "run_id": run.run_id, "trial_id": tid, "status": "FINISHED", "reason": None}
@@ -667,7 +764,11 @@ def run(args: argparse.Namespace) -> int:
     trial = {"backbone": args.backbone, "head": parse_head_spec(args.head), "recipe": args.recipe,
              "data_dir": args.data, "seed": args.seed, "img_size": args.img_size, "epochs": args.epochs,
              "batch_size": args.batch_size}
-    result = run_trial(trial, recipes=params.recipes, train=train, tracking=tracking, experiment=args.experiment,
-                       checkpoint_dir=args.checkpoint_dir, reuse=not args.retrain)
+    try:
+        result = run_trial(trial, recipes=params.recipes, train=train, tracking=tracking,
+                           experiment=args.experiment, checkpoint_dir=args.checkpoint_dir, reuse=not args.retrain)
+    except Interrupted as err:
+        print(f"interrupted by {err}: the run is marked KILLED, its checkpoint kept", file=sys.stderr)
+        return 128 + err.signum
     print(json.dumps(result, indent=2))
     return 0

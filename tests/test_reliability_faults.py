@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline.study import load_params, table_rows, trial_key
 from pipeline.sweep import run_table, tune_trials
-from pipeline.train import CHECKPOINT, load_checkpoint
+from pipeline.train import CHECKPOINT, CheckpointError, load_checkpoint
 
 EPOCHS = 5
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
@@ -40,7 +40,7 @@ class Killer(threading.Thread):
             for path in self.checkpoints.glob(f"*/{CHECKPOINT}"):
                 try:
                     epoch = load_checkpoint(path)["epoch"]
-                except (OSError, RuntimeError, EOFError):
+                except (OSError, CheckpointError):
                     continue
                 victims = self.pick() if epoch >= self.after else []
                 if victims:

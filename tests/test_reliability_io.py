@@ -20,11 +20,11 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.io import atomic_write, atomic_write_text
+from pipeline.io import atomic_write_text
 from pipeline import REPO_ROOT
 from pipeline.study import load_params
 from pipeline.sweep import run_table
-from pipeline.train import load_checkpoint, run_trial
+from pipeline.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
 
 # ---- several trials logging at once
 
@@ -203,11 +203,11 @@ class _Payload:
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     path = tmp_path / "last.pt"
-    atomic_write(path, lambda f: torch.save({"epoch": 1, "model": {"w": torch.ones(2)}, "x": _Payload(marker)}, f))
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(2)}, "x": _Payload(marker)})  # intact, hash and all
+    with pytest.raises(CheckpointError, match="[Ww]eights only load failed"):
         load_checkpoint(path)
     assert not marker.exists()
-    atomic_write(path, lambda f: torch.save({"epoch": 1, "model": {"w": torch.ones(2)}, "history": [{"a": 1.0}]}, f))
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(2)}, "history": [{"a": 1.0}]})
     assert load_checkpoint(path)["epoch"] == 1
 
 

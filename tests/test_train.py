@@ -24,8 +24,8 @@ from pipeline.models import build_model
 from pipeline.recipes import get_recipe, scale
 from pipeline import REPO_ROOT
 from pipeline.tracking import EPOCH_METRICS
-from pipeline.train import (CHECKPOINT, NonFiniteLossError, build_optimizer, build_scheduler, run_trial,
-                            trial_id)
+from pipeline.train import (CHECKPOINT, NonFiniteLossError, build_optimizer, build_scheduler, load_checkpoint,
+                            run_trial, trial_id)
 
 IMG, BATCH = 32, 8
 
@@ -101,8 +101,8 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
     assert config["trial_id"] == result["trial_id"] and config["scaled"]["epochs"] == 2
 
-    state = torch.load(tmp_path / "ckpt" / CHECKPOINT, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 2 and state["trial_id"] == result["trial_id"]
+    state = load_checkpoint(tmp_path / "ckpt" / CHECKPOINT, result["trial_id"])
+    assert state["epoch"] == 2
     model = build_model("resnet18", {"kind": "noah"}, 4, IMG)
     model.load_state_dict(state["model"])
 
@@ -143,8 +143,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    state = torch.load(ckpt / CHECKPOINT, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1
+    assert load_checkpoint(ckpt / CHECKPOINT)["epoch"] == 1
     run_id = (ckpt / "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "RUNNING"
 
@@ -178,7 +177,7 @@ def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: 
     resumed = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "b")
     assert resumed["run_id"] == failed.info.run_id and client.get_run(failed.info.run_id).info.status == "FINISHED"
     assert "failure_reason" not in client.get_run(failed.info.run_id).data.tags
-    a, b = (torch.load(tmp_path / d / CHECKPOINT, map_location="cpu", weights_only=True) for d in ("a", "b"))
+    a, b = (load_checkpoint(tmp_path / d / CHECKPOINT, whole["trial_id"]) for d in ("a", "b"))
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert resumed["top1"] == whole["top1"]
@@ -206,7 +205,7 @@ def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> N
     assert run.data.params["train.num_workers"] == "2" and run.data.tags["world_size"] == "2"
     assert client.get_run(one["run_id"]).data.tags["world_size"] == "1"
     assert 0 <= run.data.metrics["top1"] <= 100 and run.data.metrics["params"] == one["params"]
-    state = torch.load(tmp_path / "c2" / CHECKPOINT, map_location="cpu", weights_only=True)
+    state = load_checkpoint(tmp_path / "c2" / CHECKPOINT, two["trial_id"])
     assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
 
 

@@ -230,6 +230,8 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
         return Figure(title, note=missing)
     from mlflow.exceptions import MlflowException
 
+    from ..train import CheckpointError
+
     reasons = []
     for line in candidates:
         run_id = line.result["run_id"]
@@ -239,7 +241,7 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
                 state = torch.load(client.download_artifacts(run_id, artifact, tmp), map_location="cpu",
                                    weights_only=True) if artifact else _checkpoint(checkpoints, line)
                 config = _run_config(client, run_id, tmp)
-        except (MlflowException, OSError, RuntimeError) as err:
+        except (MlflowException, OSError, RuntimeError, CheckpointError) as err:  # a damaged checkpoint is skipped
             reasons.append(f"run {run_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
             continue
         if state is None:
@@ -254,11 +256,12 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
 
 
 def _checkpoint(checkpoints: Path | None, line: Line) -> dict[str, Any] | None:
-    """The trainer's last checkpoint of the row's trial (`<checkpoints>/<trial_id>/last.pt`), if kept."""
+    """The trainer's last checkpoint of the row's trial (`<checkpoints>/<trial_id>/last.pt`), if kept; verified
+    to be that trial's and intact (CheckpointError)."""
     from ..train import CHECKPOINT, load_checkpoint
 
     trial = line.result.get("trial_id")
-    return load_checkpoint(Path(checkpoints) / trial / CHECKPOINT) if checkpoints and trial else None
+    return load_checkpoint(Path(checkpoints) / trial / CHECKPOINT, trial) if checkpoints and trial else None
 
 
 def _run_config(client: Any, run_id: str, tmp: str) -> dict[str, Any]:
