@@ -7,6 +7,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Callable
 
+from .config import ConfigError
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write` on a temp file beside `path`, fsync it, then move it over `path`.
@@ -34,3 +36,16 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def require_writable(folder: str | Path, key: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it (permissions do not tell: root ignores
+    them, and a read-only mount or a full disk refuses root too); else one ConfigError naming `key`."""
+    folder = Path(folder)
+    probe = folder / f".write-probe-{secrets.token_hex(6)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(key, str(folder), f"a folder this process can write to ({err.strerror or err})") from None

@@ -14,6 +14,7 @@ from pipeline.data.prepare import prepare
 from pipeline.models import NoahHead, build_model
 from pipeline.reid import (build_reid_model, evaluate_reid, extract, load_backbone, market1501_metrics,
                            pairwise_distance)
+from pipeline.train import save_checkpoint
 
 
 def brute_force(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10):
@@ -153,7 +154,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     for kind in KINDS:
         classifier = build_model("resnet50", {"kind": kind}, 5, IMG)
         path = folder / f"{kind}.pt"
-        torch.save({"epoch": 3, "history": [{"top1": 50.0}], "model": classifier.state_dict()}, path)
+        save_checkpoint(path, {"epoch": 3, "history": [{"top1": 50.0}], "model": classifier.state_dict()})
         out[kind] = (classifier, path)
     return out
 
@@ -209,7 +210,7 @@ def test_finetune_rejects_other_checkpoints(reid_models, checkpoints, tmp_path: 
     with pytest.raises(ConfigError, match="baseline head like this reid model's"):
         load_backbone(reid_models["baseline"], checkpoints["noah"][1])
     other = tmp_path / "resnet18.pt"
-    torch.save(build_model("resnet18", {"kind": "baseline"}, 5, IMG).state_dict(), other)
+    save_checkpoint(other, {"model": build_model("resnet18", {"kind": "baseline"}, 5, IMG).state_dict()})
     with pytest.raises(ConfigError, match="a checkpoint of this backbone"):
         load_backbone(reid_models["baseline"], other)
     with pytest.raises(ConfigError, match="init_from"):

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from pipeline.io import atomic_write_text
 from pipeline import REPO_ROOT
+from pipeline.config import ConfigError
 from pipeline.study import load_params
 from pipeline.sweep import run_table
 from pipeline.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
@@ -149,9 +150,9 @@ def test_unwritable_results_folder_fails_before_training_and_names_it(tiny_param
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     start = time.monotonic()
-    with pytest.raises(OSError) as err:
+    with pytest.raises(ConfigError) as err:
         run_table(params, "tw", blocker / "results")
-    assert str(blocker) in str(err.value)
+    assert err.value.key == "results" and str(blocker) in str(err.value)
     assert time.monotonic() - start < 60, "fails before any trial trains"
     assert not Path(params.train.checkpoint_root).exists(), "no trial started"
     assert blocker.read_text() == "not a folder"

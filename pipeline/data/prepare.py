@@ -121,11 +121,13 @@ def _convert_task(task: tuple[str, str, int, int]) -> dict[str, Any]:
 
 
 def convert_all(tasks: list[tuple[str, str, int, int]], workers: int, desc: str) -> list[dict[str, Any]]:
-    """`convert` over all tasks in input order, in `workers` processes."""
+    """`convert` over all tasks in input order, in `workers` processes. They are started by a fork server,
+    not forked from the caller: a caller with threads of its own (torch, MLflow, Ray; a test process) can be
+    forked while one of them holds a lock, and the copy then waits on it forever."""
     if workers <= 1 or len(tasks) < 2:
         return list(progress(map(_convert_task, tasks), len(tasks), desc))
     chunk = max(1, min(32, len(tasks) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
         return list(progress(pool.imap(_convert_task, tasks, chunksize=chunk), len(tasks), desc))
 
 
