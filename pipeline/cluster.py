@@ -1,38 +1,51 @@
 """Connecting to Ray: a cluster at an address, or a local Ray that only this machine can reach.
 
-Ray takes the machine's outward-facing address as a node's IP (even when told 127.0.0.1) and its GCS,
-raylet and workers then listen on every interface. A local Ray has no other node to talk to, so it runs
-in Ray's single-machine mode (the mode Ray uses on macOS and Windows), where the node IP is the loopback
-address and every server binds to it. Token authentication (`RAY_AUTH_MODE=token`) is Ray's default
-here: a local Ray generates its token in `~/.ray/auth_token`.
+Ray takes the machine's outward-facing address as a node's IP (even when told 127.0.0.1), and its GCS,
+raylet and workers then listen on every interface. A local Ray has no other node to talk to, so it is
+started in Ray's single-machine mode (the mode Ray uses on macOS and Windows), where the node IP is the
+loopback address and every server binds to it. Token authentication (`RAY_AUTH_MODE=token`) is Ray's
+default here: a local Ray generates its token in `~/.ray/auth_token`.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
-
-SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-"""Ray's switch for multi-node clusters, read when `ray` is first imported; "0" keeps Ray on loopback."""
+from collections.abc import Iterator
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray bound to loopback; returns where.
 
     Does nothing when this process is already connected."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault(SINGLE_MACHINE, "0")  # before `import ray`; inherited by Ray's processes
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return "already connected"
     if address:
         ray.init(address=address, log_to_driver=True)
         return address
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    with _single_machine():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     ip = ray.util.get_node_ip_address()
-    if not ipaddress.ip_address(ip).is_loopback:  # Ray was imported before the switch was set
+    if not ipaddress.ip_address(ip).is_loopback:
         ray.shutdown()
-        raise RuntimeError(f"a local Ray would listen on {ip}, not only on loopback: set {SINGLE_MACHINE}=0 "
-                           "before Ray is imported, or start a cluster (`ray start --head`) and set ray.address")
+        raise RuntimeError(f"a local Ray would listen on {ip}, not only on loopback (Ray changed how it picks "
+                           "a node's address); start a cluster with `ray start --head` and set ray.address")
     return f"local, {ip}"
+
+
+@contextlib.contextmanager
+def _single_machine() -> Iterator[None]:
+    """Ray's single-machine mode while a local Ray starts. Ray has no public switch for it: its environment
+    variable (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) is read once at import and, inherited, would also stop a
+    `ray start --address` of this process's children from joining a cluster; the flag it sets is scoped here."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from . import REPO_ROOT
+from .cluster import connect
 from .config import (ConfigError, MlflowConfig, RecipeConfig, TrainConfig, TrialConfig, flatten, parse,
                      parse_head_spec, to_dict)
 from .data.prepare import CLASSES, MANIFEST, read_meta, require_prepared
@@ -588,13 +589,13 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 
 def _fit_ray(plan: Plan) -> dict[str, Any]:
-    """Run `fit` on `num_workers` Ray Train workers (joining the Ray that is running, or starting one)."""
+    """Run `fit` on `num_workers` Ray Train workers (in the Ray this process is connected to, else the
+    cluster at RAY_ADDRESS, else a local Ray on loopback)."""
+    connect()
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
     use_gpu = plan.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= plan.train.num_workers
@@ -687,10 +688,10 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
                           f"{trial_folder(train, source_id) / CHECKPOINT}; run that trial first)")
     ckpt_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train, tid)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    rejected = _reject_bad_checkpoint(ckpt_dir, tid)  # before --retrain deletes: only this trial's own goes
     if not reuse:
         for name in (CHECKPOINT, RESULT, RUN_ID_FILE):
             (ckpt_dir / name).unlink(missing_ok=True)
-    rejected = _reject_bad_checkpoint(ckpt_dir, tid)
     if rejected is not None:  # training starts from scratch: into a new run, not over the old run's epochs
         (ckpt_dir / RUN_ID_FILE).unlink(missing_ok=True)
         print(f"warning: checkpoint rejected, training from scratch: {rejected}", file=sys.stderr)

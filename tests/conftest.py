@@ -12,12 +12,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from pipeline.cluster import SINGLE_MACHINE
 from pipeline.config import BuiltinDataConfig, PrepareConfig
 from pipeline.data.prepare import prepare
 from pipeline.study import PARAMS
-
-os.environ.setdefault(SINGLE_MACHINE, "0")  # as `pipeline.cluster.connect` does, before any test imports Ray
 
 TINY_BUILTIN = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "image_size": 48}
 
