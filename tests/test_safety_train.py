@@ -74,6 +74,30 @@ def test_another_trials_checkpoint_is_set_aside_and_its_run_not_reopened(tiny_da
     assert (other / "last.pt.rejected-1").read_bytes() == (folder / "last.pt.rejected-1").read_bytes()
 
 
+def test_train_cli_with_another_seeds_checkpoint_dir_trains_its_own_seed(tiny_data: Path, tiny_params: Callable[..., Path],
+                                                                        tmp_path: Path) -> None:
+    """The user's command from the issue: `train --seed 1 --checkpoint-dir <seed 0's folder>`."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # tiny_params' store
+    folder = tmp_path / "ckpt"
+
+    def train(seed: int) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--head",
+                               "kind=baseline", "--data", str(tiny_data), "--img-size", "32", "--epochs", "1",
+                               "--batch-size", "16", "--seed", str(seed), "--params", str(tiny_params()),
+                               "--checkpoint-dir", str(folder)], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    seed0, seed1 = train(0), train(1)
+    assert seed1["run_id"] != seed0["run_id"] and seed1["trial_id"] != seed0["trial_id"]
+    run = client.get_run(seed1["run_id"])
+    assert run.data.params["trial.seed"] == "1" and run.data.tags["trial_id"] == seed1["trial_id"]
+    assert _epochs(client, seed1["run_id"]) == [0], "seed 1 trained its own epoch"
+    assert load_checkpoint(folder / CHECKPOINT, seed1["trial_id"])["epoch"] == 1
+    assert load_checkpoint(folder / "last.pt.rejected-1", seed0["trial_id"])["epoch"] == 1
+
+
 def test_fine_tuning_starts_only_from_its_source_trials_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
     reid = tmp_path / "reid"
     prepare(PrepareConfig(source="builtin_reid", out=str(reid), resize=32, builtin=BuiltinDataConfig(
