@@ -18,6 +18,7 @@ import yaml
 from . import REPO_ROOT
 from .config import (ConfigError, HeadConfig, Params, PrepareConfig, RecipeConfig, TableRow, TrialConfig,
                      parse, to_dict)
+from .interrupt import Interrupted, interruptible
 
 PARAMS = REPO_ROOT / "params.yaml"
 RESULTS = REPO_ROOT / "results"
@@ -168,23 +169,22 @@ def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
     ends the stage with exit code 2 and one line naming it, before any work starts; outputs it could not
     produce end it with exit code 1 and one line saying why."""
     import argparse
-    import signal
     import sys
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a stage as Ctrl-C does, cleanly
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default=str(PARAMS), help="the params file (default: params.yaml)")
     parser.add_argument("args", nargs="*")
     ns = parser.parse_args(argv)
     try:
-        body(load_params(ns.params), ns.args)
+        with interruptible():
+            body(load_params(ns.params), ns.args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (SIGINT or SIGTERM); run the stage again to resume", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        print(f"error: interrupted by {err}; run the stage again to resume", file=sys.stderr)
+        return 128 + err.signum
     return 0

@@ -8,15 +8,20 @@ stopped; on a multi-node cluster `train.checkpoint_root` and the MLflow store mu
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from . import REPO_ROOT
 from .cluster import connect
 from .config import ConfigError, Params, TrialConfig, flatten, parse, to_dict
+from .interrupt import Interrupted
 from .io import require_writable
 from .study import RESULTS, RowTrials, StageError, data_dir, table_rows, trial_key
 
@@ -91,11 +96,35 @@ def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], pare
             storage_path=str(storage if storage.is_absolute() else REPO_ROOT / storage),
             failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=1))
     try:
-        grid = tuner.fit()
+        with _sigterm_stops_tune() as stopped:
+            grid = tuner.fit()
     finally:
         ray.shutdown()
+    if stopped:
+        raise Interrupted(stopped[0])
     keys = {json.dumps(to_dict(t), sort_keys=True): k for k, t in trials.items()}
     return {keys[json.dumps(r.config["trial"], sort_keys=True)]: _error_text(r.error) for r in grid if r.error}
+
+
+@contextlib.contextmanager
+def _sigterm_stops_tune() -> Iterator[list[int]]:
+    """SIGTERM stops the Tune run as Ctrl-C does (Tune ends its trials and returns), and is raised as
+    `Interrupted` once Tune has returned. `ray.init` replaced this process's SIGTERM handler with one that
+    exits from inside Ray's own calls (or aborts); an exception raised there is not one Ray can pass on."""
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        signal.raise_signal(signal.SIGINT)  # Tune's own handler: stop the trials, save, return
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error_text(error: BaseException) -> str:

@@ -21,10 +21,8 @@ import hashlib
 import json
 import math
 import random
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from .cluster import connect
 from .config import (ConfigError, MlflowConfig, RecipeConfig, TrainConfig, TrialConfig, flatten, parse,
                      parse_head_spec, to_dict)
 from .data.prepare import CLASSES, MANIFEST, read_meta, require_prepared
+from .interrupt import Interrupted, interruptible
 from .io import atomic_write, atomic_write_text
 from .recipes import ScaledRecipe, get_recipe, scale
 from .tracking import RUN_ID_FILE, TrialRun, find_finished, plot_learning_curves, resolve_uri, result_of
@@ -629,33 +628,6 @@ def trial_folder(train: TrainConfig, tid: str) -> Path:
     return (REPO_ROOT / train.checkpoint_root / tid).absolute()
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived while a trial trained: its run ends KILLED and the command exits 128 + signal."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGTERM and SIGINT raise `Interrupted` inside this block, so the run is ended, not left RUNNING, and
-    the checkpoint keeps its last complete epoch (writes are atomic). Only the main thread may install
-    handlers (Ray Tune runs trainables in threads); signals the process ignores stay ignored."""
-    main = threading.current_thread() is threading.main_thread()
-    signals = [s for s in (signal.SIGTERM, signal.SIGINT) if main and signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, _raise_interrupted) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-
 def run_trial(trial: TrialConfig | Mapping[str, Any], *,
               recipes: Mapping[str, RecipeConfig | Mapping[str, Any]] | None = None,
               train: TrainConfig = TrainConfig(), tracking: MlflowConfig = MlflowConfig(),
@@ -709,7 +681,7 @@ def run_trial(trial: TrialConfig | Mapping[str, Any], *,
                 tracking_uri=uri, run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights,
                 reid=stats.get("task") == "reid", init_from=source_id)
     try:
-        with _interruptible():
+        with interruptible():
             if rejected is not None:
                 run.set_tags({"checkpoint_rejected": rejected})
             run.log_params(flatten(resolved_config(plan)))

@@ -234,7 +234,7 @@ def test_sigterm_ends_the_sweep_stage_and_its_runs_as_killed(tiny_params: Callab
         proc.kill()
         (REPO_ROOT / "results" / "tsigterm.json").unlink(missing_ok=True)
         (REPO_ROOT / "results" / "tsigterm.csv").unlink(missing_ok=True)
-    assert proc.returncode != 0, output
+    assert proc.returncode == 128 + 15 and "error: interrupted by SIGTERM" in output, output
     ended = client.get_run(trial_run.info.run_id)
     assert ended.info.status == "KILLED", output
     assert ended.data.tags["failure_reason"].startswith("interrupted"), ended.data.tags
