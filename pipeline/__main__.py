@@ -1,4 +1,5 @@
-"""`python -m pipeline COMMAND …`: each command lives in its own module, imported only when used."""
+"""`python -m pipeline COMMAND …`: a command is a module with `add_arguments(parser)` and `run(args)`,
+imported only when used (so `prepare` does not pay for torch, nor `plan` for Ray)."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +9,15 @@ import sys
 from .config import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "complexity": ("pipeline.complexity", "Params and MAdds of backbones and heads at ImageNet settings"),
+    "complexity": ("pipeline.models.complexity", "Params and MAdds of backbones and heads at ImageNet settings"),
     "prepare": ("pipeline.data.prepare", "Build a prepared dataset (manifest, classes, stats)"),
-    "plan": ("pipeline.plan", "Count the trials of every table and estimate their compute"),
-    "train": ("pipeline.train", "Train and evaluate one trial"),
+    "plan": ("pipeline.study.plan", "Count the trials of every table and estimate their compute"),
+    "train": ("pipeline.training.cli", "Train and evaluate one trial"),
     "report": ("pipeline.report", "Tables 4-11 beside the paper's numbers, figures and an index"),
-    "benchmark": ("pipeline.speed", "Table 10: frames/s of baseline vs NOAH models"),
-    "bench-head": ("pipeline.bench_head", "Head latency, train step and saved memory: ours vs straightforward"),
-    "bench-prepare": ("pipeline.data.bench", "Prepare throughput vs a one-process PIL loop"),
-    "bench-train": ("pipeline.bench_train", "Trainer images/s vs a bare PyTorch loop"),
+    "benchmark": ("pipeline.bench.speed", "Table 10: frames/s of baseline vs NOAH models"),
+    "bench-head": ("pipeline.bench.head", "Head latency, train step and saved memory: ours vs straightforward"),
+    "bench-prepare": ("pipeline.bench.prepare", "Prepare throughput vs a one-process PIL loop"),
+    "bench-train": ("pipeline.bench.train", "Trainer images/s vs a bare PyTorch loop"),
 }
 
 

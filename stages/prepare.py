@@ -1,7 +1,8 @@
 """DVC stage `prepare`: the active profile's datasets (or those named) from params.yaml's `datasets:`."""
 import sys
 
-from pipeline.study import prepare_stage, run_stage
+from pipeline.data.prepare import prepare_stage
+from pipeline.utils.stage import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage(prepare_stage, sys.argv[1:]))

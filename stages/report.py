@@ -2,14 +2,13 @@
 the MLflow store and the trainer's checkpoints (for the attention maps). Never trains; runs in seconds."""
 import sys
 
-from pipeline import REPO_ROOT
+from pipeline.config import REPORTS, RESULTS
 from pipeline.report import build_reports
-from pipeline.study import REPORTS, RESULTS, run_stage
+from pipeline.utils.stage import run_stage
 
 
 def main(params, _):
-    build_reports(RESULTS, REPORTS, params.mlflow.tracking_uri,
-                  checkpoints=REPO_ROOT / params.train.checkpoint_root)
+    build_reports(RESULTS, REPORTS, params.mlflow.tracking_uri, checkpoints=params.train.checkpoint_root)
 
 
 if __name__ == "__main__":

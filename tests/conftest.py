@@ -6,15 +6,15 @@ import os
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from pipeline.config import BuiltinDataConfig, PrepareConfig
+from pipeline.config import PARAMS, BuiltinDataConfig, PrepareConfig
 from pipeline.data.prepare import prepare
-from pipeline.study import PARAMS
 
 TINY_BUILTIN = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "image_size": 48}
 

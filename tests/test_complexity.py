@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 
-from pipeline import PAPER_TABLES
 from pipeline.__main__ import main
-from pipeline.complexity import count, measure, paper_figures, paper_head
 from pipeline.models import build_model, list_backbones, resolve_head
+from pipeline.models.complexity import count, measure, paper_figures, paper_head
+from pipeline.paper import PAPER_TABLES
 
 M = 1000
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from PIL import Image
 
 from pipeline.config import AugmentConfig, BuiltinDataConfig, ConfigError, PrepareConfig

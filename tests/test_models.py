@@ -10,10 +10,9 @@ import csv
 import pytest
 import torch
 
-from pipeline import PAPER_TABLES
 from pipeline.config import ConfigError, HeadConfig
-from pipeline.models import (Classifier, NoahHead, backbone_table, build_head, build_model, list_backbones,
-                             resolve_head)
+from pipeline.models import Classifier, NoahHead, backbone_table, build_head, build_model, list_backbones, resolve_head
+from pipeline.paper import PAPER_TABLES
 
 IMG = 32
 KEYS = list_backbones()

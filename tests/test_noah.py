@@ -149,7 +149,7 @@ FUSED = [HeadConfig(N=4, r=0.25), HeadConfig(N=4, r=0.5, feature_split="first", 
 def test_fused_matches_reference_and_straightforward(cfg: HeadConfig, chunk_elements: int, spread: float):
     """Float32 at head-like scale: fused logits and gradients equal the materialised ones, in any chunking,
     also when exp of the raw keys overflows (the max-shifted pass takes over)."""
-    from pipeline.bench_head import StraightforwardHead
+    from pipeline.bench.head import StraightforwardHead
 
     torch.manual_seed(1)
     head = NoahHead(cfg, 32, 50)
@@ -172,7 +172,7 @@ def test_fused_matches_reference_and_straightforward(cfg: HeadConfig, chunk_elem
 
 def test_fused_saves_only_input_and_statistics():
     """Saved for backward: the input plus two (N, M, B) tensors; the others keep >= 2 B·N·M·H·W tensors."""
-    from pipeline.bench_head import StraightforwardHead, saved_bytes
+    from pipeline.bench.head import StraightforwardHead, saved_bytes
 
     b, c, n, m, hw = 8, 64, 4, 100, 49
     head = NoahHead(HeadConfig(N=n, r=0.5), c, m)

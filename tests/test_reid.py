@@ -11,10 +11,10 @@ import torch
 from pipeline.config import BuiltinDataConfig, ConfigError, PrepareConfig
 from pipeline.data import build_loader
 from pipeline.data.prepare import prepare
-from pipeline.models import NoahHead, build_model
-from pipeline.reid import (build_reid_model, evaluate_reid, extract, load_backbone, market1501_metrics,
-                           pairwise_distance)
-from pipeline.train import save_checkpoint
+from pipeline.models import NoahHead, build_model, build_reid_model
+from pipeline.training.ranking import market1501_metrics, pairwise_distance
+from pipeline.training.record import save_checkpoint
+from pipeline.training.tasks import evaluate_reid, extract, load_backbone
 
 
 def brute_force(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10):

@@ -8,16 +8,18 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.study import load_params, table_rows, trial_key
-from pipeline.sweep import run_table, tune_trials
-from pipeline.train import CHECKPOINT, CheckpointError, load_checkpoint
+from pipeline.config import load_params
+from pipeline.study.sweep import run_table, tune_trials
+from pipeline.study.tables import table_rows
+from pipeline.training.record import CHECKPOINT, CheckpointError, load_checkpoint
+from pipeline.training.trial import trial_key
 
 EPOCHS = 5
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
@@ -49,7 +51,7 @@ class Killer(threading.Thread):
                     self.killed, self.epoch, self.at = [p.pid for p in victims], epoch, time.time()
                     return
 
-    def __enter__(self) -> "Killer":
+    def __enter__(self) -> Killer:
         self.start()
         return self
 

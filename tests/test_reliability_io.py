@@ -12,20 +12,21 @@ import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.io import atomic_write_text
 from pipeline import REPO_ROOT
-from pipeline.config import ConfigError
-from pipeline.study import load_params
-from pipeline.sweep import run_table
-from pipeline.train import CheckpointError, load_checkpoint, run_trial, save_checkpoint
+from pipeline.config import ConfigError, load_params
+from pipeline.study.sweep import run_table
+from pipeline.training.record import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.training.run import run_trial
+from pipeline.training.trial import resolve_trial
+from pipeline.utils.io import atomic_write_text
 
 # ---- several trials logging at once
 
@@ -34,7 +35,7 @@ PROCESSES, RUNS, EPOCHS = 4, 5, 6
 LOGGER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pipeline.tracking import TrialRun
+    from pipeline.training.tracking import TrialRun
 
     uri, folder, worker, runs, epochs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     for i in range(runs):
@@ -160,7 +161,7 @@ def test_unwritable_results_folder_fails_before_training_and_names_it(tiny_param
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from pipeline.io import atomic_write
+    from pipeline.utils.io import atomic_write
 
     def write(f):
         f.write(b"half of the new ")
@@ -233,8 +234,10 @@ def test_no_environment_variable_or_secret_is_logged(tiny_data: Path, tmp_path: 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from pipeline.config import MlflowConfig, TrainConfig
 
-    result = run_trial({"backbone": "resnet18", "head": {"kind": "baseline"}, "recipe": "resnet",
-                        "data_dir": str(tiny_data), "img_size": 32, "epochs": 1, "batch_size": 16},
+    trial = resolve_trial({"backbone": "resnet18", "head": {"kind": "baseline"}, "recipe": "resnet",
+                           "data_dir": str(tiny_data), "img_size": 32, "epochs": 1, "batch_size": 16},
+                          load_params().recipes)
+    result = run_trial(trial,
                        train=TrainConfig(progress="off"), tracking=MlflowConfig(tracking_uri=uri),
                        experiment="secrets", checkpoint_dir=tmp_path / "ckpt")
     client = MlflowClient(uri)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from markdown_it import MarkdownIt
 
-from pipeline import PAPER_TABLES
+from pipeline.paper import PAPER_TABLES
 from pipeline.report import TABLES, add_arguments, build_reports, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
 from pipeline.report.specs import paper_rows
@@ -286,7 +286,8 @@ def test_attention_figure_from_the_checkpoint_of_a_trained_run(tmp_path: Path) -
 
     from pipeline.__main__ import main
     from pipeline.config import MlflowConfig, TrainConfig
-    from pipeline.train import run_trial
+    from pipeline.training.run import run_trial
+    from pipeline.training.trial import resolve_trial
 
     src = tmp_path / "src"
     for split in ("train", "val"):
@@ -298,8 +299,9 @@ def test_attention_figure_from_the_checkpoint_of_a_trained_run(tmp_path: Path) -
     assert main(["prepare", "--source", "imagefolder", "--root", str(src), "--out", str(data)]) == 0
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     recipe = {"name": "tiny", "lr": 0.01, "batch_size": 2, "epochs": 1}
-    result = run_trial({"backbone": "resnet18", "data_dir": str(data), "head": {"kind": "noah"}, "recipe": recipe,
-                        "img_size": 32}, train=TrainConfig(checkpoint_root=str(tmp_path / "ckpt"), progress="off"),
+    trial = resolve_trial({"backbone": "resnet18", "data_dir": str(data), "head": {"kind": "noah"}, "recipe": recipe,
+                           "img_size": 32}, {})
+    result = run_trial(trial, train=TrainConfig(checkpoint_root=str(tmp_path / "ckpt"), progress="off"),
                        tracking=MlflowConfig(tracking_uri=uri), experiment="table7")
     client = MlflowClient(uri)
     baseline = client.create_run(client.get_experiment_by_name("table7").experiment_id).info.run_id

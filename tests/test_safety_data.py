@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, PrepareConfig
-from pipeline.data.prepare import MARKER, _swap_in, check_out, prepare
+from pipeline.data.prepare import _swap_in, check_out, prepare
+from pipeline.data.prepared import MARKER
 
 REPO = Path(__file__).parents[1]
 

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from pipeline import REPO_ROOT
-from pipeline.config import MAX_SHOWN, ConfigError
-from pipeline.study import PARAMS, StageError, load_params
-from pipeline.sweep import run_table
+from pipeline.config import MAX_SHOWN, PARAMS, ConfigError, load_params
+from pipeline.study.sweep import run_table
+from pipeline.utils.stage import StageError
 
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 
@@ -181,7 +181,7 @@ def test_trials_failing_inside_ray_fail_the_stage_with_their_reason(tiny_params:
 
 LOCAL_RAY = textwrap.dedent("""
     import json, psutil, ray  # imported first, as any caller may have done
-    from pipeline.cluster import connect
+    from pipeline.utils.cluster import connect
 
     print(connect(None, 1), flush=True)
     me = psutil.Process()
@@ -211,7 +211,7 @@ def test_sigterm_ends_the_sweep_stage_and_its_runs_as_killed(tiny_params: Callab
     the sweep's run and the trial's run end KILLED with a reason, and the trial's checkpoint still loads."""
     from mlflow import MlflowClient
 
-    from pipeline.train import CHECKPOINT, load_checkpoint
+    from pipeline.training.record import CHECKPOINT, load_checkpoint
 
     path = tiny_params(profiles={"smoke": {"epochs": 200}}, tables={"tsigterm": {"recipe": "resnet", "rows": [ROW]}})
     params = load_params(path)

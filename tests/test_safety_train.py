@@ -4,6 +4,7 @@ the trial starts over in a new run), a full disk is named as such, SIGTERM ends 
 experiment is restored, written files respect the umask, and the report skips a damaged checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,18 +21,22 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import REPO_ROOT
-from pipeline.config import BuiltinDataConfig, MlflowConfig, PrepareConfig, TrainConfig, TrialConfig, parse
+from pipeline.config import BuiltinDataConfig, MlflowConfig, PrepareConfig, TrainConfig, load_params
 from pipeline.data.prepare import prepare
 from pipeline.report import build_reports
-from pipeline.tracking import RUN_ID_FILE
-from pipeline.train import CHECKPOINT, RESULT, CheckpointError, load_checkpoint, run_trial, save_checkpoint
+from pipeline.training.record import CHECKPOINT, RESULT, RUN_ID_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.training.run import run_trial
+from pipeline.training.trial import Trial, resolve_trial
 
 QUIET = TrainConfig(progress="off")
 
 
-def _trial(data: Path, **changes: Any) -> dict[str, Any]:
-    return {"backbone": "resnet18", "head": {"kind": "baseline"}, "recipe": "resnet", "data_dir": str(data),
-            "img_size": 32, "epochs": 1, "batch_size": 16, **changes}
+RECIPES = load_params().recipes
+
+
+def _trial(data: Path, **changes: Any) -> Trial:
+    return resolve_trial({"backbone": "resnet18", "head": {"kind": "baseline"}, "recipe": "resnet", "data_dir": str(data),
+                          "img_size": 32, "epochs": 1, "batch_size": 16, **changes}, RECIPES)
 
 
 def _store(tmp_path: Path) -> tuple[MlflowConfig, MlflowClient]:
@@ -104,11 +109,11 @@ def test_fine_tuning_starts_only_from_its_source_trials_checkpoint(tiny_data: Pa
         train_ids=4, test_ids=4, cameras=3, images_per_id=3, distractors=2, junk=2, image_size=32)), workers=1)
     tracking, client = _store(tmp_path)
     train = TrainConfig(checkpoint_root=str(tmp_path / "ckpt"), progress="off")
-    source = parse(TrialConfig, _trial(tiny_data), "trial")
+    source = _trial(tiny_data)
     classify = run_trial(source, train=train, tracking=tracking)
     path = tmp_path / "ckpt" / classify["trial_id"] / CHECKPOINT
     save_checkpoint(path, {**load_checkpoint(path), "trial_id": "another-trial"})  # intact, but not the source's
-    finetune = {**_trial(reid, recipe="reid_finetune", batch_size=4), "init_from": source}
+    finetune = dataclasses.replace(_trial(reid, recipe="reid_finetune", batch_size=4), init_from=source)
     with pytest.raises(CheckpointError, match=f"belongs to trial another-trial, not {classify['trial_id']}"):
         run_trial(finetune, train=train, tracking=tracking, experiment="finetune")
     (run,) = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])

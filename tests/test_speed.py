@@ -8,10 +8,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import PAPER_TABLES
 from pipeline.__main__ import main
+from pipeline.bench.speed import COLUMNS, PAPER_COLUMNS, overhead_pct, resolve_backbones, run_benchmark
 from pipeline.config import BenchmarkConfig, ConfigError
-from pipeline.speed import COLUMNS, PAPER_COLUMNS, overhead_pct, resolve_backbones, run_benchmark
+from pipeline.paper import PAPER_TABLES
 
 
 def test_overhead_formula_reproduces_the_paper():

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import PAPER_TABLES
-from pipeline.config import ConfigError
 from pipeline import REPO_ROOT
-from pipeline.study import PARAMS, load_params, profile_datasets, table_rows
+from pipeline.config import PARAMS, ConfigError, load_params, profile_datasets
+from pipeline.paper import PAPER_TABLES
+from pipeline.study.tables import table_rows
 
 PAPER_CSV = {"table4": "table4_N_r.csv", "table5": "table5_feature_split.csv", "table6": "table6_softmax_axis.csv",
              "table7": "table7_aggregation.csv", "table8": "table8_aggressive.csv", "table9": "table9_reid.csv",

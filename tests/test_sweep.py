@@ -3,13 +3,13 @@ and a second sweep of the same table trains nothing."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlflow import MlflowClient
 
-from pipeline.study import load_params
-from pipeline.sweep import run_table
+from pipeline.config import load_params
+from pipeline.study.sweep import run_table
 
 ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
           {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]

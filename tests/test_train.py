@@ -17,15 +17,16 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.config import (BuiltinDataConfig, ConfigError, MlflowConfig, PrepareConfig, TrainConfig,
-                             TrialConfig, parse)
+from pipeline import REPO_ROOT
+from pipeline.config import BuiltinDataConfig, ConfigError, MlflowConfig, PrepareConfig, TrainConfig, load_params
 from pipeline.data.prepare import prepare
 from pipeline.models import build_model
-from pipeline.recipes import get_recipe, scale
-from pipeline import REPO_ROOT
-from pipeline.tracking import EPOCH_METRICS
-from pipeline.train import (CHECKPOINT, NonFiniteLossError, build_optimizer, build_scheduler, load_checkpoint,
-                            run_trial, trial_id)
+from pipeline.training.engine import NonFiniteLossError
+from pipeline.training.recipes import build_optimizer, build_scheduler, get_recipe, scale
+from pipeline.training.record import CHECKPOINT, load_checkpoint
+from pipeline.training.run import run_trial
+from pipeline.training.tracking import EPOCH_METRICS
+from pipeline.training.trial import Trial, resolve_trial, trial_id
 
 IMG, BATCH = 32, 8
 
@@ -40,10 +41,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _trial(data_dir: Path, **changes: Any) -> TrialConfig:
+RECIPES = load_params().recipes
+
+
+def _trial(data_dir: Path, **changes: Any) -> Trial:
     data = {"backbone": "resnet18", "data_dir": str(data_dir), "head": {"kind": "noah"}, "recipe": "resnet",
             "img_size": IMG, "epochs": 2, "batch_size": BATCH}
-    return parse(TrialConfig, {**data, **changes}, "trial")
+    return resolve_trial({**data, **changes}, RECIPES)
 
 
 def _store(tmp_path: Path) -> tuple[MlflowConfig, MlflowClient]:
@@ -214,7 +218,7 @@ def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> N
 
 def test_nan_loss_fails_the_run_quickly_with_its_reason(data_dir: Path, tmp_path: Path) -> None:
     tracking, client = _store(tmp_path)
-    exploding = dataclasses.replace(get_recipe("resnet"), lr=1e30, name="exploding")
+    exploding = dataclasses.replace(get_recipe("resnet", RECIPES), lr=1e30, name="exploding")
     trial = _trial(data_dir, recipe=exploding, epochs=3)
     start = time.perf_counter()
     with pytest.raises(NonFiniteLossError, match="update [1-8]$"):
@@ -246,7 +250,7 @@ def test_bad_trials_are_rejected_before_any_run(data_dir: Path, tmp_path: Path) 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet", "shufflenet", "deit_pvt", "mixer_gmlp", "aggressive",
                                   "reid_scratch", "reid_finetune"])
 def test_every_recipe_builds_and_scaling_keeps_its_shape(name: str) -> None:
-    recipe = get_recipe(name)
+    recipe = get_recipe(name, RECIPES)
     paper = scale(recipe)
     small = scale(recipe, epochs=recipe.epochs // 10, batch_size=recipe.batch_size // 4)
     assert small.lr == pytest.approx(recipe.lr / 4)
@@ -270,19 +274,19 @@ def _lr_at(scheduler: Any, optimizer: torch.optim.Optimizer, epoch: float, updat
 def test_schedules_follow_the_appendix_at_any_length() -> None:
     model = torch.nn.Linear(2, 2)
     for epochs in (100, 10):  # the paper's length and a profile's
-        resnet = scale(get_recipe("resnet"), epochs=epochs, batch_size=256)
+        resnet = scale(get_recipe("resnet", RECIPES), epochs=epochs, batch_size=256)
         opt = build_optimizer(model, resnet)
         sched = build_scheduler(opt, resnet, updates_per_epoch=10)
         lrs = [_lr_at(sched, opt, f * epochs, 10) for f in (0, 0.29, 0.31, 0.61, 0.91)]
         assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001])  # x0.1 every 30% of the epochs
-        aggressive = scale(get_recipe("aggressive"), epochs=epochs * 3, batch_size=4096)
+        aggressive = scale(get_recipe("aggressive", RECIPES), epochs=epochs * 3, batch_size=4096)
         opt = build_optimizer(model, aggressive)
         sched = build_scheduler(opt, aggressive, updates_per_epoch=10)
         warm = 20 / 300 * aggressive.epochs
         assert _lr_at(sched, opt, warm / 2, 10) == pytest.approx(0.002, rel=0.05)  # linear warm-up
         assert _lr_at(sched, opt, warm, 10) == pytest.approx(0.004, rel=1e-3)
         assert _lr_at(sched, opt, aggressive.epochs, 10) == pytest.approx(1e-6, abs=1e-6)  # cosine to min
-        shuffle = scale(get_recipe("shufflenet"), epochs=epochs, batch_size=1024)
+        shuffle = scale(get_recipe("shufflenet", RECIPES), epochs=epochs, batch_size=1024)
         opt = build_optimizer(model, shuffle)
         sched = build_scheduler(opt, shuffle, updates_per_epoch=10)
         assert _lr_at(sched, opt, epochs / 2, 10) == pytest.approx(0.25)  # linear to zero
@@ -292,12 +296,12 @@ def test_trial_identity_covers_what_determines_a_result(data_dir: Path, tmp_path
     base = trial_id(_trial(data_dir))
     assert trial_id(_trial(data_dir)) == base
     assert trial_id(_trial(data_dir, head={"kind": "noah", "N": 4, "r": 0.5})) == base  # resolved defaults
-    assert trial_id(_trial(data_dir, recipe=get_recipe("resnet"))) == base
-    assert trial_id(_trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet"), name="renamed"))) == base
+    assert trial_id(_trial(data_dir, recipe=get_recipe("resnet", RECIPES))) == base
+    assert trial_id(_trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet", RECIPES), name="renamed"))) == base
     changed = [_trial(data_dir, seed=1), _trial(data_dir, epochs=3), _trial(data_dir, batch_size=16),
                _trial(data_dir, img_size=64), _trial(data_dir, head={"kind": "baseline"}),
                _trial(data_dir, head={"kind": "noah", "aggregation": "max"}), _trial(data_dir, recipe="mobilenet"),
-               _trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet"), weight_decay=0.0))]
+               _trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet", RECIPES), weight_decay=0.0))]
     ids = {trial_id(t) for t in changed}
     assert len(ids) == len(changed) and base not in ids
     copy = tmp_path / "copy"  # the same data elsewhere is the same trial; edited data is not
@@ -310,7 +314,7 @@ def test_trial_identity_covers_what_determines_a_result(data_dir: Path, tmp_path
 
 
 def test_bench_train_measures_both_loops_on_the_same_work() -> None:
-    from pipeline.bench_train import bench
+    from pipeline.bench.train import bench
     from pipeline.config import HeadConfig
 
     out = bench("resnet18", HeadConfig(kind="noah"), "aggressive", img_size=32, batch_size=4, steps=2, repeats=1,

@@ -1,13 +1,14 @@
-"""Data: sources → `prepare` (a versioned, validated dataset folder) → `build_loader` for training.
+"""Data: sources → `prepare` (a versioned, validated dataset folder, format in `prepared`) → `build_loader`.
 
-Imports are lazy so `python -m pipeline prepare` does not pay for torch.
+Imports are lazy (PEP 562) so `python -m pipeline prepare` does not pay for torch.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-_EXPORTS = {"build_loader": "loaders", "build_transform": "loaders", "read_dataset": "loaders", "read_meta": "prepare"}
+_EXPORTS = {"build_loader": "loaders", "build_transform": "loaders", "read_dataset": "prepared",
+            "read_meta": "prepared"}
 __all__ = list(_EXPORTS)
 
 

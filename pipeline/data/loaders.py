@@ -1,4 +1,4 @@
-"""Loaders over a prepared dataset folder (see prepare.py).
+"""Loaders over a prepared dataset folder (see prepared.py).
 
 `build_loader` yields `(images, labels)`: images float (B, 3, img_size, img_size) standardised with the
 dataset's own stats.json mean/std, labels long (index into classes.json). Reid datasets (stats `task`
@@ -11,29 +11,22 @@ Determinism: a `SeededSampler` draws the order and one seed per sample from a ge
 """
 from __future__ import annotations
 
-import csv
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from ..config import AugmentConfig, ConfigError
-from .prepare import MANIFEST, read_meta, require_prepared
+from .prepared import read_dataset
 
 CROP_PCT = 224 / 256  # the paper's resize 256 → crop 224
-
-
-def read_dataset(data_dir: str | Path) -> tuple[list[dict[str, str]], list[str], dict[str, Any]]:
-    """(manifest rows, classes, stats) of a prepared folder, with a clear error when it is not one."""
-    require_prepared(data_dir)
-    with open(Path(data_dir) / MANIFEST, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return rows, *read_meta(data_dir)
 
 
 def _interp(name: str) -> T.InterpolationMode:
@@ -50,8 +43,6 @@ def build_transform(img_size: int, train: bool, mean: list[float], std: list[flo
     aug = augment or AugmentConfig()
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if train and aug.kind == "timm":
-        from timm.data import create_transform
-
         return create_transform(img_size, is_training=True, hflip=aug.hflip, auto_augment=aug.auto_augment,
                                 color_jitter=aug.color_jitter or None, re_prob=aug.reprob, re_mode=aug.remode,
                                 interpolation=aug.interpolation, mean=tuple(mean), std=tuple(std))

@@ -11,10 +11,8 @@ so a mistyped `--out` can never delete files prepare did not write.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
-import json
 import multiprocessing
 import os
 import shutil
@@ -27,34 +25,14 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from ..config import ConfigError, PrepareConfig, parse
-from ..progress import progress
+from ..config import ConfigError, Params, PrepareConfig, parse, profile_datasets
+from ..utils.progress import progress
 from . import builtin
+from .prepared import MARKER, is_replaceable, write_manifest, write_meta
 from .sources import SOURCES, Item, Scan
 
-MANIFEST = "manifest.csv"
-CLASSES = "classes.json"
-STATS = "stats.json"
-MARKER = ".noah-prepared"
-MARKER_TEXT = "Built by `python -m pipeline prepare`, which replaces this whole folder when it runs again.\n"
 SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased (support scales with the shrink), as torchvision Resize
-
-
-def require_prepared(data_dir: str | Path, names: tuple[str, ...] = (MANIFEST, CLASSES, STATS)) -> None:
-    """A clear error, naming the missing files, when `data_dir` lacks some of a prepared folder's `names`."""
-    missing = [n for n in names if not (Path(data_dir) / n).is_file()]
-    if missing:
-        raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {', '.join(missing)}; "
-                          "build it with `python -m pipeline prepare`)")
-
-
-def read_meta(data_dir: str | Path) -> tuple[list[str], dict[str, Any]]:
-    """(classes, stats) of a prepared folder, without reading its manifest (one row per image)."""
-    require_prepared(data_dir, (CLASSES, STATS))
-    folder = Path(data_dir)
-    return (json.loads((folder / CLASSES).read_text(encoding="utf-8")),
-            json.loads((folder / STATS).read_text(encoding="utf-8")))
 
 
 def default_workers() -> int:
@@ -140,10 +118,6 @@ def _mean_std(results: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     return [round(m, 6) for m in mean], [round(v, 6) for v in std]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -> dict[str, Any]:
     """Convert `scan`'s images into `out` (an empty folder) and write manifest, classes and stats."""
     tasks = [(str(root / it.src), str(out / it.dst), cfg.resize, cfg.quality) for it in scan.items]
@@ -171,13 +145,9 @@ def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -
     good.sort(key=lambda g: (order[g[0].split], g[0].dst))
     columns = ["path", "label", "split", "class", "sha256", "orig_width", "orig_height", "width", "height",
                "src"] + (["pid", "camid"] if scan.task == "reid" else [])
-    with open(out / MANIFEST, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        for item, res in good:
-            row = {"path": item.dst, "label": index.get(item.cls, -1), "split": item.split, "class": item.cls,
-                   "src": item.src, "pid": item.pid, "camid": item.camid, **res}
-            writer.writerow([row[c] for c in columns])
+    write_manifest(out, columns, [{"path": item.dst, "label": index.get(item.cls, -1), "split": item.split,
+                                   "class": item.cls, "src": item.src, "pid": item.pid, "camid": item.camid, **res}
+                                  for item, res in good])
     mean, std = _mean_std([r for it, r in good if it.split == train_split])
     counts: dict[str, Any] = {}
     for split in scan.splits:
@@ -196,15 +166,8 @@ def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -
              "rejected": sorted(scan.rejected, key=lambda r: (r["path"], r["reason"]))}
     if cfg.source.startswith("builtin"):
         stats["builtin"] = {k: getattr(cfg.builtin, k) for k in cfg.builtin.__dataclass_fields__}
-    _write_json(out / CLASSES, classes)
-    _write_json(out / STATS, stats)
-    (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+    write_meta(out, classes, stats)
     return stats
-
-
-def _replaceable(folder: Path) -> bool:
-    """True for an empty folder or one that carries `MARKER`: the only existing folders prepare replaces."""
-    return folder.is_dir() and ((folder / MARKER).is_file() or not any(folder.iterdir()))
 
 
 def check_out(out: Path) -> None:
@@ -216,7 +179,7 @@ def check_out(out: Path) -> None:
         found = "the home folder"
     elif out.exists() and not out.is_dir():
         found = "a file"
-    elif out.exists() and not _replaceable(out):
+    elif out.exists() and not is_replaceable(out):
         found = f"a folder with files that prepare did not write (no {MARKER})"
     else:
         return
@@ -236,7 +199,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         out.rename(old)
     tmp.rename(out)
-    if _replaceable(old):
+    if is_replaceable(old):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -266,6 +229,15 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     print(f"prepare {cfg.source}: {n} images, {len(stats['rejected'])} rejected, "
           f"{time.perf_counter() - start:.1f}s -> {out}", file=sys.stderr)
     return stats
+
+
+def prepare_stage(params: Params, names: list[str]) -> None:
+    """The DVC stage `prepare`: the active profile's datasets, or those named."""
+    for name, cfg in profile_datasets(params, names).items():
+        try:
+            prepare(cfg)
+        except ConfigError as err:
+            raise err.under(f"datasets.{name}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,67 +1,10 @@
-"""Models: the paper's 26 backbones with their own, GAP or NOAH heads (interface.md, "Python")."""
-from __future__ import annotations
-
-import dataclasses
-from typing import Any
-
-from timm.layers import ClassifierHead
-from torch import nn
-
-from ..config import IMG_SIZE_RULE, ConfigError, HeadConfig, parse_head, valid_img_size
-from .backbones import (backbone_info, backbone_table, create_backbone, detach_head_conv, has_class_token,
-                        list_backbones)
+"""Models: the paper's 26 backbones with their own, GAP or NOAH heads (interface.md, "Python"), the
+re-identification model of Table 9, and their parameter and MAdd counts."""
+from .backbones import backbone_info, backbone_table, list_backbones
 from .classifier import Classifier
+from .factory import build_head, build_model, resolve_head
 from .noah import NoahHead
+from .reid import ReidNet, build_reid_model
 
-__all__ = ["build_model", "build_head", "resolve_head", "list_backbones", "backbone_info", "backbone_table",
-           "Classifier", "NoahHead"]
-
-
-def resolve_head(backbone: str, head: dict[str, Any] | HeadConfig | None) -> HeadConfig:
-    """The head config with N and r filled from backbones.csv for `kind: noah` (where not given)."""
-    info = backbone_info(backbone)
-    cfg = parse_head(head)
-    if cfg.kind == "gap" and not has_class_token(backbone):
-        allowed = [k for k in list_backbones() if has_class_token(k)]
-        raise ConfigError("head.kind", "gap", f"'baseline' or 'noah' for {backbone} (its own head already "
-                          f"pools); 'gap' only on class-token ViTs: {', '.join(allowed)}")
-    if cfg.kind != "noah":
-        return dataclasses.replace(cfg, N=None, r=None)
-    return dataclasses.replace(cfg, N=info.noah_N if cfg.N is None else cfg.N,
-                               r=info.noah_r if cfg.r is None else cfg.r)
-
-
-def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """A head mapping (B, C, H, W) to (B, num_classes): NOAH, or GAP+FC for `baseline`/`gap`."""
-    cfg = parse_head(head)
-    _check_positive("num_classes", num_classes)
-    _check_positive("in_channels", in_channels)
-    if cfg.kind == "noah":
-        return NoahHead(cfg, in_channels, num_classes)
-    return ClassifierHead(in_channels, num_classes, pool_type="avg")
-
-
-def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_classes: int,
-                img_size: int = 224, drop_path_rate: float = 0.0) -> Classifier:
-    """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised;
-    `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule)."""
-    cfg = resolve_head(backbone, head)
-    opts = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    _check_positive("num_classes", num_classes)
-    if not valid_img_size(img_size):
-        raise ConfigError("img_size", img_size, IMG_SIZE_RULE)
-    tokens = backbone_info(backbone).family in ("vit", "mlp")
-    if cfg.kind == "baseline":
-        return Classifier(create_backbone(backbone, num_classes, img_size, **opts), None, tokens=tokens)
-    if cfg.kind == "gap":
-        net = create_backbone(backbone, num_classes, img_size, class_token=False, global_pool="avg", **opts)
-        return Classifier(net, None, tokens=tokens)
-    net = create_backbone(backbone, 0, img_size, **opts)
-    neck = detach_head_conv(net)
-    channels = net.head_hidden_size if neck is not None else net.num_features
-    return Classifier(net, build_head(cfg, channels, num_classes), neck=neck, tokens=tokens)
-
-
-def _check_positive(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(key, value, "an integer >= 1")
+__all__ = ["build_model", "build_head", "resolve_head", "build_reid_model", "list_backbones", "backbone_info",
+           "backbone_table", "Classifier", "NoahHead", "ReidNet"]

@@ -8,8 +8,8 @@ the model without its classifier, which is what NOAH replaces. Nothing is ever d
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import timm
 import torch
@@ -18,8 +18,8 @@ from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 from torch import nn
 from torchvision.models import shufflenet_v2_x1_0
 
-from .. import read_paper_table
 from ..config import ConfigError
+from ..paper import read_paper_table
 from . import pvt  # noqa: F401  (registers pvt_v1_* with timm)
 
 CreateFn = Callable[..., nn.Module]

@@ -6,10 +6,10 @@ with spatial-reduction attention, and a class token that joins only in the last 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
-import torch.nn.functional as F
 
 
 class SpatialReductionAttention(nn.Module):

@@ -14,11 +14,26 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ..config import ConfigError, HeadConfig  # noqa: E402
+from ..data.loaders import build_loader  # noqa: E402
+from ..data.prepared import STATS, read_meta  # noqa: E402
+from ..models import NoahHead, build_model  # noqa: E402
+from ..training.record import (  # noqa: E402
+    CHECKPOINT,
+    CONFIG,
+    CheckpointError,
+    load_checkpoint,
+    read_config,
+    trial_folder,  # noqa: E402
+)
+from ..training.tracking import client as mlflow_client  # noqa: E402
+from ..training.tracking import local_store  # noqa: E402
+from ..utils.io import atomic_write  # noqa: E402
 from .specs import backbones, is_baseline  # noqa: E402
 from .tables import Line  # noqa: E402
 
@@ -68,12 +83,10 @@ def open_store(tracking_uri: str | None) -> tuple[Any, str | None]:
     """A client of an existing MLflow store, or the reason there is none (a report never creates a store)."""
     if not tracking_uri:
         return None, "no MLflow tracking URI given (--tracking-uri) or recorded in the results' meta"
-    from ..tracking import client, local_store
-
     local = local_store(tracking_uri)
     if local is not None and not local.exists():
         return None, f"the MLflow store {local} does not exist (no trial has been tracked yet)"
-    return client(tracking_uri), None
+    return mlflow_client(tracking_uri), None
 
 
 def _history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
@@ -96,8 +109,6 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
     client, missing = open_store(tracking_uri)
     if client is None:
         return Figure(title, note=missing)
-    from mlflow.exceptions import MlflowException
-
     drawn, skipped = [], []
     for label, base, noah in pairs:
         try:
@@ -138,8 +149,6 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
 
 def _save(fig: plt.Figure, out: Path) -> None:
     """Atomic PNG write: a half-written figure never sits where the README points."""
-    from ..io import atomic_write
-
     try:
         atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     finally:
@@ -149,8 +158,6 @@ def _save(fig: plt.Figure, out: Path) -> None:
 def head_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
     """A_i, V_i (B, N, H, W) and ΣP_i (B, H, W) of each image's ground-truth class, from the model's NoahHead."""
-    from ..models.noah import NoahHead
-
     head = next((m for m in model.modules() if isinstance(m, NoahHead)), None)
     if head is None:
         raise ValueError("the model has no NoahHead")
@@ -228,10 +235,6 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
     client, missing = open_store(tracking_uri)
     if client is None:
         return Figure(title, note=missing)
-    from mlflow.exceptions import MlflowException
-
-    from ..train import CheckpointError
-
     reasons = []
     for line in candidates:
         run_id = line.result["run_id"]
@@ -256,21 +259,17 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
 
 
 def _checkpoint(checkpoints: Path | None, line: Line) -> dict[str, Any] | None:
-    """The trainer's last checkpoint of the row's trial (`<checkpoints>/<trial_id>/last.pt`), if kept; verified
-    to be that trial's and intact (CheckpointError)."""
-    from ..train import CHECKPOINT, load_checkpoint
-
+    """The trainer's last checkpoint of the row's trial (in its folder under the checkpoint root), if kept;
+    verified to be that trial's and intact (CheckpointError)."""
     trial = line.result.get("trial_id")
-    return load_checkpoint(Path(checkpoints) / trial / CHECKPOINT, trial) if checkpoints and trial else None
+    return load_checkpoint(trial_folder(checkpoints, trial) / CHECKPOINT, trial) if checkpoints and trial else None
 
 
 def _run_config(client: Any, run_id: str, tmp: str) -> dict[str, Any]:
-    """The resolved trial config the trainer logs as `config.yaml` (empty if the run has none)."""
-    import yaml
-
-    if not any(item.path == "config.yaml" for item in client.list_artifacts(run_id)):
+    """The resolved trial config the trainer logs (`record.CONFIG`; empty if the run has none)."""
+    if not any(item.path == CONFIG for item in client.list_artifacts(run_id)):
         return {}
-    return yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()) or {}
+    return read_config(Path(client.download_artifacts(run_id, CONFIG, tmp)))
 
 
 def _model_spec(line: Line, config: dict[str, Any], meta: dict[str, Any], data_dir: Path | None) -> dict[str, Any]:
@@ -297,10 +296,6 @@ def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title: str, images: int) -> Figure:
-    from ..data.loaders import build_loader
-    from ..data.prepare import STATS, read_meta
-    from ..models import build_model
-
     data_dir = spec["data_dir"]
     if data_dir is None or not (Path(data_dir) / STATS).exists():
         return Figure(title, note=f"prepared validation data not found at {data_dir}")

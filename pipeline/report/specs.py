@@ -6,11 +6,11 @@ A `TableSpec` names the paper CSV that fixes the rows and their order, the setti
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
 
-from .. import read_paper_table
+from ..paper import read_paper_table
 
 PaperRow = dict[str, str]
 
@@ -134,11 +134,13 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
               IMAGENET, _network),
     TableSpec("table6", "Ablation with ResNet18: the softmax of the POCA block along different dimensions",
               "table6_softmax_axis.csv",
-              (_choice("Activation", "softmax_axis", {"spatial": "Along spatial (our design)", "channel": "Along channel"}),),
+              (_choice("Activation", "softmax_axis",
+                       {"spatial": "Along spatial (our design)", "channel": "Along channel"}),),
               IMAGENET, _network),
     TableSpec("table7", "Ablation with ResNet18: operators aggregating local POCAs into a global POCA vector",
               "table7_aggregation.csv",
-              (_choice("Method", "aggregation", {"sum": "Sum (our design)", "max": "Max pooling", "avg": "Average pooling"}),),
+              (_choice("Method", "aggregation",
+                       {"sum": "Sum (our design)", "max": "Max pooling", "avg": "Average pooling"}),),
               IMAGENET, _network),
     TableSpec("table8", "ResNet50 in the aggressive from-scratch training regime (ConvNeXt recipe)",
               "table8_aggressive.csv", (), IMAGENET, _table8_network),

@@ -5,14 +5,13 @@ unreadable results file becomes "—" with the reason in a footnote, so a partia
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..utils.io import csv_text
 from .specs import FAMILIES, Metric, PaperRow, TableSpec, backbones, is_baseline, paper_rows
 
 DASH = "—"
@@ -72,7 +71,7 @@ class Line:
     paper_values: dict[str, float | None]
     notes: list[str] = field(default_factory=list)
     reasons: dict[str, str | None] = field(default_factory=dict)  # per metric: why it has no value
-    baseline: "Line | None" = None
+    baseline: Line | None = None
 
     @property
     def row(self) -> int:
@@ -315,11 +314,10 @@ def _joined(result: dict[str, Any], suffix: str) -> str:
     return ";".join(str(v) for k, v in result.items() if k.endswith(suffix) and v)
 
 
-def csv_text(spec: TableSpec, lines: list[Line]) -> str:
+def table_csv(spec: TableSpec, lines: list[Line]) -> str:
+    """The tidy CSV of a report table: one record per paper row (`csv_columns`)."""
     columns = csv_columns(spec)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
-    writer.writeheader()
+    records = []
     for line in lines:
         record: dict[str, Any] = {c: line.paper.get(c, "") for c in columns}
         record.update(row=line.row, network=line.network, status=line.status,
@@ -329,5 +327,5 @@ def csv_text(spec: TableSpec, lines: list[Line]) -> str:
         for m in spec.metrics:
             record[m.name] = _plain(line.values[m.name], m)
             record[f"paper_{m.name}"] = _plain(line.paper_values[m.name], m)
-        writer.writerow(record)
-    return buf.getvalue()
+        records.append(record)
+    return csv_text(records, columns)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .config import ConfigError, HeadConfig
-from .models.noah import NoahHead
-from .speed import timed_in_turns
+from ..config import ConfigError, HeadConfig
+from ..models import NoahHead
+from .timing import timed_in_turns, walls
 
 # name: (channels, height, width, N, r), the paper's NOAH settings on these backbones
 SHAPES: dict[str, tuple[int, int, int, int, float]] = {
@@ -69,10 +69,9 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> 
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each contender, timed in turns (Table 10's `timed_in_turns`) so
-    drifting load hits all alike."""
+    """Median seconds per call of each contender, timed in turns."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    return {name: statistics.median(t) for name, t in timed_in_turns(contenders, repeats, warmup, sync).items()}
+    return {name: statistics.median(t) for name, t in walls(timed_in_turns(contenders, repeats, warmup, sync)).items()}
 
 
 def bench_shape(name: str, batches: tuple[int, ...], repeats: int, num_classes: int, device: str) -> list[dict]:

@@ -2,12 +2,15 @@
 later stage) never sees half a file, and a crash leaves the previous version intact."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -36,6 +39,16 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """`rows` as CSV text with `columns` in that order (a missing value is empty, other keys are left out),
+    `\n` line ends: the one CSV form of every file the pipeline writes."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def require_writable(folder: str | Path, key: str) -> None:

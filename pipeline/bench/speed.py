@@ -10,9 +10,7 @@ pipeline/paper/README.md defines it, from the median frames/s. Results go to PRE
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import io
 import json
 import os
 import platform
@@ -20,15 +18,19 @@ import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from mlflow.entities import Metric, Param
 from torch import nn
 
-from . import read_paper_table
-from .config import BenchmarkConfig, ConfigError, MlflowConfig, parse
-from .io import atomic_write_text
-from .progress import steps
+from ..config import BenchmarkConfig, ConfigError, MlflowConfig, parse
+from ..models import build_model
+from ..paper import read_paper_table
+from ..training.tracking import MAX_BATCH, client, experiment_id, git_commit
+from ..utils.io import atomic_write_text, csv_text
+from ..utils.progress import steps
+from .timing import timed_in_turns, walls
 
 EXPERIMENT = "table10"
 PAPER_COLUMNS = ["key", "vanilla_params_m", "vanilla_gpu_fps", "vanilla_cpu_fps", "noah_params_m", "noah_gpu_fps",
@@ -47,24 +49,6 @@ def paper_order() -> list[str]:
     return [row["key"] for row in read_paper_table("table10_speed.csv")]
 
 
-def timed_in_turns(models: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                   sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Seconds per call of each model over `repeats` rounds; the first to run alternates per round."""
-    names = list(models)
-    for _ in range(warmup):
-        for name in names:
-            models[name]()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            models[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _fps(seconds: list[float], batch: int) -> tuple[float, float]:
     """Median frames/s and its spread in % of the median."""
     fps = [batch / s for s in seconds]
@@ -79,7 +63,8 @@ def measure(pair: dict[str, nn.Module], device: str, batch: int, img_size: int, 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     models = {name: model.to(device) for name, model in pair.items()}
     with torch.inference_mode():
-        times = timed_in_turns({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, warmup, sync)
+        times = walls(timed_in_turns({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, warmup,
+                                     sync))
     for model in models.values():
         model.cpu()
     if device == "cuda":
@@ -89,8 +74,6 @@ def measure(pair: dict[str, nn.Module], device: str, batch: int, img_size: int, 
 
 def benchmark_backbone(key: str, cfg: BenchmarkConfig, use_gpu: bool) -> dict[str, Any]:
     """One Table 10 row: Params (M) of both models, their frames/s on GPU (if used) and one CPU core."""
-    from .models import build_model
-
     pair = {name: build_model(key, {"kind": kind}, 1000, cfg.img_size).eval()
             for name, kind in (("vanilla", "baseline"), ("noah", "noah"))}
     row: dict[str, Any] = {"key": key}
@@ -125,21 +108,8 @@ def resolve_backbones(backbones: tuple[str, ...] | None) -> list[str]:
     return sorted(dict.fromkeys(backbones), key=order.index)
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    """Rows as CSV text with Table 10's columns (+ row number and spreads); missing GPU values empty."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, Any], files: list[Path]) -> str:
     """One run in experiment `table10`: the settings as params, every number as `<backbone>/<column>`."""
-    from mlflow.entities import Metric, Param
-
-    from .tracking import MAX_BATCH, client, experiment_id
-
     mlflow_client = client(tracking_uri)
     run = mlflow_client.create_run(experiment_id(mlflow_client, EXPERIMENT), run_name="table10",
                                    tags={"mlflow.source.git.commit": str(meta["commit"])})
@@ -158,8 +128,6 @@ def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, An
 
 def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool | None = None) -> list[dict]:
     """Time every backbone pair, write PREFIX.csv/.json atomically, log the MLflow run; returns the rows."""
-    from .tracking import git_commit
-
     keys = resolve_backbones(cfg.backbones)
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
@@ -170,7 +138,7 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
         "backbones": ",".join(keys), **{k: v for k, v in asdict(cfg).items() if k not in ("backbones", "out")},
         "gpu": torch.cuda.get_device_name() if use_gpu else None, "cpu": platform.processor() or platform.machine(),
         "cpu_threads": 1, "torch": torch.__version__, "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_before": round(os.getloadavg()[0], 2)}
     rows = []
     started = time.perf_counter()
@@ -186,7 +154,7 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
     meta["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(cfg.out)
     files = [out.with_suffix(".csv"), out.with_suffix(".json")]
-    atomic_write_text(files[0], to_csv(rows))
+    atomic_write_text(files[0], csv_text(rows, COLUMNS))
     atomic_write_text(files[1], json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if tracking_uri:
         run_id = log_mlflow(tracking_uri, rows, meta, files)

@@ -17,13 +17,15 @@ import time
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import ConfigError, parse_head_spec
-from .recipes import get_recipe, scale
-from .train import (Step, build_criterion, build_mixup, build_optimizer, build_scheduler, precision,
-                    train_one_epoch)
+from ..config import PARAMS, ConfigError, load_params, parse_head_spec
+from ..models import build_model, resolve_head
+from ..training.engine import Step, precision, train_one_epoch
+from ..training.recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, get_recipe, scale
+from .timing import timed_in_turns, walls
 
 TARGET = 0.90
 
@@ -49,8 +51,6 @@ def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataL
 def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size: int, steps: int,
           repeats: int, num_classes: int, device: torch.device) -> dict[str, Any]:
     """Best-of-`repeats` images/s of the bare loop and of the trainer, alternating."""
-    from .models import build_model, resolve_head
-
     head = resolve_head(backbone, head)
     if steps < 2 or repeats < 1:
         raise ConfigError("--steps/--repeats", (steps, repeats), "steps >= 2 and repeats >= 1")
@@ -61,23 +61,17 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
     data = TensorDataset(torch.randn(steps * batch_size, 3, img_size, img_size),
                          torch.randint(0, num_classes, (steps * batch_size,)))
     loader = DataLoader(data, batch_size=batch_size, pin_memory=cuda)
-    scaled = scale(get_recipe(recipe_name), epochs=10, batch_size=batch_size)
+    scaled = scale(get_recipe(recipe_name, load_params(PARAMS).recipes), epochs=10, batch_size=batch_size)
     bare_opt = torch.optim.SGD(twin.parameters(), lr=scaled.lr, momentum=0.9, weight_decay=1e-4)
     optimizer = build_optimizer(model, scaled)
     mixup = build_mixup(scaled.recipe, num_classes)
-    ema = None
-    if scaled.recipe.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=scaled.recipe.ema_decay)
+    ema = ModelEmaV3(model, decay=scaled.recipe.ema_decay) if scaled.recipe.ema_decay else None
     step = Step(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, scaled, steps),
                 criterion=build_criterion(scaled.recipe, mixup), device=device, mixup=mixup, ema=ema)
-    bare_epoch(twin, bare_opt, loader, device)  # warm-up: kernels, allocator, lazy inits
-    train_one_epoch(step, loader)
-    bare_s, trainer_s = [], []
-    for _ in range(repeats):
-        bare_s.append(bare_epoch(twin, bare_opt, loader, device))
-        trainer_s.append(train_one_epoch(step, loader)["epoch_seconds"])
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    times = walls(timed_in_turns({"bare": lambda: bare_epoch(twin, bare_opt, loader, device),
+                                  "trainer": lambda: train_one_epoch(step, loader)}, repeats, warmup=1, sync=sync))
+    bare_s, trainer_s = times["bare"], times["trainer"]
     images = steps * batch_size
     bare, trainer = images / min(bare_s), images / min(trainer_s)
     bare_median, trainer_median = images / statistics.median(bare_s), images / statistics.median(trainer_s)

@@ -10,22 +10,23 @@ classifier, so a NOAH head costs HWMC + 2HWMN + M in total.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from . import read_paper_table
-from .config import ConfigError, HeadConfig, parse_head_spec
-from .io import atomic_write_text
-from .progress import steps
-from .models import NoahHead, backbone_info, build_model, list_backbones, resolve_head
+from ..config import ConfigError, HeadConfig, parse_head_spec
+from ..paper import read_paper_table
+from ..utils.io import atomic_write_text, csv_text
+from ..utils.progress import steps
+from .backbones import backbone_info, list_backbones
+from .factory import build_model, resolve_head
+from .noah import NoahHead
 
 aten = torch.ops.aten
 
@@ -146,15 +147,6 @@ def rows(pairs: Iterable[tuple[str, HeadConfig]]) -> Iterable[Row]:
         yield Row(backbone, head, params, madds, paper.get((backbone, head)))
 
 
-def write_csv(path: Path, data: list[dict[str, Any]]) -> None:
-    """Write the rows as CSV atomically (pipeline.io)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(data[0]))
-    writer.writeheader()
-    writer.writerows(data)
-    atomic_write_text(path, buf.getvalue())
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
     parser.add_argument("--backbones", default=None,
@@ -177,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows(pairs), 1):
         data.append(row.as_dict())
         step(i, f"{row.backbone} {row.head.name}: {row.params:,} params, {row.madds:,} MAdds")
-    write_csv(args.out, data)
+    atomic_write_text(args.out, csv_text(data, list(data[0])))
     print(f"wrote {len(data)} rows to {args.out}", file=sys.stderr)
     return 0
 

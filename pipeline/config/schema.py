@@ -12,8 +12,11 @@ import math
 import posixpath
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -248,8 +251,6 @@ def parse_head(head: dict[str, Any] | HeadConfig | None, where: str = "head") ->
 
 def parse_head_spec(spec: str) -> HeadConfig:
     """A `HeadConfig` from the command line form `kind=noah,N=4,r=0.5,aggregation=max`."""
-    import yaml
-
     data: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" not in item:
@@ -418,8 +419,9 @@ class RecipeConfig:
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """One training run. Everything here except `data_dir` (replaced by its manifest hash) is part of
-    the trial's identity; `epochs` and `batch_size` null mean the recipe's own."""
+    """One training run as params.yaml or the command line states it: a recipe by name (or given whole),
+    N and r possibly left to backbones.csv, `epochs` and `batch_size` null for the recipe's own.
+    `pipeline.training.trial.resolve_trial` turns it into the `Trial` that trains and is hashed."""
 
     backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
     data_dir: str = checked(lambda d: bool(d), "a prepared dataset folder (with manifest.csv)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from ..config import ConfigError, PrepareConfig
-from .builtin import SHAPES, draw_shape
-from .prepare import default_workers, prepare, target_size
+from ..data.builtin import SHAPES, draw_shape
+from ..data.prepare import default_workers, prepare, target_size
+from .timing import timed_in_turns
 
 
 def make_images(root: Path, n: int, width: int, height: int) -> list[Path]:
@@ -53,11 +53,6 @@ def read_all(paths: list[Path]) -> None:
             img.convert("RGB")
 
 
-def _cpu() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=300, help="number of generated JPEGs")
     parser.add_argument("--width", type=int, default=500)
@@ -84,12 +79,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.images} JPEGs {args.width}x{args.height} ({mb:.1f} MB) generated in "
               f"{time.perf_counter() - t:.1f}s; {workers} workers; best of {args.repeats}")
 
-        def timed(fn) -> tuple[float, float]:
-            """(wall, CPU) seconds of `fn`, CPU including finished child processes."""
-            t0, c0 = time.perf_counter(), _cpu()
-            fn()
-            return time.perf_counter() - t0, _cpu() - c0
-
         print(f"load average before: {os.getloadavg()[0]:.1f} (other processes share the cores: wall figures "
               f"are best of {args.repeats}, CPU ms/image is load-independent)")
         print(f"{'resize':>6} {'plain PIL loop':>15} {'prepare 1 proc':>15} {f'prepare {workers} proc':>15} "
@@ -103,12 +92,10 @@ def run(args: argparse.Namespace) -> int:
                 "many": lambda: prepare(cfg, workers=workers),
                 "read_source": lambda: read_all(paths),
             }
-            best = {name: (float("inf"), float("inf")) for name in methods}
-            for _ in range(args.repeats):  # interleaved, so load from other processes hits all methods alike
-                for name, fn in methods.items():
-                    best[name] = min(best[name], timed(fn))
+            times = timed_in_turns(methods, args.repeats)
             prepared = sorted((Path(cfg.out) / "images").rglob("*.jpg"))
-            best["read_prepared"] = min(timed(lambda: read_all(prepared)) for _ in range(args.repeats))
+            times |= timed_in_turns({"read_prepared": lambda: read_all(prepared)}, args.repeats)
+            best = {name: (min(t.wall for t in ts), min(t.cpu for t in ts)) for name, ts in times.items()}
             n = len(paths)
             wall = {k: v[0] for k, v in best.items()}
             print(f"{size:>6} {n / wall['plain']:>15.0f} {n / wall['one']:>15.0f} {n / wall['many']:>15.0f} "

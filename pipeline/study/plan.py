@@ -8,20 +8,25 @@ from the model's MAdds at the profile's image size and `gpu_tflops` (forward + b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 from pathlib import Path
 from typing import Any
 
-from .config import Params, TrialConfig
+from ..config import PARAMS, ConfigError, Params, load_params
+from ..data.prepared import train_images
+from ..models import list_backbones
+from ..models.complexity import measure
+from ..training.tracking import TRIAL_TAG, client, local_store
+from ..training.trial import Trial, trial_key
+from .tables import table_rows
 
 BENCHMARK_TABLE = "table10"  # the speed benchmark: model pairs, no training
 
 
 def _finished_ids(params: Params) -> set[str]:
     """Trial identities with a FINISHED MLflow run; an absent SQLite store means none (and stays absent)."""
-    from .tracking import TRIAL_TAG, client, local_store
-
     local = local_store(params.mlflow.tracking_uri)
     if local is not None and not local.exists():
         return set()
@@ -31,42 +36,28 @@ def _finished_ids(params: Params) -> set[str]:
     return {r.data.tags[TRIAL_TAG] for r in runs if TRIAL_TAG in r.data.tags}
 
 
-@functools.lru_cache(maxsize=None)
-def _prepared_train_images(data_dir: str) -> int | None:
-    """Training images of a prepared dataset (its stats.json counts), or None before it is prepared."""
-    from .data.prepare import STATS
-
-    stats = Path(data_dir) / STATS
-    return json.loads(stats.read_text())["counts"]["train"]["images"] if stats.is_file() else None
-
-
-def _train_images(params: Params, trial: TrialConfig) -> int | None:
+def _train_images(params: Params, trial: Trial) -> int | None:
     """Training images of the trial's data: as prepared, else what its `datasets:` entry expects."""
-    prepared = _prepared_train_images(trial.data_dir)
+    prepared = train_images(trial.data_dir)
     if prepared is not None:
         return prepared
     name = next(n for n, d in params.datasets.items() if str(Path(trial.data_dir)).endswith(d.out))
     return params.datasets[name].train_images
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measure(backbone: str, head: Any, img_size: int) -> tuple[int, int]:
-    from .complexity import measure
-
     return measure(backbone, head, img_size=img_size)
 
 
-def gpu_hours(params: Params, trial: TrialConfig) -> float | None:
+def gpu_hours(params: Params, trial: Trial) -> float | None:
     """Estimated GPU-hours of one trial (None when the training set size is unknown)."""
-    from .recipes import scale
-
     images = _train_images(params, trial)
     if images is None:
         return None
     _, madds = _measure(trial.backbone, trial.head, trial.img_size)
-    epochs = scale(trial.recipe, trial.epochs, trial.batch_size).epochs
     images_per_s = params.active.gpu_tflops * 1e12 / (3 * 2 * madds)
-    return epochs * images / images_per_s / 3600
+    return trial.epochs * images / images_per_s / 3600
 
 
 def _table_order(name: str) -> tuple[int, int, str]:
@@ -77,8 +68,6 @@ def _table_order(name: str) -> tuple[int, int, str]:
 
 def plan(params: Params) -> dict[str, Any]:
     """Counts and estimates per table and in total; no configuration is counted twice in the total."""
-    from .study import table_rows, trial_key
-
     finished = _finished_ids(params)
     seen: set[str] = set()
     tables: dict[str, Any] = {}
@@ -93,8 +82,6 @@ def plan(params: Params) -> dict[str, Any]:
                         "finished": sum(k in finished for k in trials),
                         "gpu_hours": None if None in hours else round(sum(hours), 2)}
         seen |= trials.keys()
-    from .models.backbones import list_backbones
-
     tables[BENCHMARK_TABLE] = {"rows": len(list_backbones()), "trials": 0, "unique_trials": 0,
                                "new_unique_trials": 0, "finished": 0, "gpu_hours": 0.0}
     hours = [t["gpu_hours"] for t in tables.values()]
@@ -112,11 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .config import ConfigError
-    from .study import PARAMS, load_params
-
     params = load_params(args.params or PARAMS)
     if args.profile:
         if args.profile not in params.profiles:

@@ -18,12 +18,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import REPO_ROOT
-from .cluster import connect
-from .config import ConfigError, Params, TrialConfig, flatten, parse, to_dict
-from .interrupt import Interrupted
-from .io import require_writable
-from .study import RESULTS, RowTrials, StageError, data_dir, table_rows, trial_key
+from .. import REPO_ROOT
+from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, TrialConfig, data_dir, parse, to_dict
+from ..data.prepared import num_classes, require_prepared
+from ..training.engine import NonFiniteLossError
+from ..training.run import run_trial
+from ..training.tracking import REASON_TAG, client, experiment_id, find_finished, git_commit, resolve_uri
+from ..training.trial import Trial, resolve_trial, trial_key
+from ..utils.cluster import connect
+from ..utils.interrupt import Interrupted
+from ..utils.io import require_writable
+from ..utils.stage import StageError
+from .results import row_result, unfinished, write_results
+from .tables import table_rows
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -34,11 +41,7 @@ def _trainable(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    from .config import MlflowConfig, TrainConfig
-    from .tracking import client
-    from .train import NonFiniteLossError, run_trial
-
-    trial = parse(TrialConfig, config["trial"], "trial")
+    trial = resolve_trial(config["trial"], {})  # resolved by the driver: the recipe travels whole
 
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -73,7 +76,7 @@ def _resources(params: Params) -> Any:
     return tune.PlacementGroupFactory([{"CPU": 0.5}] + [worker] * workers)
 
 
-def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], parent_run_id: str) -> dict[str, str]:
+def tune_trials(params: Params, table: str, trials: dict[str, Trial], parent_run_id: str) -> dict[str, str]:
     """Run `trials` (keyed by identity) as one Ray Tune grid; failures stay in MLflow, not raised. Returns the
     error of each trial that Ray saw fail for good, by identity (a trial can fail before its run exists)."""
     import ray
@@ -92,7 +95,7 @@ def tune_trials(params: Params, table: str, trials: dict[str, TrialConfig], pare
         tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"{table}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}",
+            name=f"{table}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
             storage_path=str(storage if storage.is_absolute() else REPO_ROOT / storage),
             failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=1))
     try:
@@ -134,32 +137,8 @@ def _error_text(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
-def _row_result(rt: RowTrials, keys: dict[str, str], uri: str, errors: dict[str, str]) -> dict[str, Any]:
-    """A results row: the head, the table's setting, and each trial's outcome read back from MLflow (or the
-    error Ray saw, for a trial that failed before its run existed)."""
-    from .tracking import latest_run, result_of
-
-    head = rt.row.head
-    setting = {"N": head.N, "r": head.r, **head.options()}
-    out: dict[str, Any] = {"row": rt.row.row, "backbone": rt.row.backbone, "head": to_dict(head),
-                           "head_name": rt.row.head.name, "setting": setting}
-    for kind, key in keys.items():
-        run = latest_run(key, uri)
-        if run is None:
-            res = {"status": "MISSING", "reason": errors.get(key, "no run was recorded for this trial")}
-        else:
-            res = result_of(run)
-            if res["status"] != "FINISHED" and not res.get("reason"):
-                res["reason"] = errors.get(key, f"run ended {res['status']}")
-        prefix = "" if kind == "classify" else f"{kind}_"
-        out.update({f"{prefix}{k}": v for k, v in res.items()})
-    return out
-
-
 def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, Any]:
     """Sweep one table: validate, reuse finished trials, tune the rest, write `results/<table>.json|csv`."""
-    from .tracking import client, experiment_id, find_finished, git_commit, resolve_uri
-
     rows = table_rows(params, table)
     uri = resolve_uri(params.mlflow.tracking_uri)
     check_ready(params, table, out_dir, uri)
@@ -189,12 +168,12 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
     prof, first = params.active, next(iter(rows[0].trials.values()))  # every row trains on the same data
     meta = {"table": table, "profile": params.profile,
             "dataset": prof.reid_dataset if params.tables[table].task == "reid" else prof.dataset,
-            "num_classes": _num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
+            "num_classes": num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
             "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seed": params.seed,
-            "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    results = {"meta": meta, "rows": [_row_result(rt, ks, uri, errors) for rt, ks in zip(rows, keys)]}
+            "commit": git_commit(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    results = {"meta": meta, "rows": [row_result(rt, ks, uri, errors) for rt, ks in zip(rows, keys)]}
     write_results(out_dir, table, results)
-    failed = _unfinished(results["rows"])
+    failed = unfinished(results["rows"])
     if failed:
         raise StageError(f"{table}: {len(failed)} trial(s) did not finish ({'; '.join(failed)}); their reasons are "
                          f"in {out_dir / table}.json and MLflow; run the stage again to retry them")
@@ -204,8 +183,6 @@ def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, 
 def _close_sweep(mlflow_client: Any, parent: Any, status: str) -> None:
     """End the sweep's parent run with `status`, and as KILLED, with a reason, every trial run of it still
     RUNNING: its process was ended with the sweep (a re-run reopens the run and resumes the trial)."""
-    from .tracking import REASON_TAG
-
     left = mlflow_client.search_runs([parent.experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"))
     for run in left:
@@ -214,26 +191,9 @@ def _close_sweep(mlflow_client: Any, parent: Any, status: str) -> None:
     mlflow_client.set_terminated(parent.run_id, status)
 
 
-def _unfinished(rows: list[dict[str, Any]]) -> list[str]:
-    """`row N: reason` for each trial of `rows` that ended without a result. A diverged trial (NaN loss) is
-    a result of its recipe, reported as such, not a failure of the stage."""
-    from .train import NonFiniteLossError
-
-    out = []
-    for row in rows:
-        for prefix in ("", "scratch_", "finetune_"):
-            status, reason = row.get(f"{prefix}status"), row.get(f"{prefix}reason") or ""
-            if status is not None and status != "FINISHED" and not reason.startswith(NonFiniteLossError.__name__):
-                out.append(f"row {row['row']}{' ' + prefix.rstrip('_') if prefix else ''}: {reason}")
-    return out
-
-
 def check_ready(params: Params, table: str, out_dir: Path, uri: str) -> None:
     """Fail in seconds, before Ray starts, on what would fail every trial or lose its result: unprepared
     data, a results, checkpoint or Ray folder that cannot be written, an MLflow store that cannot be used."""
-    from .data.prepare import require_prepared
-    from .tracking import client
-
     prof = params.active
     for name in (prof.dataset, prof.reid_dataset if params.tables[table].task == "reid" else None):
         if name is not None:
@@ -248,24 +208,6 @@ def check_ready(params: Params, table: str, out_dir: Path, uri: str) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - whatever it is, it would fail every trial once Ray started
         raise ConfigError("mlflow.tracking_uri", uri, f"a usable MLflow store ({type(err).__name__}: {err})") from None
-
-
-def _num_classes(data_dir: str) -> int | None:
-    from .data.prepare import CLASSES
-
-    path = Path(data_dir) / CLASSES
-    return len(json.loads(path.read_text())) if path.is_file() else None
-
-
-def write_results(out_dir: Path, table: str, results: dict[str, Any]) -> None:
-    """`<table>.json` (meta + rows) and `<table>.csv` (rows flattened), each written atomically."""
-    import pandas as pd
-
-    from .io import atomic_write_text
-
-    atomic_write_text(out_dir / f"{table}.json", json.dumps(results, indent=2, default=str) + "\n")
-    frame = pd.DataFrame([flatten(r) for r in results["rows"]])
-    atomic_write_text(out_dir / f"{table}.csv", frame.to_csv(index=False))
 
 
 def sweep_stage(params: Params, tables: list[str]) -> None:

@@ -7,7 +7,6 @@ only the epochs the run does not hold yet, so each epoch appears once.
 """
 from __future__ import annotations
 
-import csv
 import fcntl
 import functools
 import subprocess
@@ -21,11 +20,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
-from . import REPO_ROOT
-from .io import atomic_write_text
+from .. import REPO_ROOT
+from ..utils.io import atomic_write_text, csv_text
+from .record import RUN_ID_FILE
 
 SQLITE = "sqlite:///"
-RUN_ID_FILE = "mlflow_run_id"
 TRIAL_TAG = "trial_id"
 REASON_TAG = "failure_reason"
 MAX_BATCH = 100  # MLflow's limit on params per log_batch call
@@ -234,13 +233,9 @@ def _existing_run(mlflow_client: MlflowClient, run_id: str) -> Run | None:
     return run if run is not None and run.info.lifecycle_stage == "active" else None
 
 
-def write_metrics_csv(path: Path, history: list[Mapping[str, float]]) -> None:
-    """The per-epoch metrics as CSV (one row per epoch)."""
-    keys = ["epoch", *[k for k in LOGGED_EPOCH_METRICS if any(k in row for row in history)]]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
+def metrics_csv(history: list[Mapping[str, float]]) -> str:
+    """The per-epoch metrics as CSV text (one row per epoch)."""
+    return csv_text(history, ["epoch", *[k for k in LOGGED_EPOCH_METRICS if any(k in row for row in history)]])
 
 
 def plot_learning_curves(path: Path, history: list[Mapping[str, float]], title: str) -> None:

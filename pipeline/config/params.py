@@ -1,0 +1,66 @@
+"""The params file: read safely, parsed into the schema, and the repository folders it refers to."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import REPO_ROOT
+from .schema import ConfigError, Params, PrepareConfig, parse
+
+PARAMS = REPO_ROOT / "params.yaml"
+RESULTS = REPO_ROOT / "results"
+REPORTS = REPO_ROOT / "reports"
+
+MAX_YAML_VALUES = 100_000
+"""Values a params file may hold once its aliases are expanded (the repository's holds a few thousand)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """Safe YAML whose aliases (`*name`) may not expand past MAX_YAML_VALUES values: nine nested aliases of
+    nine uses each (a "billion laughs" file) would otherwise hang validation and fill the memory."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded",
+                node.start_mark)
+        return super().construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under `node` with every alias expanded, each shared node measured once."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias adds nothing more
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def load_params(path: str | Path = PARAMS) -> Params:
+    """Parse and cross-check a params file (structure only; `study.tables.table_rows` builds the models)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("params", str(path), "an existing params.yaml")
+    try:
+        data = yaml.load(path.read_text(), Loader=_BoundedLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError("params", str(path), f"valid YAML of at most {MAX_YAML_VALUES} values ({err})") from None
+    return parse(Params, data)
+
+
+def data_dir(params: Params, name: str) -> str:
+    """The folder of dataset `name` (a relative `out` is taken from the repository root)."""
+    out = Path(params.datasets[name].out)
+    return str(out if out.is_absolute() else REPO_ROOT / out)
+
+
+def profile_datasets(params: Params, names: list[str] | None = None) -> dict[str, PrepareConfig]:
+    """The `datasets:` entries to prepare: `names`, or the active profile's `dataset` and `reid_dataset`."""
+    names = names or [n for n in (params.active.dataset, params.active.reid_dataset) if n]
+    for name in names:
+        if name not in params.datasets:
+            raise ConfigError("datasets", name, "a key of `datasets`: " + ", ".join(params.datasets))
+    return {n: params.datasets[n] for n in names}

@@ -1,0 +1,101 @@
+"""The prepared-folder format: the one module that reads and writes what `prepare` leaves behind.
+
+A prepared folder holds `images/<split>/…jpg`, `manifest.csv` (one row per image: `path,label,split,…`,
+with the image's SHA-256), `classes.json`, `stats.json` (counts, mean/std, the task: `classification` or
+`reid`, rejected inputs) and `MARKER`, the proof that prepare built it and may replace it.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+
+MANIFEST = "manifest.csv"
+CLASSES = "classes.json"
+STATS = "stats.json"
+MARKER = ".noah-prepared"
+MARKER_TEXT = "Built by `python -m pipeline prepare`, which replaces this whole folder when it runs again.\n"
+
+
+def is_prepared(data_dir: str | Path) -> bool:
+    """Whether `data_dir` holds a prepared dataset's manifest (what a trial's identity hashes)."""
+    return (Path(data_dir) / MANIFEST).is_file()
+
+
+def require_prepared(data_dir: str | Path, names: tuple[str, ...] = (MANIFEST, CLASSES, STATS)) -> None:
+    """A clear error, naming the missing files, when `data_dir` lacks some of a prepared folder's `names`."""
+    missing = [n for n in names if not (Path(data_dir) / n).is_file()]
+    if missing:
+        raise ConfigError("data_dir", str(data_dir), f"a prepared dataset folder (missing {', '.join(missing)}; "
+                          "build it with `python -m pipeline prepare`)")
+
+
+def read_meta(data_dir: str | Path) -> tuple[list[str], dict[str, Any]]:
+    """(classes, stats) of a prepared folder, without reading its manifest (one row per image)."""
+    require_prepared(data_dir, (CLASSES, STATS))
+    folder = Path(data_dir)
+    return (json.loads((folder / CLASSES).read_text(encoding="utf-8")),
+            json.loads((folder / STATS).read_text(encoding="utf-8")))
+
+
+def read_dataset(data_dir: str | Path) -> tuple[list[dict[str, str]], list[str], dict[str, Any]]:
+    """(manifest rows, classes, stats) of a prepared folder, with a clear error when it is not one."""
+    require_prepared(data_dir)
+    with open(Path(data_dir) / MANIFEST, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return rows, *read_meta(data_dir)
+
+
+def train_images(data_dir: str | Path) -> int | None:
+    """Training images of a prepared folder (its stats.json count), or None before it is prepared."""
+    stats = Path(data_dir) / STATS
+    return json.loads(stats.read_text(encoding="utf-8"))["counts"]["train"]["images"] if stats.is_file() else None
+
+
+def num_classes(data_dir: str | Path) -> int | None:
+    """Classes (identities, for reid) of a prepared folder, or None before it is prepared."""
+    path = Path(data_dir) / CLASSES
+    return len(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def manifest_hash(data_dir: str | Path) -> str:
+    """SHA-256 of a prepared dataset's manifest.csv and classes.json (the manifest holds every image's
+    own SHA-256, so this changes whenever any image, label or split does)."""
+    require_prepared(data_dir, (MANIFEST, CLASSES))
+    files = [Path(data_dir) / name for name in (MANIFEST, CLASSES)]
+    return _hash_files(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Hash of the files' bytes, cached by (path, mtime, size): a trial's identity, tags and config all
+    ask for it, and an ImageNet manifest is large."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def write_manifest(out: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """`manifest.csv` with `columns`, rows in the order given (prepare sorts them: byte-identical output)."""
+    with open(out / MANIFEST, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in rows)
+
+
+def write_meta(out: Path, classes: list[str], stats: dict[str, Any]) -> None:
+    """`classes.json`, `stats.json` and the marker: written last, so a folder with them is complete."""
+    for name, data in ((CLASSES, classes), (STATS, stats)):
+        (out / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+
+
+def is_replaceable(folder: Path) -> bool:
+    """True for an empty folder or one that carries `MARKER`: the only existing folders prepare replaces."""
+    return folder.is_dir() and ((folder / MARKER).is_file() or not any(folder.iterdir()))

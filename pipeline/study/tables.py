@@ -1,0 +1,72 @@
+"""The study's tables: params.yaml's `tables:` resolved into the trials of each printed row, validated
+before anything runs.
+
+Every stage validates its params first, so a bad `params.yaml` (unknown key, wrong type, unknown backbone,
+impossible N or r) fails in a second with one message naming the key, before Ray, MLflow or any data is
+touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, HeadConfig, Params, TableRow, data_dir
+from ..models import build_model, resolve_head
+from ..training.recipes import get_recipe
+from ..training.trial import Trial, resolve_trial
+
+
+@dataclass(frozen=True)
+class RowTrials:
+    """One printed table row and the trials that fill it (`classify`, or `scratch` and `finetune`)."""
+
+    table: str
+    row: TableRow
+    trials: dict[str, Trial]
+
+
+@functools.cache
+def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
+    """The head with N and r resolved, after building the model on the meta device (no memory, no time);
+    cached, since tables repeat the same rows."""
+    head = resolve_head(backbone, head)
+    with torch.device("meta"):
+        build_model(backbone, head, num_classes=10, img_size=img_size)
+    return head
+
+
+def table_rows(params: Params, table: str) -> list[RowTrials]:
+    """The trials of every row of `table` at the active profile, every head validated."""
+    if table not in params.tables:
+        raise ConfigError("table", table, "a key of `tables`: " + ", ".join(params.tables))
+    spec, prof = params.tables[table], params.active
+    reid = spec.task == "reid"
+    if reid and prof.reid_dataset is None:
+        raise ConfigError(f"profiles.{params.profile}.reid_dataset", None, f"a dataset for {table} (a reid table)")
+    img_size = (prof.reid_img_size or prof.img_size) if reid else prof.img_size
+    rows = []
+    for i, row in enumerate(spec.rows):
+        where = f"tables.{table}.rows[{i}]"
+        try:
+            head = _checked_head(row.backbone, row.head, img_size)
+        except ConfigError as err:
+            raise err.under(where) from None
+
+        def trial(recipe: str | None, data: str, size: int) -> Trial:
+            return resolve_trial(
+                {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": params.seed,
+                 "recipe": get_recipe(recipe, params.recipes), "img_size": size, "epochs": prof.epochs,
+                 "batch_size": prof.batch_size}, params.recipes)
+
+        classify = trial(spec.pretrain_recipe if reid else spec.recipe, prof.dataset, prof.img_size)
+        if not reid:
+            trials = {"classify": classify}
+        else:
+            finetune = trial(spec.finetune_recipe, prof.reid_dataset, img_size)
+            trials = {"scratch": trial(spec.recipe, prof.reid_dataset, img_size),
+                      "finetune": dataclasses.replace(finetune, init_from=classify)}
+        rows.append(RowTrials(table, dataclasses.replace(row, head=head), trials))
+    return rows

@@ -1,0 +1,176 @@
+"""The training engine: one epoch of updates, evaluation, numeric precision, seeding and data sharding.
+
+Nothing here knows about trials, MLflow or Ray: `run.fit` drives it, `bench.train` times it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the trial cannot recover and ends FAILED."""
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (epoch seeds stay independent of each other)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in data-parallel training (rank 0 of 1 without Ray Train)."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def sum(self, values: list[float]) -> list[float]:
+        """`values` summed over all workers."""
+        if self.size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+class ShardSampler(Sampler):
+    """One worker's share of another sampler's order: every `size`-th item from `rank`. With `pad` the
+    order is first padded (wrapping round) to a multiple of `size` so all workers take as many steps."""
+
+    def __init__(self, base: Sampler, world: World, pad: bool):
+        self.base, self.world, self.pad = base, world, pad
+
+    def _items(self) -> list[Any]:
+        items = list(self.base)
+        if self.pad and len(items) % self.world.size:
+            items += items[:self.world.size - len(items) % self.world.size]
+        return items[self.world.rank::self.world.size]
+
+    def __len__(self) -> int:
+        n = len(self.base)
+        return math.ceil(n / self.world.size) if self.pad else len(range(self.world.rank, n, self.world.size))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items())
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Re-seed the loader's order and augmentation for `epoch` (same on every worker, so shards agree)."""
+    sampler = loader.sampler.base if isinstance(loader.sampler, ShardSampler) else loader.sampler
+    sampler.generator.manual_seed(mix_seed(seed, epoch, 1))
+
+
+@dataclass
+class Step:
+    """What one training epoch needs besides the data."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: nn.Module
+    device: torch.device
+    mixup: Any = None
+    ema: Any = None
+    clip_grad: float | None = None
+    updates: int = 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.memory_format]:
+    """The autocast context and input memory format of every forward pass (training, evaluation, reid
+    ranking, bench-train): bf16 autocast and channels_last on GPU, float32 and contiguous on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16), torch.channels_last
+    return contextlib.nullcontext(), torch.contiguous_format
+
+
+def train_one_epoch(step: Step, loader: DataLoader, tick: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over `loader`: bf16 autocast and channels_last on GPU, an lr update per step, EMA.
+
+    Raises NonFiniteLossError at the first NaN/inf loss (checked every step on CPU; every 16 steps on
+    GPU, where each check waits for the device)."""
+    step.model.train()
+    check_every = 16 if step.cuda else 1
+    autocast, memory_format = precision(step.device)
+    total = torch.zeros((), device=step.device, dtype=torch.float64)
+    correct = torch.zeros((), device=step.device, dtype=torch.int64)
+    images = batches = 0
+    lr = step.optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    for i, batch in enumerate(loader):
+        x = batch[0].to(step.device, non_blocking=True, memory_format=memory_format)
+        y = batch[1].to(step.device, non_blocking=True)
+        if step.mixup is not None:
+            x, y = step.mixup(x, y)
+        with autocast:
+            logits = step.model(x)
+            loss = step.criterion(logits, y)
+        if (i + 1) % check_every == 0 or i + 1 == len(loader):
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"training loss became {loss.item()} at update {step.updates + 1}")
+        step.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step.clip_grad is not None:
+            nn.utils.clip_grad_norm_(step.model.parameters(), step.clip_grad)
+        step.optimizer.step()
+        step.updates += 1
+        step.scheduler.step_update(num_updates=step.updates)
+        if step.ema is not None:
+            step.ema.update(unwrap(step.model), step=step.updates)
+        total += loss.detach()
+        correct += (logits.detach().argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum()
+        images += x.shape[0]
+        batches += 1
+        if tick is not None:
+            tick()
+    if step.cuda:
+        torch.cuda.synchronize(step.device)
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(total):
+        raise NonFiniteLossError(f"training loss became {total.item()} by update {step.updates}")
+    return {"train_loss": total.item() / max(batches, 1), "lr": lr, "images": images, "correct": correct.item(),
+            "epoch_seconds": seconds}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, world: World) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) over the whole split (each worker counts its shard)."""
+    model.eval()
+    autocast, memory_format = precision(world.device)
+    counts = torch.zeros(3, dtype=torch.float64, device=world.device)
+    for batch in loader:
+        x = batch[0].to(world.device, non_blocking=True, memory_format=memory_format)
+        y = batch[1].to(world.device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == y[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=world.device)])
+    top1, top5, n = world.sum(counts.tolist())
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1)}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (itself when unwrapped)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,123 @@
+"""A trial's record on disk: its checkpoint folder (`<checkpoint_root>/<trial_id>/`) and the files in it.
+
+The folder holds `last.pt` (the checkpoint after the last finished epoch), `config.yaml` (the trial as it
+ran), `result.json` (its final metrics, once finished) and `mlflow_run_id` (the run it logs to). Every file
+is written atomically. A checkpoint starts with a header holding its payload's length and SHA-256 and
+records its trial id: one that is damaged or another trial's is set aside (`last.pt.rejected-<n>`), never
+trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import REPO_ROOT
+from ..utils.io import atomic_write, atomic_write_text
+
+CHECKPOINT = "last.pt"
+CHECKPOINT_MAGIC = b"noah-pipeline checkpoint v1\n"
+"""The first line of every checkpoint file; the second holds the payload's length and SHA-256."""
+CONFIG = "config.yaml"
+RESULT = "result.json"
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def trial_folder(checkpoint_root: str | Path, tid: str) -> Path:
+    """Trial `tid`'s folder under `checkpoint_root` (a relative root is taken from the repository root;
+    absolute, since Ray may change the working folder)."""
+    return (REPO_ROOT / checkpoint_root / tid).absolute()
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> Path:
+    """`config.yaml`: the trial as it ran (what the report rebuilds its model from)."""
+    atomic_write_text(folder / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    return folder / CONFIG
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A `config.yaml` written by `write_config` (a folder or the file itself); empty when there is none."""
+    path = path / CONFIG if path.is_dir() else path
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def write_result(folder: Path, result: dict[str, Any]) -> None:
+    atomic_write_text(folder / RESULT, json.dumps(result))
+
+
+def read_result(folder: Path) -> dict[str, Any]:
+    """The final metrics a finished trial wrote (FileNotFoundError when it has not finished)."""
+    return json.loads((folder / RESULT).read_text())
+
+
+def clear(folder: Path) -> None:
+    """Forget a trial's progress (`--retrain`): its checkpoint, result and run id."""
+    for name in (CHECKPOINT, RESULT, RUN_ID_FILE):
+        (folder / name).unlink(missing_ok=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged (truncated, bytes changed), not the trainer's, unsafe to load, or another
+    trial's: never trained on."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """One atomic file (never half written): a header line with the payload's length and SHA-256, then
+    torch.save's bytes, so that `load_checkpoint` can tell a damaged file from a good one."""
+    buffer = BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = CHECKPOINT_MAGIC + f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    atomic_write(path, lambda f: f.writelines((header, payload)))
+
+
+def load_checkpoint(path: str | Path, trial_id: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None if there is none; tensors and plain data only (weights_only=True).
+
+    Raises CheckpointError when its header, length or hash does not match its bytes, when it holds more than
+    weights_only allows, or when it is not trial `trial_id`'s (when given)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    end = data.find(b"\n", len(CHECKPOINT_MAGIC))
+    fields = data[len(CHECKPOINT_MAGIC):end].split() if data.startswith(CHECKPOINT_MAGIC) and end > 0 else []
+    if len(fields) != 2 or not fields[0].isdigit():
+        raise CheckpointError(f"{path}: not a trainer checkpoint (no valid header)")
+    payload, length = memoryview(data)[end + 1:], int(fields[0])
+    if len(payload) != length:
+        raise CheckpointError(f"{path}: truncated or extended ({len(payload)} bytes after the header, not {length})")
+    if hashlib.sha256(payload).hexdigest().encode() != fields[1]:
+        raise CheckpointError(f"{path}: damaged (its SHA-256 differs from the one its header records)")
+    try:
+        state = torch.load(BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be loaded safely: {err}") from err
+    if trial_id is not None and state.get("trial_id") != trial_id:
+        raise CheckpointError(f"{path}: belongs to trial {state.get('trial_id')}, not {trial_id}")
+    return state
+
+
+def set_aside(path: Path) -> Path:
+    """Move a rejected checkpoint to the first free `<name>.rejected-<n>` beside it: kept for a look, never
+    loaded again."""
+    n = 1
+    while path.with_name(f"{path.name}.rejected-{n}").exists():
+        n += 1
+    return path.rename(path.with_name(f"{path.name}.rejected-{n}"))
+
+
+def reject_bad_checkpoint(folder: Path, tid: str) -> str | None:
+    """Set aside the folder's checkpoint if it is damaged or another trial's, so the trial starts from
+    scratch; returns why (None: it is good or absent). Run once by the driver, before any worker loads it."""
+    path = folder / CHECKPOINT
+    try:
+        load_checkpoint(path, tid)
+    except CheckpointError as err:
+        return f"{err}; moved to {set_aside(path).name}"
+    return None

@@ -1,0 +1,324 @@
+"""Run one trial (`run_trial`): the entry every sweep trial and `python -m pipeline train` call.
+
+The run is tracked in MLflow (`tracking`), checkpointed atomically after every epoch (`record`) and resumed
+from the last checkpoint when started again. Each epoch is seeded from (seed, epoch), so a resumed run
+repeats what an uninterrupted one would have done. A damaged or foreign checkpoint is set aside and the
+trial starts from scratch in a new run.
+
+With `TrainConfig.num_workers > 1` the same loop (`fit`) runs data-parallel in Ray Train's TorchTrainer
+(gloo on CPU, NCCL on GPU) with the same global batch; only rank 0 writes checkpoints and logs to MLflow.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, MlflowConfig, TrainConfig, flatten, to_dict
+from ..data.loaders import build_loader
+from ..data.prepared import manifest_hash, read_meta
+from ..models.complexity import count
+from ..utils.cluster import connect
+from ..utils.interrupt import Interrupted, interruptible
+from ..utils.progress import resolve_mode, steps, ticker
+from .engine import (
+    ShardSampler,
+    Step,
+    World,
+    mix_seed,
+    precision,
+    seed_epoch,
+    seed_everything,
+    train_one_epoch,
+    unwrap,
+)
+from .recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, unapplied
+from .record import (
+    CHECKPOINT,
+    RESULT,
+    clear,
+    load_checkpoint,
+    read_result,
+    reject_bad_checkpoint,
+    save_checkpoint,
+    trial_folder,
+    write_config,
+    write_result,
+)
+from .tasks import Task, task_of
+from .tracking import (
+    RUN_ID_FILE,
+    TrialRun,
+    find_finished,
+    git_commit,
+    metrics_csv,
+    plot_learning_curves,
+    resolve_uri,
+    result_of,
+)
+from .trial import TRAINING_CODE_VERSION, Trial, trial_id
+
+EpochCallback = Callable[[dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a training process needs (plain, picklable data: sent to Ray Train workers)."""
+
+    trial: Trial
+    task: Task
+    train: TrainConfig
+    trial_id: str
+    checkpoint_dir: str
+    tracking_uri: str
+    run_id: str
+    num_classes: int
+    log_weights: bool
+    init_from: str | None = None
+    """The trial id of the classification trial whose checkpoint initialises a fine-tuned backbone."""
+
+
+def _loaders(job: Job, world: World) -> tuple[DataLoader, ...]:
+    """The train loader and the task's evaluation loaders; with several workers each trains on its shard
+    with batch / workers (and evaluates its shard where the task sums counts over workers)."""
+    trial, train = job.trial, job.train
+    if trial.batch_size % world.size:
+        raise ConfigError("batch_size", trial.batch_size, f"a multiple of num_workers ({world.size})")
+    batch = trial.batch_size // world.size
+    splits = [("train", True), *((s, False) for s in job.task.eval_splits)]
+    loaders = [build_loader(trial.data_dir, split, trial.img_size, batch, train=is_train,
+                            augment=trial.recipe.augment if is_train else None, workers=train.loader_workers,
+                            seed=trial.seed)
+               for split, is_train in splits]
+    if world.size == 1:
+        return tuple(loaders)
+    shard = 2 if job.task.shard_eval else 1
+    return tuple(DataLoader(ld.dataset, batch_size=batch, sampler=ShardSampler(ld.sampler, world, pad=is_train),
+                            num_workers=train.loader_workers, drop_last=ld.drop_last,
+                            persistent_workers=train.loader_workers > 0)
+                 for ld, is_train in zip(loaders[:shard], (True, False))) + tuple(loaders[shard:])
+
+
+def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, Any]:
+    """Train `job` from its last checkpoint to the end and evaluate it; rank 0 checkpoints and logs.
+
+    `wrap` makes the data-parallel model (Ray Train's prepare_model) when there are several workers."""
+    trial, task, recipe = job.trial, job.task, job.trial.recipe
+    lead = world.rank == 0
+    folder = Path(job.checkpoint_dir)
+    seed_everything(mix_seed(trial.seed, 0))
+    model = task.build_model(trial, job.num_classes)
+    params, madds = count(model, img_size=trial.img_size) if lead else (0, 0)
+    cuda = world.device.type == "cuda"
+    model.to(world.device, memory_format=precision(world.device)[1])
+    optimizer = build_optimizer(model, trial.scaled)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
+    state = load_checkpoint(folder / CHECKPOINT, job.trial_id)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        history, start_epoch = state["history"], state["epoch"]
+    elif job.init_from is not None:
+        task.initialise(model, trial_folder(job.train.checkpoint_root, job.init_from) / CHECKPOINT, job.init_from)
+    train_loader, *eval_loaders = _loaders(job, world)
+    mixup = build_mixup(recipe, job.num_classes)
+    step = Step(model=wrap(model) if wrap else model, optimizer=optimizer,
+                scheduler=build_scheduler(optimizer, trial.scaled, len(train_loader)),
+                criterion=build_criterion(recipe, mixup), device=world.device, mixup=mixup, ema=ema,
+                clip_grad=recipe.clip_grad, updates=start_epoch * len(train_loader))
+    step.scheduler.step_update(num_updates=step.updates)
+    run = TrialRun(job.tracking_uri, job.run_id) if lead else None
+    if run is not None:
+        device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
+        run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32"})
+        run.log_epochs(history)  # epochs checkpointed before a crash but not yet logged
+    mode = resolve_mode(job.train.progress) if lead else "off"
+    name = f"{trial.backbone}/{trial.head.name} epoch"
+    done = steps(trial.epochs, name, mode)
+    for epoch in range(start_epoch, trial.epochs):
+        seed_everything(mix_seed(trial.seed, epoch, world.rank))
+        seed_epoch(train_loader, trial.seed, epoch)
+        with ticker(len(train_loader), f"{name} {epoch + 1}/{trial.epochs}", mode) as tick:
+            stats = train_one_epoch(step, train_loader, tick)
+        images, correct = world.sum([stats["images"], stats["correct"]])
+        # train_top1 is against the (mixed) targets' argmax: Fig. 3's training curve, under augmentation
+        row = {"epoch": float(epoch), "train_loss": stats["train_loss"], "lr": stats["lr"],
+               "train_top1": 100.0 * correct / max(images, 1),
+               "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"]}
+        row.update({f"val_{k}": v for k, v in task.validate(step.model, eval_loaders, world).items()})
+        if ema is not None:
+            row.update({f"val_{k}_ema": v for k, v in task.validate(ema.module, eval_loaders, world).items()})
+        history.append(row)
+        if lead:
+            save_checkpoint(folder / CHECKPOINT, {
+                "epoch": epoch + 1, "history": history, "trial_id": job.trial_id,
+                "model": unwrap(step.model).state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None})
+            run.log_epochs([row])
+            done(epoch + 1, f"loss {row['train_loss']:.4f} lr {row['lr']:.3g} top1 {row['val_top1']:.2f} "
+                            f"top5 {row['val_top5']:.2f} {row['images_per_s_epoch']:.0f} img/s "
+                            f"{row['epoch_seconds']:.1f}s")
+            if on_epoch is not None:
+                on_epoch(row)
+    if not lead:
+        return {}
+    last = history[-1]
+    result = {"top1": last["val_top1"], "top5": last["val_top5"],
+              "best_top1": max(row["val_top1"] for row in history), "params": params, "madds": madds,
+              "train_seconds": sum(row["epoch_seconds"] for row in history),
+              "images_per_s": sum(row["images_per_s_epoch"] for row in history) / len(history),
+              **{key: last[f"val_{key}"] for key in task.result_keys}}
+    if ema is not None:
+        result.update(top1_ema=last["val_top1_ema"], top5_ema=last["val_top5_ema"])
+    run.log_final(result)
+    _log_artifacts(run, job, history, unwrap(step.model))
+    write_result(folder, result)
+    return result
+
+
+def _log_artifacts(run: TrialRun, job: Job, history: list[dict[str, float]], model: nn.Module) -> None:
+    """The resolved config (also kept in the trial's folder), the metrics CSV, the learning curves and
+    (when asked) the weights."""
+    run.log_artifact(write_config(Path(job.checkpoint_dir), resolved_config(job)))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "metrics.csv").write_text(metrics_csv(history))
+        plot_learning_curves(folder / "learning_curve.png", history, f"{job.trial.label} ({job.task.name})")
+        for name in ("metrics.csv", "learning_curve.png"):
+            run.log_artifact(folder / name)
+        if job.log_weights:
+            torch.save(model.state_dict(), folder / "weights.pt")
+            run.log_artifact(folder / "weights.pt", "weights")
+
+
+def resolved_config(job: Job) -> dict[str, Any]:
+    """The trial as it ran: the resolved trial, the recipe fitted to it, its task and how it ran."""
+    scaled = {k: v for k, v in to_dict(job.trial.scaled).items() if k != "recipe"}
+    return {"trial_id": job.trial_id, "training_code_version": TRAINING_CODE_VERSION,
+            "trial": to_dict(job.trial), "scaled": scaled, "train": to_dict(job.train),
+            "data": {"task": job.task.name, "num_classes": job.num_classes,
+                     "manifest_hash": manifest_hash(job.trial.data_dir)}}
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    """The per-worker entry of Ray Train's TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    world = World(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+    fit(config["job"], world, wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+
+
+def _fit_ray(job: Job) -> dict[str, Any]:
+    """Run `fit` on `num_workers` Ray Train workers (in the Ray this process is connected to, else the
+    cluster at RAY_ADDRESS, else a local Ray on loopback)."""
+    connect()
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = job.train.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.num_workers
+    folder = Path(job.checkpoint_dir)
+    (folder / RESULT).unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"train-{job.trial_id}", storage_path=str(folder / "ray"),
+                             failure_config=FailureConfig(max_failures=0)))
+    try:
+        trainer.fit()
+    except WorkerGroupError as err:  # surface rank 0's own error (e.g. NonFiniteLossError), as with 1 worker
+        cause = err.worker_failures.get(0) or next(iter(err.worker_failures.values()), None)
+        if isinstance(cause, Exception):
+            raise cause from err
+        raise
+    return read_result(folder)
+
+
+def _device(train: TrainConfig) -> torch.device:
+    if train.use_gpu is False or not torch.cuda.is_available():
+        if train.use_gpu:
+            raise ConfigError("use_gpu", True, "false or null on a machine without a CUDA GPU")
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: MlflowConfig = MlflowConfig(),
+              experiment: str = "noah", parent_run_id: str | None = None,
+              checkpoint_dir: str | Path | None = None, reuse: bool = True,
+              on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """Train and evaluate one trial, tracked as one MLflow run; returns its final metrics.
+
+    A trial whose identity already has a FINISHED run is not trained again. Otherwise it resumes from
+    the last checkpoint in `checkpoint_dir` (default `<checkpoint_root>/<trial_id>`) and the same MLflow
+    run, if they are this trial's (a damaged or foreign checkpoint is set aside and noted in the new run's
+    `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. Any error
+    ends the run FAILED with the error text as its `failure_reason` tag; SIGTERM or SIGINT ends it KILLED
+    (in the main thread; raises `Interrupted`).
+    `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune.
+    """
+    classes, stats = read_meta(trial.data_dir)
+    task = task_of(stats)
+    if trial.recipe.mixup > 0 or trial.recipe.cutmix > 0:
+        if trial.batch_size // train.num_workers % 2:
+            raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
+    tid = trial_id(trial)
+    uri = resolve_uri(tracking.tracking_uri)
+    if reuse and (done := find_finished(tid, uri)) is not None:
+        return result_of(done)
+    source_id = trial_id(trial.init_from) if trial.init_from is not None else None
+    if source_id is not None and not (trial_folder(train.checkpoint_root, source_id) / CHECKPOINT).is_file():
+        source = trial_folder(train.checkpoint_root, source_id) / CHECKPOINT
+        raise ConfigError("init_from", source_id, f"a trained classification trial (no checkpoint at {source}; "
+                          "run that trial first)")
+    folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, tid)
+    folder.mkdir(parents=True, exist_ok=True)
+    rejected = reject_bad_checkpoint(folder, tid)  # before --retrain deletes: only this trial's own goes
+    if not reuse:
+        clear(folder)
+    if rejected is not None:  # training starts from scratch: into a new run, not over the old run's epochs
+        (folder / RUN_ID_FILE).unlink(missing_ok=True)
+        print(f"warning: checkpoint rejected, training from scratch: {rejected}", file=sys.stderr)
+    device = _device(train) if train.num_workers == 1 else torch.device("cpu")
+    commit = git_commit()
+    tags = {"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
+            "data_manifest_hash": manifest_hash(trial.data_dir), "backbone": trial.backbone,
+            "head": trial.head.name, "recipe": trial.recipe.name, "task": task.name}
+    if unapplied(trial.recipe):
+        tags["recipe_not_applied"] = ", ".join(unapplied(trial.recipe)) + " (no such parameter in this backbone)"
+    run = TrialRun.open(uri, experiment, folder, run_name=trial.label, tags=tags, parent_run_id=parent_run_id)
+    job = Job(trial=trial, task=task, train=train, trial_id=tid, checkpoint_dir=str(folder), tracking_uri=uri,
+              run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights, init_from=source_id)
+    try:
+        with interruptible():
+            if rejected is not None:
+                run.set_tags({"checkpoint_rejected": rejected})
+            run.log_params(flatten(resolved_config(job)))
+            if train.num_workers == 1:
+                result = fit(job, World(device=device), on_epoch)
+            else:
+                result = _fit_ray(job)
+    except Exception as err:
+        run.fail(f"{type(err).__name__}: {err}")
+        raise
+    except BaseException as err:
+        run.fail(f"interrupted: {err if isinstance(err, Interrupted) else type(err).__name__}", killed=True)
+        raise
+    run.finish()
+    return {**result, "run_id": run.run_id, "trial_id": tid, "status": "FINISHED", "reason": None}

@@ -1,0 +1,1 @@
+"""What every layer above shares: atomic writes, progress, signals, the Ray connection, the stage runner."""
