@@ -239,7 +239,8 @@ def test_dvc_stage_entry_builds_the_profile_datasets(tmp_path: Path):
     params["datasets"]["builtin_reid"] = {"source": "builtin_reid", "out": str(tmp_path / "persons"), "resize": 16,
                                           "builtin": dict(small)}  # a copy: params.yaml refuses YAML aliases
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    run = subprocess.run([sys.executable, str(repo / "stages" / "prepare.py"), "--params", str(tmp_path / "params.yaml")],
+    stage = [sys.executable, str(repo / "stages" / "prepare.py"), "--params", str(tmp_path / "params.yaml")]
+    run = subprocess.run(stage,
                          cwd=repo, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "shapes/stats.json").read_text())["task"] == "classification"

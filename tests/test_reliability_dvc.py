@@ -24,8 +24,8 @@ TAG = "NOAH_RELIABILITY_DVC"
 
 
 def _shrink(params: dict, tmp: Path) -> dict:
-    """Every table at one resnet18 row (Tables 4 and 11: baseline and NOAH, the pair the figures need), tiny built-in data at 32 px, one epoch, Table 10 on
-    resnet18 only; the MLflow store and checkpoints outside the clone."""
+    """Every table at one resnet18 row (Tables 4 and 11: baseline and NOAH, the pair the figures need), tiny built-in
+    data at 32 px, one epoch, Table 10 on resnet18 only; the MLflow store and checkpoints outside the clone."""
     tiny = {"num_classes": 4, "train_per_class": 8, "val_per_class": 4, "image_size": 40, "train_ids": 4,
             "test_ids": 4, "cameras": 2, "images_per_id": 2, "distractors": 2, "junk": 2}
     params["profile"] = "smoke"

@@ -37,7 +37,8 @@ LOGGER = textwrap.dedent("""
     from pathlib import Path
     from pipeline.training.tracking import TrialRun
 
-    uri, folder, worker, runs, epochs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    uri, folder = sys.argv[1], Path(sys.argv[2])
+    worker, runs, epochs = (int(a) for a in sys.argv[3:6])
     for i in range(runs):
         run = TrialRun.open(uri, "concurrent", folder / f"w{worker}-r{i}", run_name=f"w{worker}-r{i}",
                             tags={"trial_id": f"w{worker}-r{i}"})
@@ -130,7 +131,8 @@ def test_prepare_stage_names_a_missing_data_root_at_once(tmp_path: Path) -> None
               "tables": {}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "stages/prepare.py", "--params", str(tmp_path / "params.yaml")], cwd=REPO_ROOT,
+    stage = [sys.executable, "stages/prepare.py", "--params", str(tmp_path / "params.yaml")]
+    proc = subprocess.run(stage, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert time.monotonic() - start < 30
     assert proc.returncode == 2, proc.stderr

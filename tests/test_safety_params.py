@@ -111,7 +111,8 @@ def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
     tables = yaml.safe_load(PARAMS.read_text())["tables"]
     tables = {"extra": {"recipe": "resnet", "rows": [ROW]}, "table10b": {"recipe": "resnet", "rows": [ROW]},
               **{k: tables[k] for k in ("table6", "table11")}}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--params", str(_repo_params(tmp_path, tables=tables)),
+    params = str(_repo_params(tmp_path, tables=tables))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--params", params,
                            "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert list(json.loads(proc.stdout)["tables"]) == ["table6", "table10", "table11", "extra", "table10b"]

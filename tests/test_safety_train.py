@@ -35,8 +35,8 @@ RECIPES = load_params().recipes
 
 
 def _trial(data: Path, **changes: Any) -> Trial:
-    return resolve_trial({"backbone": "resnet18", "head": {"kind": "baseline"}, "recipe": "resnet", "data_dir": str(data),
-                          "img_size": 32, "epochs": 1, "batch_size": 16, **changes}, RECIPES)
+    return resolve_trial({"backbone": "resnet18", "head": {"kind": "baseline"}, "recipe": "resnet",
+                          "data_dir": str(data), "img_size": 32, "epochs": 1, "batch_size": 16, **changes}, RECIPES)
 
 
 def _store(tmp_path: Path) -> tuple[MlflowConfig, MlflowClient]:
@@ -79,8 +79,9 @@ def test_another_trials_checkpoint_is_set_aside_and_its_run_not_reopened(tiny_da
     assert (other / "last.pt.rejected-1").read_bytes() == (folder / "last.pt.rejected-1").read_bytes()
 
 
-def test_train_cli_with_another_seeds_checkpoint_dir_trains_its_own_seed(tiny_data: Path, tiny_params: Callable[..., Path],
-                                                                        tmp_path: Path) -> None:
+def test_train_cli_with_another_seeds_checkpoint_dir_trains_its_own_seed(tiny_data: Path,
+                                                                         tiny_params: Callable[..., Path],
+                                                                         tmp_path: Path) -> None:
     """The user's command from the issue: `train --seed 1 --checkpoint-dir <seed 0's folder>`."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # tiny_params' store
     folder = tmp_path / "ckpt"

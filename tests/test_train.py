@@ -99,7 +99,8 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
     assert tags["trial_id"] == trial_id(trial) == result["trial_id"]
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", tags["git_commit"])
     assert len(tags["data_manifest_hash"]) == 64
-    assert {"config.yaml", "metrics.csv", "learning_curve.png", "weights"} <= _logged(client, run.info.run_id)["artifacts"]
+    artifacts = _logged(client, run.info.run_id)["artifacts"]
+    assert {"config.yaml", "metrics.csv", "learning_curve.png", "weights"} <= artifacts
     csv_file = Path(client.download_artifacts(run.info.run_id, "metrics.csv", str(tmp_path)))
     assert len(csv_file.read_text().strip().splitlines()) == 3  # header + 2 epochs
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())

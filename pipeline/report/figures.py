@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 
 from ..config import ConfigError, HeadConfig  # noqa: E402
 from ..data.loaders import build_loader  # noqa: E402
-from ..data.prepared import STATS, read_meta  # noqa: E402
+from ..data.prepared import is_prepared, read_meta  # noqa: E402
 from ..models import NoahHead, build_model  # noqa: E402
 from ..training.record import (  # noqa: E402
     CHECKPOINT,
@@ -297,7 +297,7 @@ def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tens
 
 def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title: str, images: int) -> Figure:
     data_dir = spec["data_dir"]
-    if data_dir is None or not (Path(data_dir) / STATS).exists():
+    if data_dir is None or not is_prepared(data_dir):
         return Figure(title, note=f"prepared validation data not found at {data_dir}")
     if spec["num_classes"] is None:
         return Figure(title, note=f"run {spec['run_id']} records no number of classes")

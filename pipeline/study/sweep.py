@@ -1,6 +1,6 @@
 """Ray Tune sweeps: one grid per paper table, each distinct trial trained once across all tables.
 
-A table's rows become trials (`pipeline.study`); a trial whose identity already has a FINISHED MLflow
+A table's rows become trials (`study.tables`); a trial whose identity already has a FINISHED MLflow
 run is reused, whatever table trained it. The rest run as one Ray Tune grid on a local Ray or the
 cluster at `ray.address` / `RAY_ADDRESS`. A trial resumes from the checkpoint folder named by its
 identity, so Ray's retries (`max_failures`) and a re-run of an interrupted sweep pick up where they
