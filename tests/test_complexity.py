@@ -17,6 +17,7 @@ import torch
 
 from pipeline.__main__ import main
 from pipeline.models import build_model, list_backbones, resolve_head
+from pipeline.models.backbones import has_class_token
 from pipeline.models.complexity import count, measure, paper_figures, paper_head
 from pipeline.paper import PAPER_TABLES
 
@@ -74,6 +75,8 @@ def test_noah_extra_madds_follow_the_paper_formula(measured, backbone):
     noah_cfg = resolve_head(backbone, {"kind": "noah"})
     (_, noah), _ = measured[(backbone, noah_cfg)]
     (_, base), _ = measured[(backbone, resolve_head(backbone, {"kind": "baseline"}))]
+    if has_class_token(backbone):  # NOAH's ViTs have no class token: the same backbone as the GAP head's
+        base = measure(backbone, resolve_head(backbone, {"kind": "gap"}))[1]
     with torch.device("meta"):
         model = build_model(backbone, noah_cfg, M)
     _, c, h, w = model.forward_features(torch.empty(1, 3, 224, 224, device="meta")).shape

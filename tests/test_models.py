@@ -93,10 +93,11 @@ def test_mobilenetv3_small_head_conv_runs_on_the_map_before_noah():
 
 
 def test_real_build_matches_meta_build_and_trains():
-    model = build_model("resnet18", {"kind": "noah", "N": 4, "r": 0.5}, 3, img_size=IMG)
+    size = 2 * IMG  # a 2×2 map: over one position the spatial softmax is constant and the keys get no gradient
+    model = build_model("resnet18", {"kind": "noah", "N": 4, "r": 0.5}, 3, img_size=size)
     assert sum(p.numel() for p in model.parameters()) == \
-        sum(p.numel() for p in meta_model("resnet18", {"kind": "noah"}, 3, IMG).parameters())
-    loss = model(torch.randn(2, 3, IMG, IMG)).logsumexp(1).mean()
+        sum(p.numel() for p in meta_model("resnet18", {"kind": "noah"}, 3, size).parameters())
+    loss = model(torch.randn(2, 3, size, size)).logsumexp(1).mean()
     loss.backward()
     assert model.backbone.conv1.weight.grad.abs().sum() > 0 and model.head.key_weight.grad.abs().sum() > 0
 
@@ -116,7 +117,7 @@ def test_resolve_head_fills_n_and_r_from_backbones_csv():
     for key, info in backbone_table().items():
         cfg = resolve_head(key, {"kind": "noah"})
         assert (cfg.N, cfg.r) == (info.noah_N, info.noah_r)
-    assert resolve_head("resnet50", {"kind": "noah", "N": 8}) == HeadConfig(kind="noah", N=8, r=0.125)
+    assert resolve_head("resnet50", {"kind": "noah", "N": 8}) == HeadConfig(kind="noah", N=8, r=0.125, dropout=0.1)
     assert resolve_head("resnet50", {"kind": "baseline"}).N is None
     assert resolve_head("mixer_base", None).kind == "noah"
 

@@ -39,14 +39,17 @@ def eq1_logits(head: NoahHead, x: torch.Tensor) -> torch.Tensor:
     poca = torch.stack(blocks, 1)  # (B, N, M, H, W)
     if cfg.aggregation == "max":
         return poca.amax(dim=(1, 3, 4))
+    if cfg.aggregation == "max_spatial":
+        return poca.amax(dim=(3, 4)).sum(dim=1)
     logits = poca.sum(dim=(1, 3, 4))
-    return logits / (n * H * W) if cfg.aggregation == "avg" else logits
+    return logits / {"sum": 1, "avg": n * H * W, "avg_spatial": H * W}[cfg.aggregation]
 
 
 def variants():
     """Every combination of the head's options (sigmoid ignores the softmax axis)."""
     options = itertools.product(("both", "first", "none"), ("softmax", "sigmoid"), ("spatial", "channel"),
-                                ("sum", "avg", "max"), (1, 3), (False, True), (False, True))
+                                ("sum", "avg", "max", "avg_spatial", "max_spatial"), (1, 3), (False, True),
+                                (False, True))
     for split, act, axis, agg, k, shared, extra in options:
         if (act == "sigmoid" and axis == "channel") or (shared and act == "softmax" and axis == "channel"):
             continue
@@ -127,7 +130,7 @@ def test_head_errors(cfg: HeadConfig, channels: int, key: str, fragments: list[s
     ({"feature_split": "half"}, "head.feature_split", "'both', 'first', 'none'"),
     ({"activation": "relu"}, "head.activation", "'softmax', 'sigmoid'"),
     ({"softmax_axis": "batch"}, "head.softmax_axis", "'spatial', 'channel'"),
-    ({"aggregation": "median"}, "head.aggregation", "'sum', 'avg', 'max'"),
+    ({"aggregation": "median"}, "head.aggregation", "'sum', 'avg', 'max', 'avg_spatial', 'max_spatial'"),
     ({"kernel_size": 5}, "head.kernel_size", "1, 3"),
     ({"shared_attention": "yes"}, "head.shared_attention", "true or false"),
     ({"dropout": 1.0}, "head.dropout", "0 <= dropout < 1"),
@@ -140,7 +143,8 @@ def test_head_option_errors(data: dict, key: str, fragment: str):
 
 
 FUSED = [HeadConfig(N=4, r=0.25), HeadConfig(N=4, r=0.5, feature_split="first", aggregation="avg"),
-         HeadConfig(N=2, r=0.5, feature_split="none"), HeadConfig(N=4, r=0.5, activation="sigmoid")]
+         HeadConfig(N=2, r=0.5, feature_split="none"), HeadConfig(N=4, r=0.5, activation="sigmoid"),
+         HeadConfig(N=4, r=0.5, aggregation="avg_spatial")]
 
 
 @pytest.mark.parametrize("cfg", FUSED, ids=lambda c: c.name)
@@ -157,7 +161,7 @@ def test_fused_matches_reference_and_straightforward(cfg: HeadConfig, chunk_elem
     x = (torch.randn(5, 32, 7, 7) * spread).requires_grad_()
     weight = torch.randn(5, 50)
     others = [head.forward_reference]
-    if cfg.feature_split == "both" and cfg.activation == "softmax":
+    if cfg.feature_split == "both" and cfg.activation == "softmax" and cfg.aggregation == "sum":
         others.append(StraightforwardHead(head))
     ours = head.forward_fused(x, chunk_elements)
     grads = _grads(ours, x, head, weight)
@@ -204,6 +208,7 @@ def test_empty_batch():
 
 def test_fused_runs_only_where_it_applies():
     assert not NoahHead(HeadConfig(N=4, r=0.5, aggregation="max"), C, M).fused
+    assert not NoahHead(HeadConfig(N=4, r=0.5, aggregation="max_spatial"), C, M).fused
     assert not NoahHead(HeadConfig(N=4, r=0.5, softmax_axis="channel"), C, M).fused
     head = NoahHead(HeadConfig(N=4, r=0.5, dropout=0.1), C, M)
     assert not head.fused  # dropout active in training

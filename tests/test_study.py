@@ -2,7 +2,6 @@
 at once with one message naming the key, before Ray, MLflow or data are touched."""
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -14,20 +13,17 @@ import yaml
 
 from pipeline import REPO_ROOT
 from pipeline.config import PARAMS, ConfigError, load_params, profile_datasets
-from pipeline.paper import PAPER_TABLES
+from pipeline.report.specs import TABLES, paper_rows
 from pipeline.study.tables import table_rows
 
-PAPER_CSV = {"table4": "table4_N_r.csv", "table5": "table5_feature_split.csv", "table6": "table6_softmax_axis.csv",
-             "table7": "table7_aggregation.csv", "table8": "table8_aggressive.csv", "table9": "table9_reid.csv",
-             "table11": "table11_poca_variants.csv"}
+TRAINED = [name for name, spec in TABLES.items() if spec.producer == "sweep"]
 
 
 def test_repository_params_cover_every_paper_row() -> None:
     params = load_params()
-    assert set(params.tables) == set(PAPER_CSV)
-    for table, name in PAPER_CSV.items():
-        with open(PAPER_TABLES / name, newline="") as f:
-            paper = list(csv.DictReader(f))
+    assert set(params.tables) == set(TRAINED) == {f"table{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11)}
+    for table in TRAINED:
+        paper = paper_rows(TABLES[table])
         rows = table_rows(params, table)
         assert [rt.row.row for rt in rows] == [int(p["row"]) for p in paper], table
         for rt, p in zip(rows, paper):
@@ -115,11 +111,12 @@ def test_plan_counts_no_configuration_twice() -> None:
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     plan = json.loads(out)
     tables = plan["tables"]
-    assert list(tables) == ["table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11"]
+    assert list(tables) == [f"table{n}" for n in range(1, 12)]
+    assert [tables[t]["unique_trials"] for t in ("table1", "table2", "table3")] == [20, 17, 16]
     assert tables["table4"] == {**tables["table4"], "rows": 8, "trials": 8, "unique_trials": 7}
     assert tables["table9"]["trials"] == 4
-    # Tables 5, 6, 7 and 11 reuse ResNet18/50 rows of earlier tables; Table 8's recipe differs.
-    later = ("table5", "table6", "table7", "table8", "table11")
-    assert [tables[t]["new_unique_trials"] for t in later] == [10, 1, 2, 4, 4]
-    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 32
+    # Tables 4-7 and 11 reuse Table 1's ResNet18/50/101 rows and each other's; Table 8's recipe differs.
+    later = ("table4", "table5", "table6", "table7", "table8", "table11")
+    assert [tables[t]["new_unique_trials"] for t in later] == [5, 6, 1, 2, 4, 4]
+    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 79
     assert all(t["gpu_hours"] > 0 for name, t in tables.items() if name != "table10")

@@ -222,11 +222,15 @@ class HeadConfig:
     feature_split: str = choice("both", "first", "none", default="both")
     activation: str = choice("softmax", "sigmoid", default="softmax")
     softmax_axis: str = choice("spatial", "channel", default="spatial")
-    aggregation: str = choice("sum", "avg", "max", default="sum")
+    aggregation: str = choice("sum", "avg", "max", "avg_spatial", "max_spatial", default="sum")
+    """How the N·H·W local POCAs of a class become its logit. Table 7's `avg` and `max` are one mean or max over
+    all N·H·W of them; `avg_spatial` and `max_spatial` are the other reading (over H·W per block, then the sum
+    over the N blocks). docs/fidelity.md."""
     kernel_size: int = choice(1, 3, default=1)
     shared_attention: bool = False
     extra_linear: bool = False
-    dropout: float = checked(lambda p: 0 <= p < 1, "a number with 0 <= dropout < 1", default=0.0)
+    dropout: float | None = checked(lambda p: 0 <= p < 1, "a number with 0 <= dropout < 1, or null (the "
+                                    "backbone's noah_dropout in backbones.csv)", default=None)
 
     @property
     def name(self) -> str:
@@ -238,10 +242,11 @@ class HeadConfig:
         return f"noah({','.join(parts)})"
 
     def options(self) -> dict[str, Any]:
-        """The options besides kind, N and r that differ from the paper's design: what makes a variant."""
+        """The options besides kind, N, r and dropout (each backbone's own, from backbones.csv) that differ
+        from the paper's design: what makes a variant."""
         defaults = HeadConfig()
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("kind", "N", "r") and getattr(self, f.name) != getattr(defaults, f.name)}
+                if f.name not in ("kind", "N", "r", "dropout") and getattr(self, f.name) != getattr(defaults, f.name)}
 
 
 def parse_head(head: dict[str, Any] | HeadConfig | None, where: str = "head") -> HeadConfig:
@@ -265,11 +270,13 @@ def parse_head_spec(spec: str) -> HeadConfig:
 
 @dataclass(frozen=True)
 class TableRow:
-    """One printed row of a paper table: the paper's row number, a backbone and a head."""
+    """One printed row of a paper table: the paper's row number, a backbone, a head and, where the row's
+    family trains with another recipe than the table's (Tables 1-3), that recipe."""
 
     row: int = checked(lambda r: r >= 1, "a paper row number >= 1")
     backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
     head: HeadConfig = field(default_factory=HeadConfig)
+    recipe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -359,10 +366,13 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation. `standard` is the paper's resize + random crop + flip; `timm` uses
+    """Training augmentation. `standard` is the authors' main.py: RandomResizedCrop + flip; `timm` uses
     timm.data.create_transform (RandomResizedCrop, RandAugment, colour jitter, Random Erasing)."""
 
     kind: str = choice("standard", "timm", default="standard")
+    crop_scale: tuple[float, ...] = checked(lambda s: len(s) == 2 and 0 < s[0] <= s[1] <= 1,
+                                            "[low, high] with 0 < low <= high <= 1 (RandomResizedCrop's area "
+                                            "share)", default=(0.08, 1.0))
     hflip: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=0.5)
     auto_augment: str | None = checked(lambda s: s.startswith(("rand", "augmix", "original", "v0")),
                                        "null or a timm policy string such as 'rand-m9-mstd0.5-inc1'",
@@ -511,6 +521,11 @@ class Params:
                 ref = getattr(table, key)
                 if ref is not None and ref not in self.recipes:
                     raise ConfigError(f"tables.{name}.{key}", ref, "a key of `recipes`: " + ", ".join(self.recipes))
+            for i, row in enumerate(table.rows):
+                if row.recipe is not None and (row.recipe not in self.recipes or table.task == "reid"):
+                    allowed = ("null (a reid table's recipes are its own)" if table.task == "reid" else
+                               "a key of `recipes`: " + ", ".join(self.recipes))
+                    raise ConfigError(f"tables.{name}.rows[{i}].recipe", row.recipe, allowed)
             for key in ("finetune_recipe", "pretrain_recipe"):
                 if table.task == "reid" and getattr(table, key) is None:
                     raise ConfigError(f"tables.{name}.{key}", None, "a key of `recipes` (reid tables fine-tune too)")

@@ -35,16 +35,18 @@ def _interp(name: str) -> T.InterpolationMode:
 
 def build_transform(img_size: int, train: bool, mean: list[float], std: list[float],
                     augment: AugmentConfig | None = None, reid: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """The paper's standard pipeline, or timm's stack when `augment.kind == "timm"` (training only).
+    """The standard pipeline of the authors' code, or timm's stack when `augment.kind == "timm"` (training).
 
-    Classification: resize to img_size/0.875 then random crop + flip (train) or centre crop (eval).
-    Reid (person crops are tall): resize to a square, flip and pad+random crop (train).
+    Classification: RandomResizedCrop(img_size, crop_scale) + flip (train); resize to img_size/0.875 and
+    centre crop (eval), as the authors' main.py. Reid (person crops are tall): resize to a square, flip and
+    pad+random crop (train).
     """
     aug = augment or AugmentConfig()
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if train and aug.kind == "timm":
         return create_transform(img_size, is_training=True, hflip=aug.hflip, auto_augment=aug.auto_augment,
-                                color_jitter=aug.color_jitter or None, re_prob=aug.reprob, re_mode=aug.remode,
+                                scale=aug.crop_scale, color_jitter=aug.color_jitter or None, re_prob=aug.reprob,
+                                re_mode=aug.remode,
                                 interpolation=aug.interpolation, mean=tuple(mean), std=tuple(std))
     interp = _interp(aug.interpolation)
     if reid:
@@ -52,8 +54,11 @@ def build_transform(img_size: int, train: bool, mean: list[float], std: list[flo
         if train:
             steps += [T.RandomHorizontalFlip(aug.hflip), T.Pad(max(1, img_size // 16)), T.RandomCrop(img_size)]
         return T.Compose(steps + norm)
-    steps = [T.Resize(int(round(img_size / CROP_PCT)), interp)]
-    steps += [T.RandomCrop(img_size), T.RandomHorizontalFlip(aug.hflip)] if train else [T.CenterCrop(img_size)]
+    if train:
+        steps = [T.RandomResizedCrop(img_size, scale=aug.crop_scale, interpolation=interp),
+                 T.RandomHorizontalFlip(aug.hflip)]
+    else:
+        steps = [T.Resize(int(round(img_size / CROP_PCT)), interp), T.CenterCrop(img_size)]
     return T.Compose(steps + norm)
 
 

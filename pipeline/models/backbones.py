@@ -27,7 +27,8 @@ CreateFn = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """One row of backbones.csv: the paper's name, family, width and NOAH's N and r."""
+    """One row of backbones.csv: the paper's name, family, width, NOAH's N and r, and the dropout the
+    authors' code puts on NOAH's values for this backbone (docs/fidelity.md)."""
 
     key: str
     paper_name: str
@@ -36,13 +37,15 @@ class BackboneInfo:
     width: float
     noah_N: int
     noah_r: float
+    noah_dropout: float
 
 
 @functools.cache
 def backbone_table() -> dict[str, BackboneInfo]:
     """backbones.csv, the one place the paper's per-backbone defaults live."""
     return {row["key"]: BackboneInfo(row["key"], row["paper_name"], row["family"], int(row["paper_table"]),
-                                     float(row["width"]), int(row["noah_N"]), float(row["noah_r"]))
+                                     float(row["width"]), int(row["noah_N"]), float(row["noah_r"]),
+                                     float(row["noah_dropout"]))
             for row in read_paper_table("backbones.csv")}
 
 
@@ -86,6 +89,8 @@ def has_class_token(key: str) -> bool:
 @register_backbone("resnet18", "resnet50", "resnet101", "resnet152",
                    "mobilenetv2_100", "mobilenetv2_075", "mobilenetv2_050", "mobilenetv2_035")
 def _timm_cnn(key: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:
+    if key.startswith("resnet"):  # the authors' ResNets start every block's last BatchNorm at 1, not timm's 0
+        kwargs.setdefault("zero_init_last", False)
     return timm.create_model(key, pretrained=False, num_classes=num_classes, **kwargs)
 
 

@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+def children_no_weight_decay(model: nn.Module) -> set[str]:
+    """The `no_weight_decay()` names of `model`'s direct children, prefixed with the child's name: what timm's
+    optimizer factory reads only from the top-level model (a backbone's class token, NOAH's biases)."""
+    return {f"{name}.{p}" for name, child in model.named_children() if hasattr(child, "no_weight_decay")
+            for p in child.no_weight_decay()}
+
+
 class Classifier(nn.Module):
     """`backbone` features -> optional `neck` -> `head` (None: the backbone's own head)."""
 
@@ -21,6 +28,10 @@ class Classifier(nn.Module):
         self.backbone, self.neck, self.head = backbone, neck, head
         self.tokens = tokens
         self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", 0) if tokens else 0
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters a recipe with `no_decay_norm_bias` never decays, beyond timm's 1-D and `.bias` rule."""
+        return children_no_weight_decay(self)
 
     def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The (B, C, H, W) feature map and the prefix (class) tokens (B, P, C), None when there are none."""

@@ -14,7 +14,7 @@ from .noah import NoahHead
 
 
 def resolve_head(backbone: str, head: dict[str, Any] | HeadConfig | None) -> HeadConfig:
-    """The head config with N and r filled from backbones.csv for `kind: noah` (where not given)."""
+    """The head config with N, r and dropout filled from backbones.csv for `kind: noah` (where not given)."""
     info = backbone_info(backbone)
     cfg = parse_head(head)
     if cfg.kind == "gap" and not has_class_token(backbone):
@@ -22,9 +22,10 @@ def resolve_head(backbone: str, head: dict[str, Any] | HeadConfig | None) -> Hea
         raise ConfigError("head.kind", "gap", f"'baseline' or 'noah' for {backbone} (its own head already "
                           f"pools); 'gap' only on class-token ViTs: {', '.join(allowed)}")
     if cfg.kind != "noah":
-        return dataclasses.replace(cfg, N=None, r=None)
+        return dataclasses.replace(cfg, N=None, r=None, dropout=None)
     return dataclasses.replace(cfg, N=info.noah_N if cfg.N is None else cfg.N,
-                               r=info.noah_r if cfg.r is None else cfg.r)
+                               r=info.noah_r if cfg.r is None else cfg.r,
+                               dropout=info.noah_dropout if cfg.dropout is None else cfg.dropout)
 
 
 def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -52,6 +53,8 @@ def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_cla
     if cfg.kind == "gap":
         net = create_backbone(backbone, num_classes, img_size, class_token=False, global_pool="avg", **opts)
         return Classifier(net, None, tokens=tokens)
+    if has_class_token(backbone):  # the authors' NOAH ViTs have no class token: NOAH reads the patch tokens
+        opts.update(class_token=False, global_pool="avg")
     net = create_backbone(backbone, 0, img_size, **opts)
     neck = detach_head_conv(net)
     channels = net.head_hidden_size if neck is not None else net.num_features

@@ -21,6 +21,8 @@ from torch.autograd.function import once_differentiable
 from ..config import ConfigError, HeadConfig
 
 LOG2E = math.log2(math.e)
+SCALED_SUMS = ("sum", "avg", "avg_spatial")
+"""Aggregations that are a constant times the sum over blocks and positions: what the fused path computes."""
 
 
 def split_channels(cfg: HeadConfig, in_channels: int) -> tuple[int, int]:
@@ -189,19 +191,24 @@ class NoahHead(nn.Module):
             self.key_linear_bias = nn.Parameter(torch.zeros(n, self.key_channels))
             self.value_linear = nn.Parameter(torch.empty(n, self.value_channels, self.value_channels))
             self.value_linear_bias = nn.Parameter(torch.zeros(n, self.value_channels))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout or 0.0)  # None: unresolved (no backbone), so none
         self._workspace: dict = {}  # CPU scratch of the fused path (one call at a time per module)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Per-group init as `nn.Conv2d` does it (fan-in of one group's kernel)."""
+        """The authors' init (modules/noah.py): the key and value embeddings, one grouped convolution each,
+        get `kaiming_normal_(mode="fan_out")`, i.e. std sqrt(2 / (N·M_out·k·k)), and zero biases."""
         for w, b in ((self.key_weight, self.key_bias), (self.value_weight, self.value_bias)):
-            bound = 1 / math.sqrt(w.shape[2] * w.shape[3] * w.shape[4])
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+            n, rows, _, k, _ = w.shape
+            nn.init.normal_(w, std=math.sqrt(2.0 / (n * rows * k * k)))
+            nn.init.zeros_(b)
         if self.cfg.extra_linear:
             for w in (self.key_linear, self.value_linear):
                 nn.init.uniform_(w, -1 / math.sqrt(w.shape[-1]), 1 / math.sqrt(w.shape[-1]))
+
+    def no_weight_decay(self) -> set[str]:
+        """The embedding biases: biases, as the authors' `--nowd-bn` treats them, though stored 2-D (N, M)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("bias")}
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value inputs as (B, N or 1, C_in, H, W) views of the feature map."""
@@ -249,9 +256,9 @@ class NoahHead(nn.Module):
     def fused(self) -> bool:
         """Whether `forward` runs as `PocaSum` (1×1 kernels, sum/avg, spatial softmax or sigmoid)."""
         cfg = self.cfg
-        return (cfg.kernel_size == 1 and cfg.aggregation != "max" and not cfg.shared_attention
+        return (cfg.kernel_size == 1 and cfg.aggregation in SCALED_SUMS and not cfg.shared_attention
                 and not cfg.extra_linear and (cfg.activation == "sigmoid" or cfg.softmax_axis == "spatial")
-                and (cfg.dropout == 0 or not self.training))
+                and (not cfg.dropout or not self.training))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.shape[0]:
@@ -269,7 +276,7 @@ class NoahHead(nn.Module):
         if chunk_elements is None:
             chunk_elements = 1 << 40 if x.is_cuda else 1 << 20
         chunk = max(1, chunk_elements // (cfg.N * self.num_classes * h * w))
-        scale = 1.0 / (cfg.N * h * w) if cfg.aggregation == "avg" else 1.0
+        scale = {"sum": 1.0, "avg": 1.0 / (cfg.N * h * w), "avg_spatial": 1.0 / (h * w)}[cfg.aggregation]
         if torch.is_autocast_enabled(x.device.type):  # the head's sums and exps run in float32
             x = x.float()
         with torch.autocast(x.device.type, enabled=False):
@@ -281,9 +288,11 @@ class NoahHead(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the materialised A, V and P of `forward_maps` (every option)."""
         _, _, poca = self.forward_maps(x)
-        if self.cfg.aggregation == "max":
+        aggregation = self.cfg.aggregation
+        if aggregation == "max":
             return poca.amax(dim=(1, 3))
-        logits = poca.sum(dim=(1, 3))
-        if self.cfg.aggregation == "avg":
-            logits = logits / (poca.shape[1] * poca.shape[3])
-        return logits
+        if aggregation == "max_spatial":
+            return poca.amax(dim=3).sum(dim=1)
+        blocks, positions = poca.shape[1], poca.shape[3]
+        scale = {"sum": 1.0, "avg": 1.0 / (blocks * positions), "avg_spatial": 1.0 / positions}[aggregation]
+        return poca.sum(dim=(1, 3)) * scale

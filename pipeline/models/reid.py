@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, HeadConfig
+from .classifier import children_no_weight_decay
 from .factory import build_head, build_model, resolve_head
 
 EMBED_DIM = 512
@@ -35,6 +36,9 @@ class ReidNet(nn.Module):
         self.classifier = nn.Linear(embed_dim, num_ids)
         nn.init.normal_(self.classifier.weight, std=0.01)  # torchreid's classifier init
         nn.init.zeros_(self.classifier.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return children_no_weight_decay(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The (B, 512) embedding used for matching."""

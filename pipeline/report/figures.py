@@ -58,7 +58,8 @@ def is_design(row: dict[str, str]) -> bool:
     if row.get("head") != "noah" or any(row.get(k, "") not in ("", v) for k, v in defaults.items()):
         return False
     bb = backbones()[row["key"]]
-    return float(row["N"]) == float(bb["noah_N"]) and float(row["r"]) == float(bb["noah_r"])
+    n, r = row.get("N") or bb["noah_N"], row.get("r") or bb["noah_r"]  # Tables 1-3 print the design only
+    return float(n) == float(bb["noah_N"]) and float(r) == float(bb["noah_r"])
 
 
 def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:

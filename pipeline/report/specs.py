@@ -1,4 +1,4 @@
-"""What each of Tables 4–11 looks like in the paper: rows come from `pipeline/paper/*.csv`, the rest is here.
+"""What each of Tables 1–11 looks like in the paper: rows come from `pipeline/paper/*.csv`, the rest is here.
 
 A `TableSpec` names the paper CSV that fixes the rows and their order, the setting columns the paper prints
 (with the paper's wording), the metric columns with their units, and how each row's network is labelled.
@@ -48,6 +48,7 @@ class TableSpec:
     decimals: int = 2
     producer: str = "sweep"  # the DVC stage that writes its results file
     groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
+    paper_table: int | None = None  # Tables 1-3 share one CSV: the rows whose backbone's paper_table this is
 
 
 @functools.cache
@@ -59,9 +60,33 @@ def backbones() -> dict[str, PaperRow]:
 def paper_rows(spec: TableSpec) -> list[PaperRow]:
     """The paper's rows of a table in print order, each with a `row` number (Table 10 numbers them 1…26)."""
     rows = read_paper_table(spec.paper_csv)
+    if spec.paper_table is not None:
+        rows = [r for r in rows if int(backbones()[r["key"]]["paper_table"]) == spec.paper_table]
     for i, r in enumerate(rows, 1):
         r.setdefault("row", str(i))
     return rows
+
+
+FIDELITY = "docs/fidelity.md"
+GUESSES: dict[str, Callable[[PaperRow], str | None]] = {
+    "table7": lambda r: (f"`aggregation: {r['aggregation']}` is one of two readings of the paper's "
+                         f"\"{'average' if r['aggregation'] == 'avg' else 'max'} pooling\" ({FIDELITY})"
+                         if r.get("aggregation") in ("avg", "max") else None),
+    "table8": lambda r: f"stochastic depth 0.1 and layer scale (not applied: no such parameter in a ResNet) follow "
+                        f"ConvNeXt's code, not the paper ({FIDELITY})",
+    "table9": lambda r: None if is_baseline(r) else f"NOAH as the 512-wide re-identification embedding, N and r "
+                                                    f"from backbones.csv, is the pipeline's reading ({FIDELITY})",
+}
+"""Per table, the footnote of a row whose setting neither the paper nor the authors' code settles."""
+
+
+def guess_notes(spec: TableSpec, row: PaperRow) -> list[str]:
+    """The footnotes of `row` for settings that rest on the pipeline's own reading (docs/fidelity.md)."""
+    notes = [note for note in [GUESSES.get(spec.name, lambda r: None)(row)] if note]
+    if row.get("head") == "noah" and backbones()[row["key"]]["noah_dropout_source"] == "guess":
+        notes.append(f"NOAH's dropout {backbones()[row['key']]['noah_dropout']} is its family's: the authors' "
+                     f"commands do not state it for {row['key']} ({FIDELITY})")
+    return notes
 
 
 def is_baseline(row: PaperRow) -> bool:
@@ -99,6 +124,10 @@ def _split_label(column: str, level: int) -> Setting:
                    lambda r: "✓" if uses.get(r.get(column, ""), (False, False))[level] else "-")
 
 
+def _main_network(row: PaperRow) -> str:
+    return "+ GAP head" if row.get("head") == "gap" else _network(row)
+
+
 def _table8_network(row: PaperRow) -> str:
     suffix = {"both": "", "first": " (w/o 2nd FS)", "none": " (w/ no FS)"}
     return _network(row) + ("" if is_baseline(row) else suffix.get(row["feature_split"], f" ({row['feature_split']})"))
@@ -111,6 +140,8 @@ def _table9_network(row: PaperRow) -> str:
 def _table10_network(row: PaperRow) -> str:
     return backbones()[row["key"]]["paper_name"]
 
+
+FAMILY_TITLES = {1: "CNNs", 2: "ViTs (DeiT-Tiny also with a GAP head in place of its class token)", 3: "MLPs"}
 
 SPEED = tuple(
     Metric(col, label, col, kind=kind, better=better, delta=False, trained=False)
@@ -127,6 +158,8 @@ SPEED = tuple(
 )
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in (
+    *(TableSpec(f"table{n}", f"{FAMILY_TITLES[n]} on ImageNet: the baseline head vs. NOAH", "table1_3_main.csv", (),
+                IMAGENET, _main_network, paper_table=n) for n in (1, 2, 3)),
     TableSpec("table4", "Ablation with ResNet50: key ratio r and number of POCA blocks N", "table4_N_r.csv",
               (Setting("r", lambda r: _ratio(r["r"])), Setting("N", lambda r: _dash(r["N"]))), IMAGENET, _network),
     TableSpec("table5", "Ablation with ResNet backbones: NOAH without vs. with feature split (FS)",
@@ -161,6 +194,6 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
                   "extra_linear": "Adding an extra linear layer before W_ki and W_vi"}),),
               IMAGENET, _network),
 )}
-"""Tables 4–11 by results name (`results/<name>.json` → `reports/<name>.md|.csv`)."""
+"""Tables 1–11 by results name (`results/<name>.json` → `reports/<name>.md|.csv`)."""
 
 FAMILIES = {"cnn": "CNNs", "vit": "ViTs", "mlp": "MLPs"}

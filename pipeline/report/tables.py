@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import csv_text
-from .specs import FAMILIES, Metric, PaperRow, TableSpec, backbones, is_baseline, paper_rows
+from .specs import FAMILIES, Metric, PaperRow, TableSpec, backbones, guess_notes, is_baseline, paper_rows
 
 DASH = "—"
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -150,7 +150,8 @@ def build_lines(spec: TableSpec, results: Results) -> list[Line]:
             if values[m.name] is None and reasons[m.name] is None:
                 reasons[m.name] = f"{results.path.name} holds no value for this column of a {m_status} trial"
         line = Line(row, spec.network(row), status, reason, result, values,
-                    {m.name: _paper_value(row, m) for m in spec.metrics}, _deviations(spec, row, result), reasons)
+                    {m.name: _paper_value(row, m) for m in spec.metrics},
+                    _deviations(spec, row, result) + guess_notes(spec, row), reasons)
         if is_baseline(row):
             baselines[row["key"]] = line
         else:

@@ -61,7 +61,7 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
                  "recipe": get_recipe(recipe, params.recipes), "img_size": size, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 
-        classify = trial(spec.pretrain_recipe if reid else spec.recipe, prof.dataset, prof.img_size)
+        classify = trial(spec.pretrain_recipe if reid else row.recipe or spec.recipe, prof.dataset, prof.img_size)
         if not reid:
             trials = {"classify": classify}
         else:

@@ -1,0 +1,131 @@
+"""docs/fidelity.md states the defaults the pipeline trains with (`key = value`); each statement is checked
+against the code here, so the page and the code cannot drift apart. Also the authors'-code behaviours
+themselves: head init, RandomResizedCrop, per-family dropout, the no-decay set, ResNet BatchNorm init."""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from timm.optim import create_optimizer_v2
+
+from pipeline import REPO_ROOT
+from pipeline.config import AugmentConfig, HeadConfig, load_params, to_dict
+from pipeline.data.loaders import CROP_PCT, build_transform
+from pipeline.models import NoahHead, build_model, resolve_head
+
+DOC = REPO_ROOT / "docs" / "fidelity.md"
+STATEMENT = re.compile(r"`([a-z0-9_]+(?:\.[a-z0-9_]+)+) = ([^`]+)`")  # dotted keys only
+
+
+def _transforms(train: bool) -> list[str]:
+    steps = build_transform(32, train, [0.5] * 3, [0.5] * 3).transforms
+    return [type(t).__name__ for t in steps]
+
+
+def _init(head: NoahHead) -> tuple[float, float]:
+    """(largest |std / sqrt(2/(N·M)) - 1| over the key and value weights, largest |bias|)."""
+    n, m = head.cfg.N, head.num_classes
+    target = math.sqrt(2 / (n * m))
+    off = max(abs(w.std().item() / target - 1) for w in (head.key_weight, head.value_weight))
+    return off, max(b.abs().max().item() for b in (head.key_bias, head.value_bias))
+
+
+def _last_bn_is_one() -> bool:
+    model = build_model("resnet18", {"kind": "baseline"}, 10, 32)
+    return all(bool((block.bn2.weight == 1).all()) for layer in ("layer1", "layer4")
+               for block in getattr(model.backbone, layer))
+
+
+FIXED: dict[str, Callable[[], Any]] = {
+    "augment.standard.train": lambda: _transforms(True)[0],
+    "augment.eval": lambda: "+".join(_transforms(False)[:2]),
+    "augment.crop_scale": lambda: AugmentConfig().crop_scale,
+    "loaders.crop_pct": lambda: CROP_PCT,
+    "head.init_std": lambda: "sqrt(2/(N*M))" if _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[0] < 0.15
+    else "something else",
+    "head.init_bias": lambda: _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[1],
+    "baseline.dropout": lambda: "none" if resolve_head("resnet18", {"kind": "baseline"}).dropout is None else "set",
+    "resnet.zero_init_last": lambda: not _last_bn_is_one(),
+    "noah.class_token": lambda: any(build_model(k, {"kind": "noah"}, 10, 32).backbone.num_prefix_tokens
+                                    for k in ("deit_tiny_100", "pvt_tiny_100")),
+    "noah.no_weight_decay": lambda: ", ".join(sorted(NoahHead(HeadConfig(N=4, r=0.5), 64, 10).no_weight_decay())),
+}
+
+
+def _actual(key: str) -> Any:
+    if key in FIXED:
+        return FIXED[key]()
+    section, name, *path = key.split(".")
+    if section == "backbones":
+        (field,) = path
+        assert field == "noah_dropout", key
+        return resolve_head(name, {"kind": "noah"}).dropout
+    assert section == "recipes", f"no check for `{key}`: add it to FIXED"
+    value: Any = to_dict(load_params().recipes[name])
+    for part in path:
+        value = value[part]
+    return value
+
+
+def _same(stated: str, actual: Any) -> bool:
+    if isinstance(actual, bool):
+        return stated.lower() == str(actual).lower()
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        return math.isclose(float(stated), float(actual))
+    if isinstance(actual, (list, tuple)):
+        return stated == str(tuple(actual))
+    return stated == str(actual)
+
+
+def _statements() -> list[tuple[str, str]]:
+    return STATEMENT.findall(DOC.read_text())
+
+
+def test_every_fixed_check_is_stated_in_the_doc() -> None:
+    stated = {key for key, _ in _statements()}
+    assert set(FIXED) <= stated, f"docs/fidelity.md states no value for {sorted(set(FIXED) - stated)}"
+    assert len(_statements()) >= 25
+
+
+@pytest.mark.parametrize("key,stated", _statements())
+def test_the_doc_states_what_the_code_does(key: str, stated: str) -> None:
+    actual = _actual(key)
+    assert _same(stated.strip(), actual), f"docs/fidelity.md says `{key} = {stated}`; the code has {actual!r}"
+
+
+@pytest.mark.parametrize("kind", [{}, {"kernel_size": 3}, {"shared_attention": True}])
+def test_noah_head_starts_as_the_authors_init(kind: dict) -> None:
+    torch.manual_seed(0)
+    head = NoahHead(HeadConfig(N=4, r=0.5, **kind), 512, 1000)
+    k = head.cfg.kernel_size
+    for w in (head.key_weight, head.value_weight):
+        target = math.sqrt(2 / (4 * w.shape[1] * k * k))  # fan_out of the grouped convolution
+        assert abs(w.std().item() / target - 1) < 0.15
+    assert not head.key_bias.any() and not head.value_bias.any()
+
+
+def test_standard_training_crop_is_random_resized_and_eval_is_a_centre_crop() -> None:
+    assert _transforms(True)[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+    assert _transforms(False)[:2] == ["Resize", "CenterCrop"]
+
+
+def test_resolved_dropout_follows_the_family_and_a_given_one_wins() -> None:
+    assert resolve_head("resnet18", {"kind": "noah"}).dropout == 0.1
+    assert resolve_head("mobilenetv3_small_100", {"kind": "noah"}).dropout == 0.2
+    assert resolve_head("shufflenetv2_100", {"kind": "noah"}).dropout == 0.0
+    assert resolve_head("resnet18", {"kind": "noah", "dropout": 0.3}).dropout == 0.3
+    model = build_model("resnet18", {"kind": "noah"}, 10, 32)
+    assert model.head.dropout.p == 0.1 and model.head.cfg.name == "noah(N=4,r=0.5)"
+
+
+def test_no_decay_recipes_spare_noah_biases_and_class_tokens() -> None:
+    model = build_model("deit_tiny_100", {"kind": "noah"}, 10, 32)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, filter_bias_and_bn=True)
+    spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"head.key_bias", "head.value_bias", "backbone.pos_embed"} <= spared
+    assert "head.key_weight" not in spared
