@@ -16,6 +16,7 @@ from pipeline import REPO_ROOT
 from pipeline.config import AugmentConfig, HeadConfig, load_params, to_dict
 from pipeline.data.loaders import CROP_PCT, build_transform
 from pipeline.models import NoahHead, build_model, resolve_head
+from pipeline.report.specs import TABLES, Metric
 
 DOC = REPO_ROOT / "docs" / "fidelity.md"
 STATEMENT = re.compile(r"`([a-z0-9_]+(?:\.[a-z0-9_]+)+) = ([^`]+)`")  # dotted keys only
@@ -40,6 +41,10 @@ def _last_bn_is_one() -> bool:
                for block in getattr(model.backbone, layer))
 
 
+def _metric(name: str) -> Metric:
+    return next(m for m in TABLES["table4"].metrics if m.name == name)
+
+
 FIXED: dict[str, Callable[[], Any]] = {
     "augment.standard.train": lambda: _transforms(True)[0],
     "augment.eval": lambda: "+".join(_transforms(False)[:2]),
@@ -50,6 +55,8 @@ FIXED: dict[str, Callable[[], Any]] = {
     "head.init_bias": lambda: _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[1],
     "baseline.dropout": lambda: "none" if resolve_head("resnet18", {"kind": "baseline"}).dropout is None else "set",
     "resnet.zero_init_last": lambda: not _last_bn_is_one(),
+    "report.top1": lambda: _metric("top1").source,
+    "report.top1_last": lambda: _metric("top1_last").source,
     "noah.class_token": lambda: any(build_model(k, {"kind": "noah"}, 10, 32).backbone.num_prefix_tokens
                                     for k in ("deit_tiny_100", "pvt_tiny_100")),
     "noah.no_weight_decay": lambda: ", ".join(sorted(NoahHead(HeadConfig(N=4, r=0.5), 64, 10).no_weight_decay())),

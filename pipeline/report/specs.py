@@ -17,7 +17,8 @@ PaperRow = dict[str, str]
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric column: `name` in results and CSVs, `paper` in the paper CSV (× `scale` gives our unit)."""
+    """One metric column: `name` in CSVs, `source` in results (default `name`), `paper` in the paper CSV
+    (× `scale` gives our unit; "" when the paper prints none)."""
 
     name: str
     label: str
@@ -27,6 +28,7 @@ class Metric:
     delta: bool = True  # printed with (↑x)/(↓x) against the block's baseline
     scale: float = 1.0
     trained: bool = True  # needs a finished training run (params and MAdds do not)
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,10 @@ def _network(row: PaperRow) -> str:
     return backbones()[row["key"]]["paper_name"] if is_baseline(row) else "+ NOAH"
 
 
-ACCURACY = (Metric("top1", "Top-1 (%)", "top1"), Metric("top5", "Top-5 (%)", "top5"))
+ACCURACY = (Metric("top1", "Top-1 (%)", "top1", source="best_top1"), Metric("top5", "Top-5 (%)", "top5"),
+            Metric("top1_last", "Last-epoch top-1 (%)", "", better=None, delta=False, source="top1"))
+"""Top-1 is the best epoch's, the convention of the paper's code (it keeps the best checkpoint; DeiT and PVT
+print the best epoch); the last epoch's is beside it (docs/fidelity.md). Top-5 is the last epoch's."""
 COMPLEXITY = (
     Metric("params", "Params", "params_m", kind="params", better=None, delta=False, scale=1e6, trained=False),
     Metric("madds", "MAdds", "madds_g", kind="madds", better=None, delta=False, scale=1e9, trained=False),

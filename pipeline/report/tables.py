@@ -146,7 +146,8 @@ def build_lines(spec: TableSpec, results: Results) -> list[Line]:
         values, reasons = {}, {}
         for m in spec.metrics:
             m_status, reasons[m.name] = _metric_outcome(outcomes, m.name)
-            values[m.name] = _number(result.get(m.name)) if m_status == "FINISHED" or not m.trained else None
+            value = result.get(m.source or m.name)
+            values[m.name] = _number(value) if m_status == "FINISHED" or not m.trained else None
             if values[m.name] is None and reasons[m.name] is None:
                 reasons[m.name] = f"{results.path.name} holds no value for this column of a {m_status} trial"
         line = Line(row, spec.network(row), status, reason, result, values,
@@ -263,7 +264,7 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     notes = Footnotes()
     header = ["Network", *(s.label for s in spec.settings)]
     for m in spec.metrics:
-        header += [m.label, f"{m.label} paper"]
+        header += [m.label, f"{m.label} paper"] if m.paper else [m.label]
     scale = scale_lines(results.meta, results.error, timing=spec.producer == "benchmark")
     out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale,
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -281,8 +282,9 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
             name = _escape(line.network) + "".join(notes.mark(n, line.row) for n in line.notes)
             cells = [name, *(_escape(s.show(line.paper)) for s in spec.settings)]
             for m in spec.metrics:
-                cells += [_cell(line, m, spec, False, best[m.name, False], notes),
-                          _cell(line, m, spec, True, best[m.name, True], notes)]
+                cells.append(_cell(line, m, spec, False, best[m.name, False], notes))
+                if m.paper:
+                    cells.append(_cell(line, m, spec, True, best[m.name, True], notes))
             out.append("| " + " | ".join(cells) + " |")
     bolding = ("the lowest overhead" if spec.groups else
                "the best measured and the best paper value per column within each baseline's block")
@@ -298,7 +300,7 @@ def csv_columns(spec: TableSpec) -> list[str]:
     skip = {"row", "key", "head"} | {m.paper for m in spec.metrics}
     settings = [c for c in paper_rows(spec)[0] if c not in skip]
     return ["row", "network", "key", *(["head"] if not spec.groups else []), *settings, "backbone",
-            *(m.name for m in spec.metrics), *(f"paper_{m.name}" for m in spec.metrics),
+            *(m.name for m in spec.metrics), *(f"paper_{m.name}" for m in spec.metrics if m.paper),
             "status", "reason", "run_id", "trial_id"]
 
 
@@ -327,6 +329,7 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
                       run_id=_joined(line.result, "run_id"), trial_id=_joined(line.result, "trial_id"))
         for m in spec.metrics:
             record[m.name] = _plain(line.values[m.name], m)
-            record[f"paper_{m.name}"] = _plain(line.paper_values[m.name], m)
+            if m.paper:
+                record[f"paper_{m.name}"] = _plain(line.paper_values[m.name], m)
         records.append(record)
     return csv_text(records, columns)
