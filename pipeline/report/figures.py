@@ -24,12 +24,11 @@ from ..data.loaders import build_loader  # noqa: E402
 from ..data.prepared import is_prepared, read_meta  # noqa: E402
 from ..models import NoahHead, build_model  # noqa: E402
 from ..training.record import (  # noqa: E402
-    CHECKPOINT,
     CONFIG,
     CheckpointError,
+    checkpoint_of,
     load_checkpoint,
     read_config,
-    trial_folder,  # noqa: E402
 )
 from ..training.tracking import client as mlflow_client  # noqa: E402
 from ..training.tracking import local_store  # noqa: E402
@@ -263,7 +262,7 @@ def _checkpoint(checkpoints: Path | None, line: Line) -> dict[str, Any] | None:
     """The trainer's last checkpoint of the row's trial (in its folder under the checkpoint root), if kept;
     verified to be that trial's and intact (CheckpointError)."""
     trial = line.result.get("trial_id")
-    return load_checkpoint(trial_folder(checkpoints, trial) / CHECKPOINT, trial) if checkpoints and trial else None
+    return load_checkpoint(checkpoint_of(checkpoints, trial), trial) if checkpoints and trial else None
 
 
 def _run_config(client: Any, run_id: str, tmp: str) -> dict[str, Any]:

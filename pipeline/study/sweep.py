@@ -22,6 +22,7 @@ from .. import REPO_ROOT
 from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, TrialConfig, data_dir, parse, to_dict
 from ..data.prepared import num_classes, require_prepared
 from ..training.engine import NonFiniteLossError
+from ..training.record import checkpoint_root
 from ..training.run import run_trial
 from ..training.tracking import REASON_TAG, client, experiment_id, find_finished, git_commit, resolve_uri
 from ..training.trial import Trial, resolve_trial, trial_key
@@ -201,7 +202,7 @@ def check_ready(params: Params, table: str, out_dir: Path, uri: str) -> None:
                 require_prepared(data_dir(params, name))
             except ConfigError as err:
                 raise ConfigError(f"datasets.{name}.out", err.value, err.allowed) from None
-    for key, folder in (("results", out_dir), ("train.checkpoint_root", REPO_ROOT / params.train.checkpoint_root),
+    for key, folder in (("results", out_dir), ("train.checkpoint_root", checkpoint_root(params.train.checkpoint_root)),
                         ("ray.storage_path", REPO_ROOT / params.ray.storage_path)):
         require_writable(folder, key)
     try:

@@ -28,10 +28,20 @@ RESULT = "result.json"
 RUN_ID_FILE = "mlflow_run_id"
 
 
-def trial_folder(checkpoint_root: str | Path, tid: str) -> Path:
-    """Trial `tid`'s folder under `checkpoint_root` (a relative root is taken from the repository root;
-    absolute, since Ray may change the working folder)."""
-    return (REPO_ROOT / checkpoint_root / tid).absolute()
+def checkpoint_root(root: str | Path) -> Path:
+    """`train.checkpoint_root` as an absolute folder (a relative root is taken from the repository root, since
+    Ray may change the working folder)."""
+    return (REPO_ROOT / root).absolute()
+
+
+def trial_folder(root: str | Path, tid: str) -> Path:
+    """Trial `tid`'s folder under the checkpoint root `root`."""
+    return checkpoint_root(root) / tid
+
+
+def checkpoint_of(root: str | Path, tid: str) -> Path:
+    """Trial `tid`'s last checkpoint under the checkpoint root `root`."""
+    return trial_folder(root, tid) / CHECKPOINT
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> Path:
@@ -41,9 +51,8 @@ def write_config(folder: Path, config: dict[str, Any]) -> Path:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """A `config.yaml` written by `write_config` (a folder or the file itself); empty when there is none."""
-    path = path / CONFIG if path.is_dir() else path
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    """A `config.yaml` file written by `write_config`."""
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def write_result(folder: Path, result: dict[str, Any]) -> None:

@@ -44,6 +44,8 @@ from .recipes import build_criterion, build_mixup, build_optimizer, build_schedu
 from .record import (
     CHECKPOINT,
     RESULT,
+    RUN_ID_FILE,
+    checkpoint_of,
     clear,
     load_checkpoint,
     read_result,
@@ -55,7 +57,6 @@ from .record import (
 )
 from .tasks import Task, task_of
 from .tracking import (
-    RUN_ID_FILE,
     TrialRun,
     find_finished,
     git_commit,
@@ -132,7 +133,7 @@ def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
             ema.module.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
     elif job.init_from is not None:
-        task.initialise(model, trial_folder(job.train.checkpoint_root, job.init_from) / CHECKPOINT, job.init_from)
+        task.initialise(model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
     train_loader, *eval_loaders = _loaders(job, world)
     mixup = build_mixup(recipe, job.num_classes)
     step = Step(model=wrap(model) if wrap else model, optimizer=optimizer,
@@ -283,8 +284,7 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     if reuse and (done := find_finished(tid, uri)) is not None:
         return result_of(done)
     source_id = trial_id(trial.init_from) if trial.init_from is not None else None
-    if source_id is not None and not (trial_folder(train.checkpoint_root, source_id) / CHECKPOINT).is_file():
-        source = trial_folder(train.checkpoint_root, source_id) / CHECKPOINT
+    if source_id is not None and not (source := checkpoint_of(train.checkpoint_root, source_id)).is_file():
         raise ConfigError("init_from", source_id, f"a trained classification trial (no checkpoint at {source}; "
                           "run that trial first)")
     folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, tid)
@@ -300,8 +300,8 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     tags = {"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
             "data_manifest_hash": manifest_hash(trial.data_dir), "backbone": trial.backbone,
             "head": trial.head.name, "recipe": trial.recipe.name, "task": task.name}
-    if unapplied(trial.recipe):
-        tags["recipe_not_applied"] = ", ".join(unapplied(trial.recipe)) + " (no such parameter in this backbone)"
+    if not_applied := unapplied(trial.recipe):
+        tags["recipe_not_applied"] = ", ".join(not_applied) + " (no such parameter in this backbone)"
     run = TrialRun.open(uri, experiment, folder, run_name=trial.label, tags=tags, parent_run_id=parent_run_id)
     job = Job(trial=trial, task=task, train=train, trial_id=tid, checkpoint_dir=str(folder), tracking_uri=uri,
               run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights, init_from=source_id)
