@@ -25,6 +25,11 @@ SCALED_SUMS = ("sum", "avg", "avg_spatial")
 """Aggregations that are a constant times the sum over blocks and positions: what the fused path computes."""
 
 
+def sum_scale(aggregation: str, blocks: int, positions: int) -> float:
+    """The constant an aggregation of SCALED_SUMS puts on the sum over `blocks` × `positions` local POCAs."""
+    return {"sum": 1.0, "avg": 1.0 / (blocks * positions), "avg_spatial": 1.0 / positions}[aggregation]
+
+
 def split_channels(cfg: HeadConfig, in_channels: int) -> tuple[int, int]:
     """Input widths (key, value) of one POCA block, validating N and r against `in_channels`."""
     n, r = cfg.N, cfg.r
@@ -276,7 +281,7 @@ class NoahHead(nn.Module):
         if chunk_elements is None:
             chunk_elements = 1 << 40 if x.is_cuda else 1 << 20
         chunk = max(1, chunk_elements // (cfg.N * self.num_classes * h * w))
-        scale = {"sum": 1.0, "avg": 1.0 / (cfg.N * h * w), "avg_spatial": 1.0 / (h * w)}[cfg.aggregation]
+        scale = sum_scale(cfg.aggregation, cfg.N, h * w)
         if torch.is_autocast_enabled(x.device.type):  # the head's sums and exps run in float32
             x = x.float()
         with torch.autocast(x.device.type, enabled=False):
@@ -293,6 +298,6 @@ class NoahHead(nn.Module):
             return poca.amax(dim=(1, 3))
         if aggregation == "max_spatial":
             return poca.amax(dim=3).sum(dim=1)
-        blocks, positions = poca.shape[1], poca.shape[3]
-        scale = {"sum": 1.0, "avg": 1.0 / (blocks * positions), "avg_spatial": 1.0 / positions}[aggregation]
-        return poca.sum(dim=(1, 3)) * scale
+        logits = poca.sum(dim=(1, 3))
+        scale = sum_scale(aggregation, poca.shape[1], poca.shape[3])
+        return logits if scale == 1.0 else logits * scale
