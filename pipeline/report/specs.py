@@ -84,10 +84,12 @@ GUESSES: dict[str, Callable[[PaperRow], str | None]] = {
 
 def guess_notes(spec: TableSpec, row: PaperRow) -> list[str]:
     """The footnotes of `row` for settings that rest on the pipeline's own reading (docs/fidelity.md)."""
-    notes = [note for note in [GUESSES.get(spec.name, lambda r: None)(row)] if note]
-    if row.get("head") == "noah" and backbones()[row["key"]]["noah_dropout_source"] == "guess":
-        notes.append(f"NOAH's dropout {backbones()[row['key']]['noah_dropout']} is its family's: the authors' "
-                     f"commands do not state it for {row['key']} ({FIDELITY})")
+    guess = GUESSES.get(spec.name)
+    notes = [note] if guess is not None and (note := guess(row)) else []
+    backbone = backbones()[row["key"]]
+    if row.get("head") == "noah" and backbone["noah_dropout_source"] == "guess":
+        notes.append(f"NOAH's dropout {backbone['noah_dropout']} is its family's: the authors' commands do not "
+                     f"state it for {row['key']} ({FIDELITY})")
     return notes
 
 

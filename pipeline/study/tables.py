@@ -15,7 +15,6 @@ import torch
 
 from ..config import ConfigError, HeadConfig, Params, TableRow, data_dir
 from ..models import build_model, resolve_head
-from ..training.recipes import get_recipe
 from ..training.trial import Trial, resolve_trial
 
 
@@ -58,7 +57,7 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
         def trial(recipe: str | None, data: str, size: int) -> Trial:
             return resolve_trial(
                 {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": params.seed,
-                 "recipe": get_recipe(recipe, params.recipes), "img_size": size, "epochs": prof.epochs,
+                 "recipe": recipe, "img_size": size, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 
         classify = trial(spec.pretrain_recipe if reid else row.recipe or spec.recipe, prof.dataset, prof.img_size)

@@ -1,4 +1,4 @@
-"""The two tasks a trial can train: image classification (Tables 4-8, 11) and person re-identification
+"""The two tasks a trial can train: image classification (Tables 1-8, 11) and person re-identification
 (Table 9). A task is chosen once, from the prepared dataset's `task`, and says what differs: the model,
 the evaluation splits and metrics, the result keys and how a fine-tuned backbone is initialised.
 """
