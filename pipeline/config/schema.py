@@ -348,13 +348,24 @@ class BuiltinDataConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """One entry of `datasets:`: where the images come from and how the prepared copy is stored."""
+    """One entry of `datasets:`: where the images come from and how the prepared copy is stored.
+
+    The stored size keeps RandomResizedCrop at 224 faithful to training on the originals: `max_side` 500
+    leaves ImageNet's typical 500×375 photos at their own size and shrinks only the larger ones (FFCV stores
+    ImageNet the same way), so even a crop of 8 % of the area is cut from as many pixels as the authors had.
+    `resize` (scale the short side to it, up or down) is for small generated data. Copies are baseline
+    JPEGs, 4:2:0 like ImageNet's own, in tar shards of about `shard_mb` MB.
+    """
 
     source: str = choice("builtin", "builtin_reid", "imagefolder", "market1501", default="builtin")
     root: str | None = None
     out: str = checked(lambda s: bool(s), "a non-empty folder path", default="data/builtin")
-    resize: int = checked(lambda n: n >= 8, "an integer >= 8 (short side in pixels)", default=256)
+    resize: int | None = checked(lambda n: n >= 8, "null (keep the size) or an integer >= 8 (the short side is "
+                                 "scaled to it)", default=None)
+    max_side: int | None = checked(lambda n: n >= 8, "null (no cap) or an integer >= 8 (the long side is shrunk "
+                                   "to at most this)", default=500)
     quality: int = checked(lambda q: 1 <= q <= 100, "an integer from 1 to 100 (JPEG quality)", default=90)
+    shard_mb: int = checked(lambda n: n >= 1, "an integer >= 1 (megabytes per shard file)", default=256)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
     train_images: int | None = checked(lambda n: n >= 1, "an integer >= 1 or null (what `plan` assumes "
                                        "before the data is prepared)", default=None)
@@ -457,12 +468,16 @@ class TrainConfig:
     """How a trial runs (not what it computes, so none of this enters the trial identity).
 
     `num_workers` > 1 trains data-parallel through Ray Train's TorchTrainer with the same global batch;
-    `use_gpu` null means: a GPU when one is there.
+    `use_gpu` null means: a GPU when one is there. `loader_workers` null gives each training process its
+    CPUs minus one as decoding processes; `decode` auto decodes JPEGs on the GPU (nvJPEG, with crop, flip
+    and normalisation there too) when training on one with the standard augmentation, else on the CPU.
     """
 
     num_workers: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
     use_gpu: bool | None = None
-    loader_workers: int = checked(lambda n: n >= 0, "an integer >= 0", default=0)
+    loader_workers: int | None = checked(lambda n: n >= 0, "null (the trial's CPUs minus one) or an integer >= 0",
+                                         default=None)
+    decode: str = choice("auto", "cpu", "gpu", default="auto")
     checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
 

@@ -1,49 +1,58 @@
 """`python -m pipeline prepare`: build a prepared dataset folder from a source.
 
-The output folder holds `images/<split>/…jpg` (short side resized to `resize`, re-encoded with fixed
-JPEG settings), `manifest.csv`, `classes.json` and `stats.json`. Rows, classes and rejections are in a
-sorted order and nothing time- or machine-dependent is written, so identical input and params give
-byte-identical output (DVC's cache works). Decoding runs in a process pool with JPEG draft mode, and
-the folder is built next to `out` and renamed into place, so a killed run never leaves half a dataset.
-The folder also carries `MARKER`: prepare replaces only a folder that holds it (or an empty or new one),
-so a mistyped `--out` can never delete files prepare did not write.
+The output folder holds the images in tar shards (see shards.py; stored size: `PrepareConfig`), plus
+`manifest.csv`, `classes.json` and `stats.json` (format: prepared.py). Images are converted in a process
+pool in their final order (split, then source path) and appended to shards as they arrive, so memory
+stays flat at ImageNet's size. Nothing time- or machine-dependent is written: identical input and params
+give byte-identical output (DVC's cache works).
+
+Work happens in `.<out>.partial` beside `out`: each finished shard is recorded there, so a killed run
+started again with the same inputs and params resumes after the last finished shard. The finished folder is
+renamed into place, so `out` never holds half a dataset. It carries `MARKER`: prepare replaces only a
+folder that holds it (or an empty or new one), so a mistyped `--out` can never delete files prepare did
+not write.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from ..config import ConfigError, Params, PrepareConfig, parse, profile_datasets
+from ..config import ConfigError, Params, PrepareConfig, parse, profile_datasets, to_dict
 from ..utils.progress import progress
 from . import builtin
 from .prepared import MARKER, is_replaceable, write_manifest, write_meta
+from .shards import ShardWriter
 from .sources import SOURCES, Item, Scan
 
 SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased (support scales with the shrink), as torchvision Resize
+JOB = "job.json"  # in the staging folder: what is being built, so a restart resumes only the same job
 
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def target_size(width: int, height: int, short: int) -> tuple[int, int]:
-    """(w, h) with the short side equal to `short` and the aspect ratio kept."""
-    if width <= height:
-        return short, max(1, round(height * short / width))
-    return max(1, round(width * short / height)), short
+def target_size(width: int, height: int, resize: int | None, max_side: int | None) -> tuple[int, int]:
+    """(w, h) of the stored copy: the short side scaled to `resize` (if set), then the long side capped at
+    `max_side` (if set); the aspect ratio kept."""
+    scale = resize / min(width, height) if resize else 1.0
+    if max_side and max(width, height) * scale > max_side:
+        scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -56,11 +65,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
+def convert(src: str, resize: int | None, max_side: int | None, quality: int) -> dict[str, Any]:
     """Decode, turn upright (EXIF orientation), shrink and re-encode one image (runs in a worker process).
 
-    Returns either {"error": reason} or the manifest fields plus exact integer pixel sums for the stats;
-    sizes are those of the upright image.
+    Returns either {"error": reason} or the JPEG bytes (`data`), the manifest fields and exact integer
+    pixel sums for the stats; sizes are those of the upright image.
     """
     try:
         data = Path(src).read_bytes()
@@ -73,7 +82,7 @@ def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
             turned = orientation in SWAPPED_ORIENTATIONS
             orig = img.size[::-1] if turned else img.size
-            size = target_size(*orig, resize)
+            size = target_size(*orig, resize, max_side)
             img.draft("RGB", size[::-1] if turned else size)  # JPEG: libjpeg decodes at 1/2, 1/4 or 1/8 scale
             img.load()
             rgb = to_rgb(img if orientation == 1 else ImageOps.exif_transpose(img))
@@ -84,89 +93,174 @@ def convert(src: str, dst: str, resize: int, quality: int) -> dict[str, Any]:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return {"error": f"not a readable image: {type(err).__name__}: {err}"}
     buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False, progressive=False)
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    Path(dst).write_bytes(buf.getvalue())
+    rgb.save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False, progressive=False)
     hist = np.asarray(rgb.histogram(), dtype=np.int64).reshape(3, 256)  # exact integer sums, cheap in C
     levels = np.arange(256, dtype=np.int64)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "orig_width": orig[0], "orig_height": orig[1],
-            "width": size[0], "height": size[1], "npix": size[0] * size[1],
+    return {"data": buf.getvalue(), "sha256": hashlib.sha256(data).hexdigest(), "orig_width": orig[0],
+            "orig_height": orig[1], "width": size[0], "height": size[1], "npix": size[0] * size[1],
             "sum": (hist @ levels).tolist(), "sumsq": (hist @ (levels * levels)).tolist()}
 
 
-def _convert_task(task: tuple[str, str, int, int]) -> dict[str, Any]:
+def _convert_task(task: tuple[str, int | None, int | None, int]) -> dict[str, Any]:
     return convert(*task)
 
 
-def convert_all(tasks: list[tuple[str, str, int, int]], workers: int, desc: str) -> list[dict[str, Any]]:
-    """`convert` over all tasks in input order, in `workers` processes. They are started by a fork server,
-    not forked from the caller: a caller with threads of its own (torch, MLflow, Ray; a test process) can be
-    forked while one of them holds a lock, and the copy then waits on it forever."""
+def convert_all(tasks: list[tuple[str, int | None, int | None, int]], workers: int,
+                desc: str) -> Iterator[dict[str, Any]]:
+    """`convert` over all tasks, yielded in input order as they finish, from `workers` processes. They are
+    started by a fork server, not forked from the caller: a caller with threads of its own (torch, MLflow,
+    Ray; a test process) can be forked while one of them holds a lock, and the copy then waits on it forever."""
     if workers <= 1 or len(tasks) < 2:
-        return list(progress(map(_convert_task, tasks), len(tasks), desc))
+        yield from progress(map(_convert_task, tasks), len(tasks), desc)
+        return
     chunk = max(1, min(32, len(tasks) // (workers * 8)))
     with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-        return list(progress(pool.imap(_convert_task, tasks, chunksize=chunk), len(tasks), desc))
+        yield from progress(pool.imap(_convert_task, tasks, chunksize=chunk), len(tasks), desc)
 
 
-def _mean_std(results: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+def _mean_std(npix: int, sums: np.ndarray, sumsq: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units from exact integer sums (order-independent)."""
-    n = sum(r["npix"] for r in results)
-    mean = [sum(r["sum"][c] for r in results) / n / 255 for c in range(3)]
-    sq = [sum(r["sumsq"][c] for r in results) / n / 255**2 for c in range(3)]
+    mean = [int(s) / npix / 255 for s in sums]
+    sq = [int(q) / npix / 255**2 for q in sumsq]
     std = [max(q - m * m, 0.0) ** 0.5 for q, m in zip(sq, mean)]
     return [round(m, 6) for m in mean], [round(v, 6) for v in std]
 
 
-def build(scan: Scan, root: Path, out: Path, cfg: PrepareConfig, workers: int) -> dict[str, Any]:
-    """Convert `scan`'s images into `out` (an empty folder) and write manifest, classes and stats."""
-    tasks = [(str(root / it.src), str(out / it.dst), cfg.resize, cfg.quality) for it in scan.items]
-    results = convert_all(tasks, workers, f"prepare {cfg.source}")
-    good: list[tuple[Item, dict[str, Any]]] = []
-    for item, res in zip(scan.items, results):
-        if "error" in res:
-            scan.reject(item.src, res["error"])
-        else:
-            good.append((item, res))
+class Staging:
+    """The `.<out>.partial` folder: `out/` (being built), `done/NNNNN.json` (one per finished shard: its
+    rows, the rejections before it and how far through the inputs it reaches) and `JOB`."""
+
+    def __init__(self, out: Path, job: dict[str, Any]):
+        self.root = out.with_name(f".{out.name}.partial")
+        self.built, self.done_dir = self.root / "out", self.root / "done"
+        job_file = self.root / JOB
+        if self.root.exists():
+            if not job_file.is_file():
+                raise ConfigError("out", str(out), f"a folder beside which {self.root} is prepare's own work "
+                                  f"folder; {self.root} exists without {JOB}, so nothing was touched")
+            if json.loads(job_file.read_text(encoding="utf-8")) != job or not self.built.is_dir():
+                shutil.rmtree(self.root)
+        if not self.root.exists():
+            self.done_dir.mkdir(parents=True)
+            self.built.mkdir()
+            job_file.write_text(json.dumps(job, sort_keys=True), encoding="utf-8")
+        self.records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(self.done_dir.glob("*.json"))]
+        for name in {p.relative_to(self.built).as_posix() for p in self.built.glob("shards/*.tar")} - {
+                r["shard"] for r in self.records}:
+            (self.built / name).unlink()  # begun by a killed run: written again
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Mark everything up to `entry["end"]` done (written atomically: a torn record is never read)."""
+        path = self.done_dir / f"{len(self.records):05d}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entry, sort_keys=True), encoding="utf-8")
+        tmp.replace(path)
+        self.records.append(entry)
+
+
+def _job(scan: Scan, root: Path, items: list[Item], cfg: PrepareConfig) -> dict[str, Any]:
+    """What is being built: the storing params and every input with its size and mtime."""
+    digest = hashlib.sha256()
+    for item in items:
+        st = (root / item.src).stat()
+        digest.update(f"{item.split}\t{item.cls}\t{item.src}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return {"source": cfg.source, "resize": cfg.resize, "max_side": cfg.max_side, "quality": cfg.quality,
+            "shard_mb": cfg.shard_mb, "builtin": to_dict(cfg.builtin), "task": scan.task, "inputs": digest.hexdigest()}
+
+
+def write_shards(scan: Scan, root: Path, staging: Staging, items: list[Item], cfg: PrepareConfig,
+                 workers: int) -> None:
+    """Convert `items` (in final order) into shards, recording each finished one in `staging`."""
     train_split = scan.splits[0]
-    classes = sorted({it.cls for it, _ in good if it.split == train_split},
+    start = staging.records[-1]["end"] if staging.records else 0
+    written = sum(len(r["rows"]) for r in staging.records)
+    train_classes = {row["class"] for r in staging.records for row in r["rows"] if row["split"] == train_split}
+    if start:
+        print(f"prepare {cfg.source}: resuming after {len(staging.records)} finished shards "
+              f"({start} of {len(items)} inputs done)", file=sys.stderr)
+    writer: ShardWriter | None = None
+    split = ""
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, str]] = []
+    sums = np.zeros((2, 3), dtype=np.int64)
+    npix = 0
+
+    def finish(end: int) -> None:
+        nonlocal writer, rows, rejected, sums, npix
+        if writer is not None:
+            writer.close()
+        staging.record({"end": end, "shard": writer.path.relative_to(staging.built).as_posix() if writer else None,
+                        "rows": rows, "rejected": rejected, "npix": npix, "sums": sums.tolist()})
+        writer, rows, rejected, sums, npix = None, [], [], np.zeros((2, 3), dtype=np.int64), 0
+
+    limit = cfg.shard_mb * 2**20
+    tasks = [(str(root / it.src), cfg.resize, cfg.max_side, cfg.quality) for it in items[start:]]
+    for i, (item, res) in enumerate(zip(items[start:], convert_all(tasks, workers, f"prepare {cfg.source}")),
+                                    start):
+        if writer is not None and (item.split != split or writer.size + len(res.get("data", b"")) > limit):
+            finish(i)
+        if "error" in res:
+            rejected.append({"path": item.src, "reason": res["error"]})
+            continue
+        if scan.task == "classification" and item.split != train_split and item.cls not in train_classes:
+            rejected.append({"path": item.src, "reason": f"class {item.cls!r} has no usable training image"})
+            continue
+        if writer is None:
+            split = item.split
+            number = sum(1 for r in staging.records if (r["shard"] or "").startswith(f"shards/{split}-"))
+            writer = ShardWriter(staging.built / "shards" / f"{split}-{number:05d}.tar")
+        offset = writer.add(f"{written:09d}", res["data"])
+        written += 1
+        if item.split == train_split:
+            train_classes.add(item.cls)
+            npix += res["npix"]
+            sums += np.asarray([res["sum"], res["sumsq"]], dtype=np.int64)
+        rows.append({"path": item.src, "split": item.split, "class": item.cls, "pid": item.pid, "camid": item.camid,
+                     "shard": writer.path.relative_to(staging.built).as_posix(), "offset": offset,
+                     "size": len(res["data"]), **{k: res[k] for k in ("sha256", "orig_width", "orig_height",
+                                                                      "width", "height")}})
+    finish(len(items))
+
+
+def build(scan: Scan, root: Path, staging: Staging, items: list[Item], cfg: PrepareConfig,
+          workers: int) -> dict[str, Any]:
+    """Shards, then manifest, classes and stats in `staging.built` (from the records, in order)."""
+    write_shards(scan, root, staging, items, cfg, workers)
+    train_split = scan.splits[0]
+    for record in staging.records:
+        for entry in record["rejected"]:
+            scan.reject(entry["path"], entry["reason"])
+    rows = [row for record in staging.records for row in record["rows"]]
+    classes = sorted({row["class"] for row in rows if row["split"] == train_split},
                      key=lambda c: (int(c), c) if scan.task == "reid" else (0, c))
-    index = {c: i for i, c in enumerate(classes)}
-    if scan.task == "classification":
-        for item, _ in good:
-            if item.cls not in index:
-                scan.reject(item.src, f"class {item.cls!r} has no usable training image")
-                (out / item.dst).unlink()
-        good = [(it, r) for it, r in good if it.cls in index]
     if not classes:
         raise ConfigError("root", str(root), f"at least one readable image in the {train_split} split; found "
                           f"none usable ({len(scan.rejected)} rejected, e.g. {scan.rejected[:3]})")
-    order = {s: i for i, s in enumerate(scan.splits)}
-    good.sort(key=lambda g: (order[g[0].split], g[0].dst))
+    index = {c: i for i, c in enumerate(classes)}
     columns = ["path", "label", "split", "class", "sha256", "orig_width", "orig_height", "width", "height",
-               "src"] + (["pid", "camid"] if scan.task == "reid" else [])
-    write_manifest(out, columns, [{"path": item.dst, "label": index.get(item.cls, -1), "split": item.split,
-                                   "class": item.cls, "src": item.src, "pid": item.pid, "camid": item.camid, **res}
-                                  for item, res in good])
-    mean, std = _mean_std([r for it, r in good if it.split == train_split])
+               "shard", "offset", "size"] + (["pid", "camid"] if scan.task == "reid" else [])
+    write_manifest(staging.built, columns, [{**row, "label": index.get(row["class"], -1)} for row in rows])
+    npix = sum(r["npix"] for r in staging.records)
+    sums = np.sum([r["sums"] for r in staging.records], axis=0, dtype=np.int64)
+    mean, std = _mean_std(npix, sums[0], sums[1])
     counts: dict[str, Any] = {}
     for split in scan.splits:
         per_class: dict[str, int] = {}
-        for item, _ in good:
-            if item.split == split:
-                per_class[item.cls] = per_class.get(item.cls, 0) + 1
+        for row in rows:
+            if row["split"] == split:
+                per_class[row["class"]] = per_class.get(row["class"], 0) + 1
         counts[split] = {"images": sum(per_class.values()), "per_class": per_class}
         if scan.task == "reid":
             counts[split]["ids"] = len([c for c in per_class if int(c) > 0])
             counts[split]["junk"] = per_class.get("-1", 0)
             counts[split]["distractors"] = sum(n for c, n in per_class.items() if int(c) == 0)
-    stats = {"task": scan.task, "source": cfg.source, "resize": cfg.resize, "quality": cfg.quality,
-             "splits": list(scan.splits), "num_classes": len(classes), "counts": counts,
-             "mean": mean, "std": std, "stats_split": train_split,
+    stats = {"task": scan.task, "source": cfg.source, "resize": cfg.resize, "max_side": cfg.max_side,
+             "quality": cfg.quality, "splits": list(scan.splits), "num_classes": len(classes), "counts": counts,
+             "shards": sorted({row["shard"] for row in rows}), "mean": mean, "std": std, "stats_split": train_split,
              "rejected": sorted(scan.rejected, key=lambda r: (r["path"], r["reason"]))}
     if cfg.source.startswith("builtin"):
-        stats["builtin"] = {k: getattr(cfg.builtin, k) for k in cfg.builtin.__dataclass_fields__}
-    write_meta(out, classes, stats)
+        stats["builtin"] = to_dict(cfg.builtin)
+    write_meta(staging.built, classes, stats)
     return stats
 
 
@@ -204,29 +298,31 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
-    """Build `cfg.out` from `cfg.source`; returns the stats written to stats.json."""
+    """Build `cfg.out` from `cfg.source`, resuming a killed run of the same job; returns the stats."""
     workers = default_workers() if workers is None else workers
     out = Path(cfg.out).resolve()
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as staging:
-        staging_path = Path(staging)
-        if cfg.source.startswith("builtin"):
-            root = staging_path / "generated"
-            reid = cfg.source == "builtin_reid"
-            print(f"prepare {cfg.source}: generating {'persons' if reid else 'shapes'}", file=sys.stderr)
-            (builtin.write_persons if reid else builtin.write_shapes)(root, cfg.builtin)
-            scan = SOURCES["market1501" if reid else "imagefolder"](root)
-        else:
-            root = Path(cfg.root).absolute()
-            scan = SOURCES[cfg.source](root)
-        built = staging_path / "out"
-        built.mkdir()
-        stats = build(scan, root, built, cfg, workers)
-        _swap_in(built, out)
+    generated = out.with_name(f".{out.name}.generated")
+    if cfg.source.startswith("builtin"):
+        reid = cfg.source == "builtin_reid"
+        print(f"prepare {cfg.source}: generating {'persons' if reid else 'shapes'}", file=sys.stderr)
+        shutil.rmtree(generated, ignore_errors=True)
+        (builtin.write_persons if reid else builtin.write_shapes)(generated, cfg.builtin)
+        root, scan = generated, SOURCES["market1501" if reid else "imagefolder"](generated)
+    else:
+        root = Path(cfg.root).absolute()
+        scan = SOURCES[cfg.source](root)
+    order = {s: i for i, s in enumerate(scan.splits)}
+    items = sorted(scan.items, key=lambda it: (order[it.split], it.src))
+    staging = Staging(out, _job(scan, root, items, cfg))
+    stats = build(scan, root, staging, items, cfg, workers)
+    _swap_in(staging.built, out)
+    shutil.rmtree(staging.root, ignore_errors=True)
+    shutil.rmtree(generated, ignore_errors=True)
     n = sum(c["images"] for c in stats["counts"].values())
-    print(f"prepare {cfg.source}: {n} images, {len(stats['rejected'])} rejected, "
+    print(f"prepare {cfg.source}: {n} images in {len(stats['shards'])} shards, {len(stats['rejected'])} rejected, "
           f"{time.perf_counter() - start:.1f}s -> {out}", file=sys.stderr)
     return stats
 
@@ -245,7 +341,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", help="source folder (imagefolder, market1501)")
     parser.add_argument("--out", required=True, help=f"output folder: new, empty or built by prepare (holds {MARKER}); "
                         "replaced atomically")
-    parser.add_argument("--resize", type=int, default=PrepareConfig.resize, help="short side in pixels")
+    parser.add_argument("--resize", type=int, default=PrepareConfig.resize,
+                        help="scale the short side to this many pixels (default: keep it)")
+    parser.add_argument("--max-side", type=int, default=PrepareConfig.max_side,
+                        help="shrink the long side to at most this many pixels (default: %(default)s; 0: no cap)")
+    parser.add_argument("--shard-mb", type=int, default=PrepareConfig.shard_mb, help="megabytes per shard file")
     parser.add_argument("--quality", type=int, default=PrepareConfig.quality, help="JPEG quality of the copies")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in datasets")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
@@ -253,7 +353,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = parse(PrepareConfig, {"source": args.source, "root": args.root, "out": args.out,
-                                "resize": args.resize, "quality": args.quality,
+                                "resize": args.resize, "max_side": args.max_side or None,
+                                "shard_mb": args.shard_mb, "quality": args.quality,
                                 "builtin": {"seed": args.seed}}, "prepare")
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers", args.workers, "an integer >= 1")

@@ -1,8 +1,10 @@
 """The prepared-folder format: the one module that reads and writes what `prepare` leaves behind.
 
-A prepared folder holds `images/<split>/…jpg`, `manifest.csv` (one row per image: `path,label,split,…`,
-with the image's SHA-256), `classes.json`, `stats.json` (counts, mean/std, the task: `classification` or
-`reid`, rejected inputs) and `MARKER`, the proof that prepare built it and may replace it.
+A prepared folder holds `shards/<split>-NNNNN.tar` (the stored JPEGs, see shards.py), `manifest.csv` (one
+row per image: `path` (the source file, relative to the source root), `label`, `split`, the class, the
+source's SHA-256, original and stored sizes, and `shard,offset,size`: where its bytes are), `classes.json`,
+`stats.json` (counts, mean/std, the task: `classification` or `reid`, rejected inputs) and `MARKER`, the
+proof that prepare built it and may replace it.
 """
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import csv
 import functools
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..config import ConfigError
 
@@ -49,6 +54,51 @@ def read_dataset(data_dir: str | Path) -> tuple[list[dict[str, str]], list[str],
     with open(Path(data_dir) / MANIFEST, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return rows, *read_meta(data_dir)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's images as arrays, in manifest order: an ImageNet manifest as 1.28M dicts would take
+    gigabytes in every loader worker. `shard` indexes `shards`; `pid`/`camid` only for reid."""
+
+    shards: tuple[str, ...]
+    shard: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    label: np.ndarray
+    pid: np.ndarray | None
+    camid: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def read_split(data_dir: str | Path, split: str) -> Split:
+    """The rows of `split` (one of stats.json's `splits`, with a clear error otherwise)."""
+    require_prepared(data_dir)
+    splits = read_meta(data_dir)[1]["splits"]
+    if split not in splits:
+        raise ConfigError("split", split, "one of " + ", ".join(map(repr, splits)))
+    names: dict[str, int] = {}
+    columns: dict[str, list[int]] = {k: [] for k in ("shard", "offset", "size", "width", "height", "label",
+                                                     "pid", "camid")}
+    with open(Path(data_dir) / MANIFEST, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        reid = "pid" in (reader.fieldnames or ())
+        for row in reader:
+            if row["split"] != split:
+                continue
+            columns["shard"].append(names.setdefault(row["shard"], len(names)))
+            for key in ("offset", "size", "width", "height", "label"):
+                columns[key].append(int(row[key]))
+            if reid:
+                columns["pid"].append(int(row["pid"]))
+                columns["camid"].append(int(row["camid"]))
+    arrays = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()}
+    return Split(tuple(names), **{k: v for k, v in arrays.items() if k not in ("pid", "camid")},
+                 pid=arrays["pid"] if reid else None, camid=arrays["camid"] if reid else None)
 
 
 def train_images(data_dir: str | Path) -> int | None:

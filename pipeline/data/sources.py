@@ -25,8 +25,7 @@ MARKET_NAME = re.compile(r"^(-1|\d+)_c(\d+)s\d+_\d+_\d+\.jpe?g$", re.IGNORECASE)
 class Item:
     """One input image: where it is, where its prepared copy goes, and what it is."""
 
-    src: str  # path relative to the source root (reported in `rejected` and the manifest)
-    dst: str  # path of the prepared copy relative to the output folder
+    src: str  # path relative to the source root (the manifest's `path`, and what `rejected` reports)
     split: str
     cls: str  # class name (classification) or person id as text (reid)
     pid: int | None = None
@@ -79,20 +78,13 @@ def _layout_error(root: Path, expected: str) -> ConfigError:
     return ConfigError("root", str(root), f"{expected}; found {what}")
 
 
-def _dst(split: str, *parts: str) -> str:
-    return "/".join(("images", split, *parts[:-1], Path(parts[-1]).stem + ".jpg"))
-
-
-def _add(scan: Scan, seen: dict[str, str], root: Path, path: Path, dst: str, split: str, cls: str,
-         pid: int | None = None, camid: int | None = None) -> None:
+def _add(scan: Scan, root: Path, path: Path, split: str, cls: str, pid: int | None = None,
+         camid: int | None = None) -> None:
     rel = path.relative_to(root).as_posix()
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         scan.reject(rel, f"not an image file extension ({path.suffix or 'none'})")
-    elif dst in seen:
-        scan.reject(rel, f"same output name as {seen[dst]}")
     else:
-        seen[dst] = rel
-        scan.items.append(Item(rel, dst, split, cls, pid, camid))
+        scan.items.append(Item(rel, split, cls, pid, camid))
 
 
 def scan_imagefolder(root: Path) -> Scan:
@@ -100,7 +92,7 @@ def scan_imagefolder(root: Path) -> Scan:
     expected = "an ImageFolder tree: root/train/<class>/<image> and root/val/<class>/<image>"
     if not all((root / s).is_dir() for s in ("train", "val")):
         raise _layout_error(root, expected)
-    scan, seen = Scan("classification", ("train", "val")), {}
+    scan = Scan("classification", ("train", "val"))
     for split in scan.splits:
         entries = sorted((root / split).iterdir())
         if not any(e.is_dir() for e in entries):
@@ -115,8 +107,7 @@ def scan_imagefolder(root: Path) -> Scan:
             if not files:
                 scan.reject(entry.relative_to(root).as_posix(), "empty class folder")
             for path in files:
-                _add(scan, seen, root, path, _dst(split, entry.name, *path.relative_to(entry).parts),
-                     split, entry.name)
+                _add(scan, root, path, split, entry.name)
     return scan
 
 
@@ -129,7 +120,7 @@ def scan_market1501(root: Path) -> Scan:
     expected = "a Market-1501 tree: root/bounding_box_train, root/bounding_box_test and root/query"
     if not all((root / d).is_dir() for d in MARKET_SPLITS.values()):
         raise _layout_error(root, expected)
-    scan, seen = Scan("reid", tuple(MARKET_SPLITS)), {}
+    scan = Scan("reid", tuple(MARKET_SPLITS))
     for split, folder in MARKET_SPLITS.items():
         for path in _files(scan, root, root / folder):
             rel = path.relative_to(root).as_posix()
@@ -141,7 +132,7 @@ def scan_market1501(root: Path) -> Scan:
             if split == "train" and pid is not None and pid <= 0:
                 scan.reject(rel, f"{'junk' if pid < 0 else 'distractor'} id {pid} in the training split")
                 continue
-            _add(scan, seen, root, path, _dst(split, path.name), split, match.group(1) if match else "", pid, camid)
+            _add(scan, root, path, split, match.group(1) if match else "", pid, camid)
     return scan
 
 

@@ -1,37 +1,24 @@
-"""The training engine: one epoch of updates, evaluation, numeric precision, seeding and data sharding.
+"""The training engine: one epoch of updates, evaluation and numeric precision.
 
 Nothing here knows about trials, MLflow or Ray: `run.fit` drives it, `bench.train` times it.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
-import random
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+
+from ..data.loaders import Loader
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite: the trial cannot recover and ends FAILED."""
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (epoch seeds stay independent of each other)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -49,33 +36,6 @@ class World:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
-
-
-class ShardSampler(Sampler):
-    """One worker's share of another sampler's order: every `size`-th item from `rank`. With `pad` the
-    order is first padded (wrapping round) to a multiple of `size` so all workers take as many steps."""
-
-    def __init__(self, base: Sampler, world: World, pad: bool):
-        self.base, self.world, self.pad = base, world, pad
-
-    def _items(self) -> list[Any]:
-        items = list(self.base)
-        if self.pad and len(items) % self.world.size:
-            items += items[:self.world.size - len(items) % self.world.size]
-        return items[self.world.rank::self.world.size]
-
-    def __len__(self) -> int:
-        n = len(self.base)
-        return math.ceil(n / self.world.size) if self.pad else len(range(self.world.rank, n, self.world.size))
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._items())
-
-
-def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Re-seed the loader's order and augmentation for `epoch` (same on every worker, so shards agree)."""
-    sampler = loader.sampler.base if isinstance(loader.sampler, ShardSampler) else loader.sampler
-    sampler.generator.manual_seed(mix_seed(seed, epoch, 1))
 
 
 @dataclass
@@ -105,7 +65,7 @@ def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, 
     return contextlib.nullcontext(), torch.contiguous_format
 
 
-def train_one_epoch(step: Step, loader: DataLoader, tick: Callable[[], None] | None = None) -> dict[str, float]:
+def train_one_epoch(step: Step, loader: Iterable[Any], tick: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over `loader`: bf16 autocast and channels_last on GPU, an lr update per step, EMA.
 
     Raises NonFiniteLossError at the first NaN/inf loss (checked every step on CPU; every 16 steps on
@@ -118,7 +78,14 @@ def train_one_epoch(step: Step, loader: DataLoader, tick: Callable[[], None] | N
     images = batches = 0
     lr = step.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    for i, batch in enumerate(loader):
+    wait = 0.0
+    batches = iter(loader)
+    for i in itertools.count():
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - waited
+        if batch is None:
+            break
         x = batch[0].to(step.device, non_blocking=True, memory_format=memory_format)
         y = batch[1].to(step.device, non_blocking=True)
         if step.mixup is not None:
@@ -150,11 +117,12 @@ def train_one_epoch(step: Step, loader: DataLoader, tick: Callable[[], None] | N
     if not torch.isfinite(total):
         raise NonFiniteLossError(f"training loss became {total.item()} by update {step.updates}")
     return {"train_loss": total.item() / max(batches, 1), "lr": lr, "images": images, "correct": correct.item(),
-            "epoch_seconds": seconds}
+            "epoch_seconds": seconds, "data_wait_fraction": wait / seconds,
+            "loader_images_per_s": loader.throughput() if isinstance(loader, Loader) else float("nan")}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, world: World) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Loader, world: World) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) over the whole split (each worker counts its shard)."""
     model.eval()
     autocast, memory_format = precision(world.device)

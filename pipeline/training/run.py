@@ -20,26 +20,16 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..config import ConfigError, MlflowConfig, TrainConfig, flatten, to_dict
-from ..data.loaders import build_loader
+from ..data.loaders import Loader, build_loader
 from ..data.prepared import manifest_hash, read_meta
 from ..models.complexity import count
-from ..utils.cluster import connect
+from ..utils.cluster import connect, process_cpus
 from ..utils.interrupt import Interrupted, interruptible
 from ..utils.progress import resolve_mode, steps, ticker
-from .engine import (
-    ShardSampler,
-    Step,
-    World,
-    mix_seed,
-    precision,
-    seed_epoch,
-    seed_everything,
-    train_one_epoch,
-    unwrap,
-)
+from ..utils.seeds import mix_seed, seed_everything
+from .engine import Step, World, precision, train_one_epoch, unwrap
 from .recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, unapplied
 from .record import (
     CHECKPOINT,
@@ -87,25 +77,35 @@ class Job:
     """The trial id of the classification trial whose checkpoint initialises a fine-tuned backbone."""
 
 
-def _loaders(job: Job, world: World) -> tuple[DataLoader, ...]:
+def loader_workers(train: TrainConfig) -> int:
+    """`train.loader_workers`, or when null the CPUs this training process has (its Ray share inside Ray)
+    minus one for the training loop itself."""
+    return train.loader_workers if train.loader_workers is not None else max(0, process_cpus() - 1)
+
+
+def device_decode(train: TrainConfig, trial: Trial, device: torch.device) -> bool:
+    """Whether JPEGs are decoded on the training device (`train.decode`; auto: on a GPU, for the standard
+    augmentation that `Augment` can apply there)."""
+    if train.decode == "gpu" and device.type != "cuda":
+        raise ConfigError("decode", "gpu", "auto or cpu on a process without a CUDA GPU")
+    return train.decode == "gpu" or (train.decode == "auto" and device.type == "cuda"
+                                     and trial.recipe.augment.kind == "standard")
+
+
+def _loaders(job: Job, world: World) -> tuple[Loader, ...]:
     """The train loader and the task's evaluation loaders; with several workers each trains on its shard
     with batch / workers (and evaluates its shard where the task sums counts over workers)."""
     trial, train = job.trial, job.train
     if trial.batch_size % world.size:
         raise ConfigError("batch_size", trial.batch_size, f"a multiple of num_workers ({world.size})")
     batch = trial.batch_size // world.size
-    splits = [("train", True), *((s, False) for s in job.task.eval_splits)]
-    loaders = [build_loader(trial.data_dir, split, trial.img_size, batch, train=is_train,
-                            augment=trial.recipe.augment if is_train else None, workers=train.loader_workers,
-                            seed=trial.seed)
-               for split, is_train in splits]
-    if world.size == 1:
-        return tuple(loaders)
-    shard = 2 if job.task.shard_eval else 1
-    return tuple(DataLoader(ld.dataset, batch_size=batch, sampler=ShardSampler(ld.sampler, world, pad=is_train),
-                            num_workers=train.loader_workers, drop_last=ld.drop_last,
-                            persistent_workers=train.loader_workers > 0)
-                 for ld, is_train in zip(loaders[:shard], (True, False))) + tuple(loaders[shard:])
+    workers, on_device = loader_workers(train), device_decode(train, trial, world.device)
+    sharded = 2 if job.task.shard_eval else 1
+    return tuple(build_loader(trial.data_dir, split, trial.img_size, batch, train=i == 0,
+                              augment=trial.recipe.augment if i == 0 else None, workers=workers, seed=trial.seed,
+                              device=world.device, device_decode=on_device,
+                              rank=world.rank if i < sharded else 0, world_size=world.size if i < sharded else 1)
+                 for i, split in enumerate(["train", *job.task.eval_splits]))
 
 
 def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
@@ -144,21 +144,24 @@ def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
     run = TrialRun(job.tracking_uri, job.run_id) if lead else None
     if run is not None:
         device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
-        run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32"})
+        run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32",
+                      "loader_workers": loader_workers(job.train),
+                      "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
         run.log_epochs(history)  # epochs checkpointed before a crash but not yet logged
     mode = resolve_mode(job.train.progress) if lead else "off"
     name = f"{trial.backbone}/{trial.head.name} epoch"
     done = steps(trial.epochs, name, mode)
     for epoch in range(start_epoch, trial.epochs):
         seed_everything(mix_seed(trial.seed, epoch, world.rank))
-        seed_epoch(train_loader, trial.seed, epoch)
+        train_loader.set_epoch(epoch)
         with ticker(len(train_loader), f"{name} {epoch + 1}/{trial.epochs}", mode) as tick:
             stats = train_one_epoch(step, train_loader, tick)
         images, correct = world.sum([stats["images"], stats["correct"]])
         # train_top1 is against the (mixed) targets' argmax: Fig. 3's training curve, under augmentation
         row = {"epoch": float(epoch), "train_loss": stats["train_loss"], "lr": stats["lr"],
                "train_top1": 100.0 * correct / max(images, 1),
-               "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"]}
+               "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"],
+               "data_wait_fraction": stats["data_wait_fraction"], "loader_images_per_s": stats["loader_images_per_s"]}
         row.update({f"val_{k}": v for k, v in task.validate(step.model, eval_loaders, world).items()})
         if ema is not None:
             row.update({f"val_{k}_ema": v for k, v in task.validate(ema.module, eval_loaders, world).items()})

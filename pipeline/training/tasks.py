@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from ..data.loaders import Loader
 
 from ..config import ConfigError
 from ..models import ReidNet, build_model, build_reid_model
@@ -32,7 +32,7 @@ class Task:
     def build_model(self, trial: Trial, num_classes: int) -> nn.Module:
         raise NotImplementedError
 
-    def validate(self, model: nn.Module, loaders: list[DataLoader], world: World) -> dict[str, float]:
+    def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         """`top1`, `top5` (%) and the task's `result_keys` on the evaluation splits."""
         raise NotImplementedError
 
@@ -47,7 +47,7 @@ class Classification(Task):
     def build_model(self, trial: Trial, num_classes: int) -> nn.Module:
         return build_model(trial.backbone, trial.head, num_classes, trial.img_size, trial.recipe.drop_path)
 
-    def validate(self, model: nn.Module, loaders: list[DataLoader], world: World) -> dict[str, float]:
+    def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         return evaluate(model, loaders[0], world)
 
 
@@ -59,7 +59,7 @@ class ReIdentification(Task):
     def build_model(self, trial: Trial, num_classes: int) -> nn.Module:
         return build_reid_model(trial.backbone, trial.head, num_classes, trial.img_size)
 
-    def validate(self, model: nn.Module, loaders: list[DataLoader], world: World) -> dict[str, float]:
+    def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         m = evaluate_reid(unwrap(model), *loaders)
         return {"top1": m["rank1"], "top5": m["rank5"], "map": m["map"]}
 
@@ -108,7 +108,7 @@ def load_backbone(model: ReidNet, checkpoint: str | Path, trial_id: str | None =
 
 
 @torch.inference_mode()
-def extract(model: ReidNet, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def extract(model: ReidNet, loader: Loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embeddings (float32), person ids and camera ids of every image a reid loader yields."""
     model.eval()
     device = next(model.parameters()).device
@@ -125,7 +125,7 @@ def extract(model: ReidNet, loader: DataLoader) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(feats), torch.cat(pids), torch.cat(camids)
 
 
-def evaluate_reid(model: ReidNet, query_loader: DataLoader, gallery_loader: DataLoader) -> dict[str, float]:
+def evaluate_reid(model: ReidNet, query_loader: Loader, gallery_loader: Loader) -> dict[str, float]:
     """Rank-1, rank-5 and mAP (%) of `model` on Market-1501-style query and gallery loaders.
 
     The loaders must cover their whole split (not a data-parallel shard): every rank can call this and

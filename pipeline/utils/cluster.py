@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import sys
 from collections.abc import Iterator
 
 
@@ -34,6 +35,16 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         raise RuntimeError(f"a local Ray would listen on {ip}, not only on loopback (Ray changed how it picks "
                            "a node's address); start a cluster with `ray start --head` and set ray.address")
     return f"local, {ip}"
+
+
+def process_cpus() -> int:
+    """The CPUs this process may use: its Ray share inside a Ray task or actor, else its affinity mask."""
+    ray = sys.modules.get("ray")  # not imported: not inside Ray
+    if ray is not None and ray.is_initialized():
+        share = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if share:
+            return max(1, int(share))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
