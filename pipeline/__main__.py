@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-head": ("pipeline.bench.head", "Head latency, train step and saved memory: ours vs straightforward"),
     "bench-prepare": ("pipeline.bench.prepare", "Prepare throughput vs a one-process PIL loop"),
     "bench-train": ("pipeline.bench.train", "Trainer images/s vs a bare PyTorch loop"),
+    "bench-loader": ("pipeline.bench.loader", "Training loader images/s vs torchvision ImageFolder, decode ceiling"),
+    "rehearse": ("pipeline.bench.rehearse", "Scale rehearsal: generate, prepare, check, DVC-track, read an epoch"),
 }
 
 

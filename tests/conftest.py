@@ -11,10 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import PARAMS, BuiltinDataConfig, PrepareConfig
 from pipeline.data.prepare import prepare
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip cleanly on a machine without CUDA."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
 
 TINY_BUILTIN = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "image_size": 48}
 

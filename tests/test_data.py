@@ -1,6 +1,7 @@
 """Data stage: sources, bad files, layout errors, determinism and loaders, on small real trees."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ from pipeline.config import AugmentConfig, BuiltinDataConfig, ConfigError, Prepa
 from pipeline.data.builtin import draw_shape
 from pipeline.data.loaders import build_loader
 from pipeline.data.prepare import prepare
+from pipeline.data.shards import ShardReader
 from pipeline.data.sources import scan_market1501
 
 SMALL = BuiltinDataConfig(num_classes=3, train_per_class=6, val_per_class=3, image_size=32,
@@ -82,10 +84,10 @@ def test_imagefolder_rejects_each_bad_file_and_keeps_the_rest(imagefolder: Path,
     rows = (out / "manifest.csv").read_text().splitlines()
     assert rows[0].startswith("path,label,split,class,sha256,orig_width,orig_height,width,height")
     assert len(rows) == 1 + 12
-    for row in rows[1:]:
-        path, label, split, cls = row.split(",")[:4]
-        assert int(label) == ["cat", "dog"].index(cls)
-        with Image.open(out / path) as img:
+    reader = ShardReader(out)
+    for row in csv.DictReader(rows):
+        assert int(row["label"]) == ["cat", "dog"].index(row["class"]) and row["path"].split("/")[1] == row["class"]
+        with Image.open(io.BytesIO(reader.read(row["shard"], int(row["offset"]), int(row["size"])))) as img:
             assert min(img.size) == 24 and img.size == (29, 24)  # 48x40 → short side 24
     assert len(stats["mean"]) == len(stats["std"]) == 3 and all(0 < s < 1 for s in stats["std"])
 
@@ -94,7 +96,7 @@ def test_outputs_are_byte_identical_across_runs_and_worker_counts(imagefolder: P
     a, b = tmp_path / "a", tmp_path / "b"
     prepare(PrepareConfig(source="imagefolder", root=str(imagefolder), out=str(a), resize=24), workers=1)
     prepare(PrepareConfig(source="imagefolder", root=str(imagefolder), out=str(b), resize=24), workers=2)
-    assert _tree_hash(a) == _tree_hash(b) and len(_tree_hash(a)) == 16  # 12 images, manifest, classes, stats, marker
+    assert _tree_hash(a) == _tree_hash(b) and len(_tree_hash(a)) == 6  # 2 shards, manifest, classes, stats, marker
     prepare(PrepareConfig(source="imagefolder", root=str(imagefolder), out=str(b), resize=24), workers=2)
     assert _tree_hash(a) == _tree_hash(b)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind

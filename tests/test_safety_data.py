@@ -18,6 +18,7 @@ from PIL import Image
 from pipeline.config import ConfigError, PrepareConfig
 from pipeline.data.prepare import _swap_in, check_out, prepare
 from pipeline.data.prepared import MARKER
+from pipeline.data.shards import ShardReader
 
 REPO = Path(__file__).parents[1]
 
@@ -48,8 +49,8 @@ def _tree(root: Path, train: Image.Image, name: str = "x.png", **kwargs) -> Path
 def _prepared(out: Path, src: str) -> tuple[np.ndarray, dict[str, str]]:
     """Pixels of the prepared copy of `src` and its manifest row."""
     with open(out / "manifest.csv", newline="", encoding="utf-8") as f:
-        row = next(r for r in csv.DictReader(f) if r["src"] == src)
-    with Image.open(out / row["path"]) as img:
+        row = next(r for r in csv.DictReader(f) if r["path"] == src)
+    with Image.open(io.BytesIO(ShardReader(out).read(row["shard"], int(row["offset"]), int(row["size"])))) as img:
         return np.asarray(img.convert("RGB"), dtype=np.float64), row
 
 
@@ -127,7 +128,8 @@ def test_rerun_onto_its_own_output_or_an_empty_folder_is_byte_identical(small_tr
     first = _cli("--source", "imagefolder", "--root", str(small_tree), "--out", str(out))
     assert first.returncode == 0, first.stderr
     before = _snapshot(out)
-    assert MARKER in before and len([p for p in before if p.endswith(".jpg")]) == 4
+    assert MARKER in before
+    assert [p for p in before if p.endswith(".tar")] == ["shards/train-00000.tar", "shards/val-00000.tar"]
     again = _cli("--source", "imagefolder", "--root", str(small_tree), "--out", str(out), "--workers", "2")  # last wins
     assert again.returncode == 0, again.stderr
     assert _snapshot(out) == before
@@ -235,7 +237,7 @@ def test_names_that_are_not_utf8_are_rejected_not_fatal(tmp_path: Path):
         "train/b\\xff": "folder name is not valid UTF-8",
     }
     rows = list(csv.DictReader(io.StringIO((out / "manifest.csv").read_bytes().decode("utf-8"))))
-    assert [r["src"] for r in rows] == ["train/a/0.jpg", "train/café/0.jpg", "val/a/0.jpg"]
+    assert [r["path"] for r in rows] == ["train/a/0.jpg", "train/café/0.jpg", "val/a/0.jpg"]
 
 
 def test_market1501_names_that_are_not_utf8_are_rejected(tmp_path: Path):

@@ -188,6 +188,34 @@ def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: 
     assert resumed["top1"] == whole["top1"]
 
 
+def test_loader_workers_change_nothing_and_a_two_worker_resume_is_exact(data_dir: Path, tmp_path: Path) -> None:
+    """NOAH's dropout and the sampler draw random numbers: none may depend on how many processes decode."""
+    trial = _trial(data_dir)
+    runs = {}
+    for workers in (0, 1, 2):
+        folder = tmp_path / f"w{workers}"
+        runs[workers] = run_trial(trial, train=dataclasses.replace(QUIET, loader_workers=workers),
+                                  tracking=_store(folder)[0], checkpoint_dir=folder)
+
+    class Crash(Exception):
+        pass
+
+    def crash(row: dict[str, float]) -> None:
+        raise Crash(f"after epoch {int(row['epoch'])}")
+
+    two = dataclasses.replace(QUIET, loader_workers=2)
+    tracking = _store(tmp_path / "killed")[0]
+    with pytest.raises(Crash):
+        run_trial(trial, train=two, tracking=tracking, checkpoint_dir=tmp_path / "killed", on_epoch=crash)
+    runs["resumed"] = run_trial(trial, train=two, tracking=tracking, checkpoint_dir=tmp_path / "killed")
+    states = {k: load_checkpoint(tmp_path / d / CHECKPOINT, runs[0]["trial_id"])
+              for k, d in ((0, "w0"), (1, "w1"), (2, "w2"), ("resumed", "killed"))}
+    for key in (1, 2, "resumed"):
+        assert [r["train_loss"] for r in states[key]["history"]] == [r["train_loss"] for r in states[0]["history"]]
+        assert all(torch.equal(states[0]["model"][k], states[key]["model"][k]) for k in states[0]["model"]), key
+        assert runs[key]["top1"] == runs[0]["top1"]
+
+
 # ---- Ray Train, 2 workers
 
 

@@ -1,10 +1,11 @@
 """`python -m pipeline bench-prepare`: prepare throughput against a plain one-process PIL loop.
 
-Generates realistic-size JPEGs (500×375 by default, ImageNet's typical size) in a temp folder, then
-times, side by side on the same files: the plain loop (open → convert → resize → save, one process,
+Generates ImageNet-like JPEGs in a temp folder (imagenet_like.py: varied sizes, mostly 500-px long sides),
+then times, side by side on the same files: the plain loop (open → convert → resize → save, one process,
 PIL defaults), `prepare` with one process (JPEG draft mode, antialiased bilinear resize) and `prepare`
 with all workers (the same plus processes; it also hashes, checks and computes stats). It also times
-decoding the prepared copies against the sources (what a loader pays per image and epoch).
+decoding the prepared copies (read from their shards, decoded as the loader does) against decoding the
+sources with PIL (what a loader pays per image and epoch).
 """
 from __future__ import annotations
 
@@ -14,37 +15,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from ..config import ConfigError, PrepareConfig
-from ..data.builtin import SHAPES, draw_shape
+from ..data.loaders import decode
 from ..data.prepare import default_workers, prepare, target_size
+from ..data.prepared import read_split
+from ..data.shards import ShardReader
+from .imagenet_like import describe, size_summary, write_imagenet_like
 from .timing import timed_in_turns
 
 
-def make_images(root: Path, n: int, width: int, height: int) -> list[Path]:
-    """`n` noisy, cluttered photos-like JPEGs in ImageFolder layout (4 classes, 80 % train)."""
-    paths = []
-    for i in range(n):
-        kind = SHAPES[i % 4]
-        split = "train" if i % 5 else "val"
-        img = draw_shape(kind, max(width, height), np.random.default_rng([7, i])).crop((0, 0, width, height))
-        path = root / split / kind / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
-def plain_loop(paths: list[Path], out: Path, resize: int, quality: int) -> None:
+def plain_loop(paths: list[Path], out: Path, resize: int, max_side: int | None, quality: int) -> None:
     """What one would write without the stage: one process, full-size decode, PIL's default resize
     (bicubic), save."""
     out.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(paths):
         with Image.open(path) as img:
             rgb = img.convert("RGB")
-        rgb.resize(target_size(*rgb.size, resize)).save(out / f"{i:05d}.jpg", quality=quality)
+        rgb.resize(target_size(*rgb.size, resize, max_side)).save(out / f"{i:05d}.jpg", quality=quality)
 
 
 def read_all(paths: list[Path]) -> None:
@@ -53,10 +42,20 @@ def read_all(paths: list[Path]) -> None:
             img.convert("RGB")
 
 
+def read_prepared(data_dir: Path) -> int:
+    """Decode every stored image of a prepared folder as the loader does (one pread from its shard, then
+    libjpeg-turbo); returns how many."""
+    reader, n = ShardReader(data_dir), 0
+    for split in ("train", "val"):
+        ix = read_split(data_dir, split)
+        for shard, offset, size in zip(ix.shard.tolist(), ix.offset.tolist(), ix.size.tolist()):
+            decode(reader.read(ix.shards[shard], offset, size))
+        n += len(ix)
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=300, help="number of generated JPEGs")
-    parser.add_argument("--width", type=int, default=500)
-    parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--resize", default="256,80", help="comma-separated short sides to time")
     parser.add_argument("--workers", type=int, default=None, help="prepare processes (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per method")
@@ -74,10 +73,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         src = Path(tmp) / "src"
         t = time.perf_counter()
-        paths = make_images(src, args.images, args.width, args.height)
-        mb = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"{args.images} JPEGs {args.width}x{args.height} ({mb:.1f} MB) generated in "
-              f"{time.perf_counter() - t:.1f}s; {workers} workers; best of {args.repeats}")
+        paths = write_imagenet_like(src, args.images, workers=workers)
+        print(f"{describe(size_summary(paths))} generated (ImageNet-like) in {time.perf_counter() - t:.1f}s; "
+              f"{workers} workers; best of {args.repeats}")
 
         print(f"load average before: {os.getloadavg()[0]:.1f} (other processes share the cores: wall figures "
               f"are best of {args.repeats}, CPU ms/image is load-independent)")
@@ -87,14 +85,13 @@ def run(args: argparse.Namespace) -> int:
             cfg = PrepareConfig(source="imagefolder", root=str(src), out=str(Path(tmp) / f"out{size}"),
                                 resize=size, quality=quality)
             methods = {
-                "plain": lambda: plain_loop(paths, Path(tmp) / f"plain{size}", size, quality),
+                "plain": lambda: plain_loop(paths, Path(tmp) / f"plain{size}", size, cfg.max_side, quality),
                 "one": lambda: prepare(cfg, workers=1),
                 "many": lambda: prepare(cfg, workers=workers),
                 "read_source": lambda: read_all(paths),
             }
             times = timed_in_turns(methods, args.repeats)
-            prepared = sorted((Path(cfg.out) / "images").rglob("*.jpg"))
-            times |= timed_in_turns({"read_prepared": lambda: read_all(prepared)}, args.repeats)
+            times |= timed_in_turns({"read_prepared": lambda: read_prepared(Path(cfg.out))}, args.repeats)
             best = {name: (min(t.wall for t in ts), min(t.cpu for t in ts)) for name, ts in times.items()}
             n = len(paths)
             wall = {k: v[0] for k, v in best.items()}

@@ -20,6 +20,7 @@ the uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -45,6 +46,7 @@ from .shards import ShardReader
 
 CROP_PCT = 224 / 256  # the paper's resize 256 → crop 224
 DCT_SCALES = (8, 4, 2)  # what libjpeg can decode at for free
+CPU = torch.device("cpu")
 
 
 def _interp(name: str) -> T.InterpolationMode:
@@ -157,24 +159,22 @@ def decode(data: bytes, reduction: int = 1) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1), rgb.shape[1] / width
 
 
-class seeded:
-    """Run a sample's augmentation under its own seed, leaving the worker's generators as they were."""
-
-    def __init__(self, seed: int | None):
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        if self.seed is not None:
-            self.state = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
-            torch.manual_seed(self.seed)
-            random.seed(self.seed)
-            np.random.seed(self.seed % 2**32)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.seed is not None:
-            torch.random.set_rng_state(self.state[0])
-            random.setstate(self.state[1])
-            np.random.set_state(self.state[2])
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device = CPU) -> Iterator[None]:
+    """Run under `seed` (torch on CPU and `device`, Python, NumPy), leaving the generators as they were."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        py_state, np_state = random.getstate(), np.random.get_state()
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class PreparedDataset(Dataset):
@@ -207,9 +207,10 @@ class PreparedDataset(Dataset):
         height, width = int(self.index.height[index]), int(self.index.width[index])
         params = torch.zeros(0, dtype=torch.int64)
         with seeded(seed):
-            if self.augment is None:
+            if self.augment is None:  # timm's stack; params: the seed of the batch's Random Erasing
+                params = torch.randint(0, 2**62, (1,))
                 with Image.open(io.BytesIO(data)) as img:
-                    x = torch.from_numpy(self.timm_transform(img.convert("RGB")))
+                    x = torch.as_tensor(np.asarray(self.timm_transform(img.convert("RGB"))))
             else:
                 params = self.augment.draw(height, width)
                 if self.device_decode:
@@ -307,7 +308,10 @@ class Loader:
             decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
             images = torch.stack([self.dataset.augment.apply(x, p) for x, p in zip(decoded, params)])
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        return self.erase(x) if self.erase is not None else x
+        if self.erase is None:
+            return x
+        with seeded(int(params[0, 0]), self.device):
+            return self.erase(x)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for images, params, *rest, seconds in self.loader:

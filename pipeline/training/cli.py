@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help="default: params.yaml mlflow.tracking_uri")
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (1: in this process)")
     parser.add_argument("--gpu", choices=("auto", "yes", "no"), default=None)
-    parser.add_argument("--loader-workers", type=int, default=None)
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="decoding processes (default: params.yaml train.loader_workers; null there: CPUs - 1)")
+    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default=None,
+                        help="where JPEGs are decoded (default: params.yaml train.decode)")
     parser.add_argument("--checkpoint-dir", default=None, help="default: checkpoints/<trial_id>")
     parser.add_argument("--log-weights", action="store_true", help="store the final weights in MLflow")
     parser.add_argument("--retrain", action="store_true", help="train even if a FINISHED run exists")
@@ -35,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params or PARAMS)
-    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("loader_workers", args.loader_workers))
-                 if v is not None}
+    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("loader_workers", args.loader_workers),
+                                   ("decode", args.decode)) if v is not None}
     if args.gpu is not None:
         overrides["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
     train = parse(TrainConfig, {**to_dict(params.train), **overrides}, "train")

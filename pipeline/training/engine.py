@@ -79,10 +79,10 @@ def train_one_epoch(step: Step, loader: Iterable[Any], tick: Callable[[], None] 
     lr = step.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     wait = 0.0
-    batches = iter(loader)
+    stream = iter(loader)
     for i in itertools.count():
         waited = time.perf_counter()
-        batch = next(batches, None)
+        batch = next(stream, None)
         wait += time.perf_counter() - waited
         if batch is None:
             break

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ConfigError, MlflowConfig, TrainConfig, flatten, to_dict
 from ..data.loaders import Loader, build_loader
-from ..data.prepared import manifest_hash, read_meta
+from ..data.prepared import manifest_hash, read_meta, train_images
 from ..models.complexity import count
 from ..utils.cluster import connect, process_cpus
 from ..utils.interrupt import Interrupted, interruptible
@@ -77,10 +77,17 @@ class Job:
     """The trial id of the classification trial whose checkpoint initialises a fine-tuned backbone."""
 
 
-def loader_workers(train: TrainConfig) -> int:
+SMALL_SPLIT = 2000
+"""Below this many training images a null `loader_workers` means none: starting the processes costs more
+than decoding such a split in the training process (the embedded study's 320-image split)."""
+
+
+def loader_workers(train: TrainConfig, images: int) -> int:
     """`train.loader_workers`, or when null the CPUs this training process has (its Ray share inside Ray)
-    minus one for the training loop itself."""
-    return train.loader_workers if train.loader_workers is not None else max(0, process_cpus() - 1)
+    minus one for the training loop itself (none for a split of under `SMALL_SPLIT` images)."""
+    if train.loader_workers is not None:
+        return train.loader_workers
+    return 0 if images < SMALL_SPLIT else max(0, process_cpus() - 1)
 
 
 def device_decode(train: TrainConfig, trial: Trial, device: torch.device) -> bool:
@@ -99,7 +106,8 @@ def _loaders(job: Job, world: World) -> tuple[Loader, ...]:
     if trial.batch_size % world.size:
         raise ConfigError("batch_size", trial.batch_size, f"a multiple of num_workers ({world.size})")
     batch = trial.batch_size // world.size
-    workers, on_device = loader_workers(train), device_decode(train, trial, world.device)
+    workers = loader_workers(train, train_images(trial.data_dir) or 0)
+    on_device = device_decode(train, trial, world.device)
     sharded = 2 if job.task.shard_eval else 1
     return tuple(build_loader(trial.data_dir, split, trial.img_size, batch, train=i == 0,
                               augment=trial.recipe.augment if i == 0 else None, workers=workers, seed=trial.seed,
@@ -145,7 +153,7 @@ def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
     if run is not None:
         device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
         run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32",
-                      "loader_workers": loader_workers(job.train),
+                      "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
                       "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
         run.log_epochs(history)  # epochs checkpointed before a crash but not yet logged
     mode = resolve_mode(job.train.progress) if lead else "off"

@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from ..data.loaders import Loader
 
 from ..config import ConfigError
+from ..data.loaders import Loader
 from ..models import ReidNet, build_model, build_reid_model
 from .engine import World, evaluate, precision, unwrap
 from .ranking import market1501_metrics, pairwise_distance
