@@ -144,7 +144,8 @@ def result_of(run: Run) -> dict[str, Any]:
 
 FINAL_METRICS = ("top1", "top5", "map", "top1_ema", "top5_ema", "best_top1", "params", "madds", "train_seconds",
                  "images_per_s")
-EPOCH_METRICS = ("train_loss", "lr", "train_top1", "val_top1", "val_top5", "images_per_s_epoch", "epoch_seconds")
+EPOCH_METRICS = ("train_loss", "lr", "train_top1", "val_top1", "val_top5", "images_per_s_epoch", "epoch_seconds",
+                 "data_wait_fraction", "loader_images_per_s")
 EMA_EPOCH_METRICS = ("val_top1_ema", "val_top5_ema")  # only for recipes with an EMA of the weights
 REID_EPOCH_METRICS = ("val_map",)  # only for re-identification trials
 LOGGED_EPOCH_METRICS = EPOCH_METRICS + EMA_EPOCH_METRICS + REID_EPOCH_METRICS
