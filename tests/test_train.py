@@ -342,11 +342,13 @@ def test_trial_identity_covers_what_determines_a_result(data_dir: Path, tmp_path
     assert trial_id(_trial(copy)) != base
 
 
-def test_bench_train_measures_both_loops_on_the_same_work() -> None:
+def test_bench_train_measures_both_loops_on_the_same_work(data_dir: Path) -> None:
     from pipeline.bench.train import bench
     from pipeline.config import HeadConfig
 
     out = bench("resnet18", HeadConfig(kind="noah"), "aggressive", img_size=32, batch_size=4, steps=2, repeats=1,
-                num_classes=10, device=torch.device("cpu"))  # the trainer side with Mixup, CutMix and EMA on
+                num_classes=10, device=torch.device("cpu"), data_dir=str(data_dir), loader_workers=1)
+    # the trainer side with Mixup, CutMix and EMA on, in memory and on the loader's batches
     assert out["head"] == "noah(N=4,r=0.5)" and out["bare_images_per_s"] > 0 and out["trainer_images_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["trainer_images_per_s"] / out["bare_images_per_s"])
+    assert out["loader_ratio"] == pytest.approx(out["loader_images_per_s"] / out["trainer_images_per_s"])

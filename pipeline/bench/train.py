@@ -6,13 +6,19 @@ loop is forward, cross-entropy, backward, SGD step; the trainer is `train_one_ep
 timm optimizer and per-update scheduler, loss checks and (if the recipe has them) Mixup and EMA. Short
 passes alternate and the best of `--repeats` counts (the median is shown too), so load from other
 processes on a shared machine hits both alike.
+
+With `--data DIR` (a prepared dataset) the trainer also runs on batches from the project's loader over
+its training split, decoded as a trial decodes them: beside the in-memory trainer this says whether a
+trial is loader-bound (the target: at least 90 % of the in-memory trainer's images/s).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..config import PARAMS, ConfigError, load_params, parse_head_spec
+from ..data.loaders import Loader, build_loader
 from ..models import build_model, resolve_head
 from ..training.engine import Step, precision, train_one_epoch
 from ..training.recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, get_recipe, scale
@@ -43,9 +50,24 @@ def bare_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataL
         optimizer.step()
 
 
+class Take:
+    """The first `steps` batches of a loader, once per pass (its workers stay up between passes)."""
+
+    def __init__(self, loader: Loader, steps: int):
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(self.loader, self.steps)
+
+
 def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size: int, steps: int,
-          repeats: int, num_classes: int, device: torch.device) -> dict[str, Any]:
-    """Best-of-`repeats` images/s of the bare loop and of the trainer, alternating."""
+          repeats: int, num_classes: int, device: torch.device, data_dir: str | None = None,
+          loader_workers: int = 0) -> dict[str, Any]:
+    """Best-of-`repeats` images/s of the bare loop and of the trainer (and of the trainer on the loader
+    over `data_dir`), alternating."""
     head = resolve_head(backbone, head)
     if steps < 2 or repeats < 1:
         raise ConfigError("--steps/--repeats", (steps, repeats), "steps >= 2 and repeats >= 1")
@@ -64,18 +86,30 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
     step = Step(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, scaled, steps),
                 criterion=build_criterion(scaled.recipe, mixup), device=device, mixup=mixup, ema=ema)
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    times = walls(timed_in_turns({"bare": lambda: bare_epoch(twin, bare_opt, loader, device),
-                                  "trainer": lambda: train_one_epoch(step, loader)}, repeats, warmup=1, sync=sync))
-    bare_s, trainer_s = times["bare"], times["trainer"]
+    methods = {"bare": lambda: bare_epoch(twin, bare_opt, loader, device),
+               "trainer": lambda: train_one_epoch(step, loader)}
+    if data_dir is not None:
+        real = build_loader(data_dir, "train", img_size, batch_size, train=True, augment=scaled.recipe.augment,
+                            workers=loader_workers, device=device, device_decode=cuda)
+        if len(real) < steps:
+            raise ConfigError("--data", data_dir, f"a prepared dataset with at least {steps} batches of {batch_size} "
+                              f"training images (it has {len(real)})")
+        methods["loader"] = lambda: train_one_epoch(step, Take(real, steps))
+    times = walls(timed_in_turns(methods, repeats, warmup=1, sync=sync))
     images = steps * batch_size
-    bare, trainer = images / min(bare_s), images / min(trainer_s)
-    bare_median, trainer_median = images / statistics.median(bare_s), images / statistics.median(trainer_s)
-    return {"backbone": backbone, "head": head.name, "recipe": recipe_name, "img_size": img_size,
-            "batch_size": batch_size, "steps": steps, "repeats": repeats, "device": str(device),
-            "precision": "bf16 autocast, channels_last" if cuda else "fp32",
-            "bare_images_per_s": bare, "trainer_images_per_s": trainer, "ratio": trainer / bare,
-            "bare_images_per_s_median": bare_median, "trainer_images_per_s_median": trainer_median,
-            "ratio_median": trainer_median / bare_median, "target": TARGET}
+    best = {k: images / min(v) for k, v in times.items()}
+    median = {k: images / statistics.median(v) for k, v in times.items()}
+    out = {"backbone": backbone, "head": head.name, "recipe": recipe_name, "img_size": img_size,
+           "batch_size": batch_size, "steps": steps, "repeats": repeats, "device": str(device),
+           "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+           "bare_images_per_s": best["bare"], "trainer_images_per_s": best["trainer"],
+           "ratio": best["trainer"] / best["bare"], "bare_images_per_s_median": median["bare"],
+           "trainer_images_per_s_median": median["trainer"], "ratio_median": median["trainer"] / median["bare"],
+           "target": TARGET}
+    if data_dir is not None:
+        out.update(loader_workers=loader_workers, loader_images_per_s=best["loader"],
+                   loader_ratio=best["loader"] / best["trainer"])
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=8, help="timed passes of each loop, alternating")
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--data", default=None, help="a prepared dataset: also time the trainer on its loader")
+    parser.add_argument("--loader-workers", type=int, default=0, help="decoding processes with --data")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -96,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--device", "cuda", "cpu or auto on a machine without a CUDA GPU")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     out = bench(args.backbone, parse_head_spec(args.head), args.recipe, args.img_size, args.batch_size,
-                args.steps, args.repeats, args.num_classes, device)
+                args.steps, args.repeats, args.num_classes, device, args.data, args.loader_workers)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -108,4 +144,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'trainer':18} {out['trainer_images_per_s']:12.1f} {out['trainer_images_per_s_median']:14.1f}")
     print(f"  {'trainer / bare':18} {100 * out['ratio']:11.1f}% {100 * out['ratio_median']:13.1f}%   "
           f"(target >= {100 * TARGET:.0f}% on best: {'met' if out['ratio'] >= TARGET else 'NOT met'})")
+    if args.data is not None:
+        print(f"  {'trainer on loader':18} {out['loader_images_per_s']:12.1f} {'':>14}   "
+              f"({out['loader_workers']} loader workers)")
+        print(f"  {'loader / in-memory':18} {100 * out['loader_ratio']:11.1f}%   (target >= {100 * TARGET:.0f}%: "
+              f"{'met' if out['loader_ratio'] >= TARGET else 'NOT met, loader-bound'})")
     return 0
