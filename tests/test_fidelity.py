@@ -58,6 +58,8 @@ FIXED: dict[str, Callable[[], Any]] = {
     "report.top1_last": lambda: _metric("top1_last").source,
     "noah.class_token": lambda: any(build_model(k, {"kind": "noah"}, 10, 32).backbone.num_prefix_tokens
                                     for k in ("deit_tiny_100", "pvt_tiny_100")),
+    "datasets.imagenet.max_side": lambda: load_params().datasets["imagenet"].max_side,
+    "datasets.imagenet.quality": lambda: load_params().datasets["imagenet"].quality,
     "noah.no_weight_decay": lambda: ", ".join(sorted(NoahHead(HeadConfig(N=4, r=0.5), 64, 10).no_weight_decay())),
 }
 

@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     settings = sorted({1, workers})
     step = steps(2 + len(settings), "bench-loader")
     torch.manual_seed(0)  # the plain loader shuffles and crops from the global generator
+    torch.set_num_threads(1)  # this process only collects batches: more compute threads would fight the workers
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         if args.root is None:
             src, data_dir = Path(tmp) / "src", Path(tmp) / "prepared"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import fcntl
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from .loader import generate_and_prepare
 REPO = Path(__file__).resolve().parents[2]  # the project's repository (its .dvc/config names the link types)
 DEFAULT_CACHE_TYPE = "hardlink,symlink"
 STATUS_LIMIT_S = 5.0
+FICLONE = 0x40049409  # Linux ioctl: make a file share another's blocks (a reflink)
 
 
 class CheckFailed(Exception):
@@ -90,12 +92,27 @@ def check_prepared(data_dir: Path, src: Path, n: int, max_files: int) -> str:
             f"{len(stats['rejected'])} rejected, labels match {len(classes)} class folders")
 
 
-def track_with_dvc(repo: Path, data_dir: Path) -> tuple[str, float]:
-    """git + DVC scratch repository at `repo` (which holds `data_dir`); `dvc add` the prepared folder."""
+def can_reflink(folder: Path) -> bool:
+    """Whether `folder`'s file system makes reflinks (copies that share blocks: XFS, btrfs)."""
+    src, dst = folder / ".reflink-probe-src", folder / ".reflink-probe-dst"
+    try:
+        src.write_bytes(b"probe" * 1000)
+        with open(src, "rb") as a, open(dst, "wb") as b:
+            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        src.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
+
+
+def track_with_dvc(repo: Path, data_dir: Path, kind: str) -> float:
+    """git + DVC scratch repository at `repo` (which holds `data_dir`) with cache links `kind`; `dvc add`
+    the prepared folder; returns how long `dvc status` took."""
     git, dvc = tool("git"), tool("dvc")
     sh(git, "init", "-q", cwd=repo)
     sh(dvc, "init", "-q", cwd=repo)
-    kind = cache_type()
     sh(dvc, "config", "cache.type", kind, cwd=repo)
     sh(dvc, "config", "core.analytics", "false", cwd=repo)
     sh(dvc, "add", "-q", data_dir.relative_to(repo).as_posix(), cwd=repo)
@@ -106,12 +123,14 @@ def track_with_dvc(repo: Path, data_dir: Path) -> tuple[str, float]:
         raise CheckFailed(f"`dvc status` took {seconds:.1f}s (limit {STATUS_LIMIT_S:.0f}s)")
     if "up to date" not in status.stdout:
         raise CheckFailed(f"`dvc status` reports changes right after `dvc add`: {status.stdout.strip()[:200]}")
-    return kind, seconds
+    return seconds
 
 
-def check_cache(repo: Path, data_dir: Path) -> str:
-    """Every shard in the workspace is the cache's own file (hard link or symlink into it); returns a
-    summary with the bytes the cache holds that no workspace file shares."""
+def check_cache(repo: Path, data_dir: Path, kind: str) -> str:
+    """Every shard in the workspace is the cache's own file (hard link or symlink into it; on a file
+    system that reflinks, with `reflink` in `kind`, a reflinked copy, which shares its blocks but cannot be
+    told from a copy by its inode); returns a summary with the bytes the cache holds that no workspace file
+    shares."""
     cache = (repo / ".dvc" / "cache").resolve()
     cached = {}
     for path in cache.rglob("*"):
@@ -120,6 +139,7 @@ def check_cache(repo: Path, data_dir: Path) -> str:
             cached[(st.st_dev, st.st_ino)] = st.st_size
     shared: set[tuple[int, int]] = set()
     shards = sorted((data_dir / "shards").glob("*.tar"))
+    reflinks = "reflink" in kind.split(",") and can_reflink(cache)
     for path in shards:
         if path.is_symlink():
             target = path.resolve()
@@ -128,9 +148,11 @@ def check_cache(repo: Path, data_dir: Path) -> str:
             st = target.stat()
         else:
             st = path.stat()
-            if st.st_nlink < 2 or (st.st_dev, st.st_ino) not in cached:
-                raise CheckFailed(f"{path.name} is a separate copy (links {st.st_nlink}): the DVC cache doubles the "
-                                  "data")
+            if (st.st_nlink < 2 or (st.st_dev, st.st_ino) not in cached) and not reflinks:
+                raise CheckFailed(
+                    f"{path.name} is a separate copy of its cache file ({st.st_nlink} link, no reflink): with "
+                    f"cache.type {kind} the DVC cache doubles the data (DVC hard-links the workspace on add/commit "
+                    "only when hardlink comes first)")
         shared.add((st.st_dev, st.st_ino))
     for path in data_dir.rglob("*"):  # the small files may be links too
         if path.is_file():
@@ -138,8 +160,9 @@ def check_cache(repo: Path, data_dir: Path) -> str:
             shared.add((st.st_dev, st.st_ino))
     unshared = sum(size for key, size in cached.items() if key not in shared)
     total = sum(cached.values())
-    return (f"{len(shards)} shards linked into the cache, {total / 1e6:.1f} MB in cache of which "
-            f"{unshared} bytes not shared with the workspace")
+    how = "reflinked to (or linked into)" if reflinks else "linked into"
+    return (f"{len(shards)} shards {how} the cache, {total / 1e6:.1f} MB in cache of which "
+            f"{unshared if not reflinks else 'n/a'} bytes not shared with the workspace")
 
 
 def read_epoch(data_dir: Path, workers: int) -> tuple[int, float]:
@@ -158,7 +181,7 @@ def read_epoch(data_dir: Path, workers: int) -> tuple[int, float]:
     return len(got), seconds
 
 
-def rehearse(work: Path, n: int, workers: int, max_files: int, say: Callable[[str], None]) -> None:
+def rehearse(work: Path, n: int, workers: int, max_files: int, kind: str, say: Callable[[str], None]) -> None:
     src, repo = work / "src", work / "repo"
     data_dir = repo / "data" / "prepared"
     repo.mkdir(parents=True)
@@ -173,10 +196,10 @@ def rehearse(work: Path, n: int, workers: int, max_files: int, say: Callable[[st
     summary = check_prepared(data_dir, src, n, max_files)
     say(f"check: {summary}, {time.perf_counter() - t:.1f}s")
     t = time.perf_counter()
-    kind, status_s = track_with_dvc(repo, data_dir)
+    status_s = track_with_dvc(repo, data_dir, kind)
     added = time.perf_counter() - t - status_s
     say(f"dvc: add {added:.1f}s (cache.type {kind}), status {status_s:.2f}s (limit {STATUS_LIMIT_S:.0f}s); "
-        f"{check_cache(repo, data_dir)}")
+        f"{check_cache(repo, data_dir, kind)}")
     images, seconds = read_epoch(data_dir, workers)
     say(f"read: one epoch of the train split, {images} images = the split's size, labels in order, "
         f"{images / seconds:.0f} img/s with {workers} workers, {seconds:.1f}s")
@@ -189,6 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--workers", type=int, default=None, help="processes and loader workers (default: all cores)")
     parser.add_argument("--max-files", type=int, default=200, help="most files the prepared folder may hold")
+    parser.add_argument("--cache-type", default=None, help="DVC cache.type of the scratch repository (default: "
+                        f"the project's .dvc/config, else {DEFAULT_CACHE_TYPE})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rehearse: {text}", flush=True)
 
     try:
-        rehearse(work.resolve(), args.images, workers, args.max_files, say)
+        rehearse(work.resolve(), args.images, workers, args.max_files, args.cache_type or cache_type(), say)
     except CheckFailed as err:
         print(f"rehearse: FAILED: {err}", file=sys.stderr, flush=True)
         return 1

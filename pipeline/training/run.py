@@ -90,6 +90,16 @@ def loader_workers(train: TrainConfig, images: int) -> int:
     return 0 if images < SMALL_SPLIT else max(0, process_cpus() - 1)
 
 
+def worker_cpus(train: TrainConfig, use_gpu: bool, resources: dict[str, float]) -> int:
+    """CPUs each Ray Train worker asks for: its loader workers plus one, or with a null `loader_workers` on
+    GPUs the cluster's CPUs per GPU (so the decoding processes that keep a GPU fed have cores), else one."""
+    if train.loader_workers is not None:
+        return train.loader_workers + 1
+    if use_gpu:
+        return max(1, int(resources.get("CPU", 1) // max(resources.get("GPU", 1), 1)))
+    return 1
+
+
 def device_decode(train: TrainConfig, trial: Trial, device: torch.device) -> bool:
     """Whether JPEGs are decoded on the training device (`train.decode`; auto: on a GPU, for the standard
     augmentation that `Augment` can apply there)."""
@@ -244,13 +254,15 @@ def _fit_ray(job: Job) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     use_gpu = job.train.use_gpu
+    resources = ray.cluster_resources()
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.num_workers
+        use_gpu = resources.get("GPU", 0) >= job.train.num_workers
     folder = Path(job.checkpoint_dir)
     (folder / RESULT).unlink(missing_ok=True)
     trainer = TorchTrainer(
         _ray_worker, train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": worker_cpus(job.train, use_gpu, resources)}),
         run_config=RunConfig(name=f"train-{job.trial_id}", storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=0)))
     try:
