@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -49,16 +50,12 @@ DCT_SCALES = (8, 4, 2)  # what libjpeg can decode at for free
 CPU = torch.device("cpu")
 
 
-def _interp(name: str) -> T.InterpolationMode:
-    return T.InterpolationMode.BICUBIC if name == "bicubic" else T.InterpolationMode.BILINEAR
-
-
 class Augment:
     """Per-image geometry: `draw` its random parameters from the stored size (in a loader worker, under the
     sample's seed; no pixels needed), `apply` them to a decoded uint8 (3, H, W) tensor on any device."""
 
-    def __init__(self, size: int, interpolation: T.InterpolationMode):
-        self.size, self.interpolation = size, interpolation
+    def __init__(self, size: int, interpolation: str):
+        self.size, self.mode = size, "bicubic" if interpolation == "bicubic" else "bilinear"
 
     def draw(self, height: int, width: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64)
@@ -71,14 +68,19 @@ class Augment:
         """`x` is the stored image decoded at `factor` of its size."""
         raise NotImplementedError
 
-    def _resize(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
-        return F.resize(x, size, self.interpolation, antialias=True)
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Antialiased resize as torchvision's (the same pixels): torch's uint8 kernel on the CPU, which
+        torchvision's wrapper makes 2.5x slower, and float on a GPU, which has no uint8 kernel."""
+        if x.device.type == "cpu":
+            return nn.functional.interpolate(x[None], size=size, mode=self.mode, antialias=True)[0]
+        y = nn.functional.interpolate(x[None].float(), size=size, mode=self.mode, antialias=True)[0]
+        return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class RandomResizedCropFlip(Augment):
     """The authors' training crop: RandomResizedCrop(size, scale) + horizontal flip."""
 
-    def __init__(self, size: int, interpolation: T.InterpolationMode, scale: tuple[float, ...], hflip: float):
+    def __init__(self, size: int, interpolation: str, scale: tuple[float, ...], hflip: float):
         super().__init__(size, interpolation)
         self.scale, self.hflip = tuple(scale), hflip
 
@@ -92,10 +94,9 @@ class RandomResizedCropFlip(Augment):
         return next((s for s in DCT_SCALES if crop // s >= self.size), 1)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-        top, left, h, w, flip = (int(v) for v in params)
-        box = [round(top * factor), round(left * factor), max(1, round(h * factor)), max(1, round(w * factor))]
-        x = F.resized_crop(x, *box, [self.size, self.size], self.interpolation, antialias=True)
-        return F.horizontal_flip(x) if flip else x
+        top, left, h, w = (round(int(v) * factor) for v in params[:4])
+        x = self._resize(x[:, top:top + max(h, 1), left:left + max(w, 1)], (self.size, self.size))
+        return F.horizontal_flip(x) if int(params[4]) else x
 
 
 class ResizeCenterCrop(Augment):
@@ -105,13 +106,15 @@ class ResizeCenterCrop(Augment):
         return next((s for s in DCT_SCALES if min(height, width) // s >= round(self.size / CROP_PCT)), 1)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-        return F.center_crop(self._resize(x, [round(self.size / CROP_PCT)]), [self.size])
+        short, (h, w) = round(self.size / CROP_PCT), x.shape[1:]
+        size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # as torchvision's Resize
+        return F.center_crop(self._resize(x, size), [self.size])
 
 
 class ReidAugment(Augment):
     """Person crops are tall: resize to a square; in training also flip, pad by size/16 and crop back."""
 
-    def __init__(self, size: int, interpolation: T.InterpolationMode, hflip: float | None):
+    def __init__(self, size: int, interpolation: str, hflip: float | None):
         super().__init__(size, interpolation)
         self.hflip, self.pad = hflip, max(1, size // 16)
 
@@ -125,7 +128,7 @@ class ReidAugment(Augment):
         return next((s for s in DCT_SCALES if min(height, width) // s >= self.size), 1)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-        x = self._resize(x, [self.size, self.size])
+        x = self._resize(x, (self.size, self.size))
         if not len(params):
             return x
         flip, top, left = (int(v) for v in params)
@@ -140,11 +143,10 @@ def build_augment(img_size: int, train: bool, augment: AugmentConfig | None = No
     aug = augment or AugmentConfig()
     if train and aug.kind == "timm":
         return None
-    interp = _interp(aug.interpolation)
     if reid:
-        return ReidAugment(img_size, interp, aug.hflip if train else None)
-    return RandomResizedCropFlip(img_size, interp, aug.crop_scale, aug.hflip) if train else ResizeCenterCrop(
-        img_size, interp)
+        return ReidAugment(img_size, aug.interpolation, aug.hflip if train else None)
+    return (RandomResizedCropFlip(img_size, aug.interpolation, aug.crop_scale, aug.hflip) if train
+            else ResizeCenterCrop(img_size, aug.interpolation))
 
 
 def decode(data: bytes, reduction: int = 1) -> tuple[torch.Tensor, float]:
