@@ -164,7 +164,7 @@ def decode(data: bytes, reduction: int = 1) -> tuple[torch.Tensor, float]:
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device | None = None) -> Iterator[None]:
     """Run under `seed`, leaving the generators as they were. Without `device`: torch's CPU generator only
-    (all that `Augment.draw` uses, and 100x cheaper than `torch.manual_seed`, which seeds every GPU); with
+    (all that `Augment.draw` uses, and far cheaper than `torch.manual_seed`, which seeds every GPU too); with
     it: that device's torch generator, Python's and NumPy's too (timm's transforms and Random Erasing)."""
     if seed is None:
         yield
@@ -234,11 +234,10 @@ class PreparedDataset(Dataset):
 
 
 def collate(samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Images stacked (straight into shared memory in a worker) when they share a shape (decoded), kept as a
-    list when they do not (JPEG bytes)."""
+    """Decoded images stacked (straight into shared memory in a worker); JPEG bytes (1-D, for decoding on the
+    device) kept as a list."""
     images = [s[0] for s in samples]
-    same = all(im.shape == images[0].shape for im in images)
-    return (default_collate(images) if same else images, *default_collate([s[1:] for s in samples]))
+    return (images if images[0].ndim == 1 else default_collate(images), *default_collate([s[1:] for s in samples]))
 
 
 class SeededSampler(Sampler):
