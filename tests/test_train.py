@@ -121,12 +121,14 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
 
 def _train_cmd(data_dir: Path, params_file: Path, ckpt: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--head", "kind=noah",
-            "--data", str(data_dir), "--img-size", str(IMG), "--epochs", "3", "--batch-size", str(BATCH),
-            "--params", str(params_file), "--checkpoint-dir", str(ckpt), "--experiment", "kill_test"]
+            "--recipe", "resnet", "--data", str(data_dir), "--img-size", str(IMG), "--epochs", "3",
+            "--batch-size", str(BATCH), "--params", str(params_file), "--checkpoint-dir", str(ckpt),
+            "--experiment", "kill_test", "--loader-workers", "2"]
 
 
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once(data_dir: Path,
                                                                                   tmp_path: Path) -> None:
+    """With 2 loader workers: the resumed run ends with the weights of an uninterrupted one (0 workers)."""
     tracking, client = _store(tmp_path)
     params_file = tmp_path / "params.yaml"
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -161,6 +163,10 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, not a second one
     for key in EPOCH_METRICS:
         assert _steps(client, run_id, key) == [0, 1, 2], key
+    whole = run_trial(_trial(data_dir, epochs=3), train=QUIET, tracking=_store(tmp_path / "whole")[0],
+                      checkpoint_dir=tmp_path / "whole")
+    killed, uninterrupted = (load_checkpoint(d / CHECKPOINT, whole["trial_id"]) for d in (ckpt, tmp_path / "whole"))
+    assert all(torch.equal(killed["model"][k], uninterrupted["model"][k]) for k in killed["model"])
 
 
 def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: Path, tmp_path: Path) -> None:
