@@ -163,9 +163,13 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, not a second one
     for key in EPOCH_METRICS:
         assert _steps(client, run_id, key) == [0, 1, 2], key
-    whole = run_trial(_trial(data_dir, epochs=3), train=QUIET, tracking=_store(tmp_path / "whole")[0],
-                      checkpoint_dir=tmp_path / "whole")
-    killed, uninterrupted = (load_checkpoint(d / CHECKPOINT, whole["trial_id"]) for d in (ckpt, tmp_path / "whole"))
+    # the same trial uninterrupted, with no loader workers, in its own store (the CLI, so the same threads)
+    whole = subprocess.run([*_train_cmd(data_dir, params_file, tmp_path / "whole"), "--loader-workers", "0",
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'whole.db'}"],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed, uninterrupted = (load_checkpoint(d / CHECKPOINT) for d in (ckpt, tmp_path / "whole"))
+    assert killed["trial_id"] == uninterrupted["trial_id"]
     assert all(torch.equal(killed["model"][k], uninterrupted["model"][k]) for k in killed["model"])
 
 
