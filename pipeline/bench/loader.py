@@ -166,17 +166,9 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise ConfigError("--workers", args.workers, "an integer >= 1")
     settings = sorted({1, workers})
-    torch.manual_seed(0)  # the plain loader shuffles and crops from the global generator
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # this process only collects batches: more compute threads would fight the workers
-    try:
-        return _run(args, settings)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(args: argparse.Namespace, settings: list[int]) -> int:
     step = steps(2 + len(settings), "bench-loader")
+    torch.manual_seed(0)  # the plain loader shuffles and crops from the global generator
+    torch.set_num_threads(1)  # this process only collects batches: more compute threads would fight the workers
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         if args.root is None:
             src, data_dir = Path(tmp) / "src", Path(tmp) / "prepared"
