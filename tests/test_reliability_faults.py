@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.study.sweep import run_table, tune_trials
+from pipeline.study.sweep import run_study
 from pipeline.study.tables import table_rows
 from pipeline.training.record import CHECKPOINT, CheckpointError, load_checkpoint
 from pipeline.training.trial import trial_key
@@ -94,7 +94,7 @@ def test_sigkilled_trial_is_retried_and_resumes_from_its_checkpoint(
         ray={"max_failures": 2, "max_concurrent": 1},
         tables={"tk": {"recipe": "resnet", "rows": [ROW]}}))
     with Killer(Path(params.train.checkpoint_root), lambda: _tagged_trial_workers(tag)) as killer:
-        results = run_table(params, "tk", tmp_path / "results")
+        results = run_study(params, ["tk"], tmp_path / "results")["tk"]
     assert killer.killed, "the trial process was killed mid-training"
     assert 1 <= killer.epoch < EPOCHS
     (row,) = results["rows"]
@@ -116,19 +116,16 @@ def test_sigkilled_trial_is_retried_and_resumes_from_its_checkpoint(
     assert load_checkpoint(Path(params.train.checkpoint_root) / row["trial_id"] / CHECKPOINT)["epoch"] == EPOCHS
 
 
-def test_nan_trial_fails_quickly_with_its_reason_and_the_sweep_goes_on(
+def test_nan_trial_fails_quickly_with_its_reason_and_the_study_goes_on(
         tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     params = load_params(tiny_params(
         recipes={"boom": {"schedule": "step", "optimizer": "sgd", "lr": 1.0e30, "batch_size": 256, "epochs": 100}},
         ray={"max_failures": 2},
         tables={"tboom": {"recipe": "boom", "rows": [ROW]}, "tok": {"recipe": "resnet", "rows": [ROW]}}))
-    trials = {trial_key(rt.trials["classify"]): rt.trials["classify"]
-              for table in ("tboom", "tok") for rt in table_rows(params, table)}
-    boom, ok = trials
+    boom, ok = (trial_key(table_rows(params, t)[0].trials["classify"]) for t in ("tboom", "tok"))
     client = MlflowClient(params.mlflow.tracking_uri)
-    parent = client.create_run(client.create_experiment("mixed"), run_name="mixed sweep")
     start = time.monotonic()
-    tune_trials(params, "mixed", trials, parent.info.run_id)  # one Ray Tune grid holding both trials
+    results = run_study(params, ["tboom", "tok"], tmp_path / "results")  # one Ray Tune run holding both trials
     assert time.monotonic() - start < 240
     ids = [e.experiment_id for e in client.search_experiments()]
 
@@ -140,16 +137,13 @@ def test_nan_trial_fails_quickly_with_its_reason_and_the_sweep_goes_on(
     assert failed.data.tags["failure_reason"].startswith("NonFiniteLossError: training loss became")
     assert not _epoch_steps(client, failed.info.run_id), "it failed within its first epoch"
     assert finished.info.status == "FINISHED" and _epoch_steps(client, finished.info.run_id) == [0]
-    assert not list(Path(params.ray.storage_path).glob("mixed-*/*/error.txt")), "a diverged trial is not retried"
-
-    result = run_table(params, "tboom", tmp_path / "results")  # the results file carries the reason
-    saved = json.loads((tmp_path / "results" / "tboom.json").read_text())
-    assert saved["rows"] == result["rows"]
+    assert not list(Path(params.ray.storage_path).glob("study-*/*/error.txt")), "a diverged trial is not retried"
+    saved = json.loads((tmp_path / "results" / "tboom.json").read_text())  # the results file carries the reason
+    assert saved["rows"] == results["tboom"]["rows"]
     (row,) = saved["rows"]
     assert row["status"] == "FAILED" and row["reason"].startswith("NonFiniteLossError")
     assert "top1" not in row or row["top1"] is None
-    assert len(runs(boom)) == 1, "the re-run reopened the failed trial's run"
-    assert time.monotonic() - start < 240
+    assert results["tok"]["rows"][0]["status"] == "FINISHED"
 
 
 # ---- a two-node cluster losing a node
@@ -175,10 +169,10 @@ def test_trials_of_a_killed_node_finish_on_the_other(ray_cluster: tuple[str, str
         tables={"tn": {"recipe": "resnet", "rows": [
             ROW, {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]}}))
     with Killer(Path(params.train.checkpoint_root), lambda: _second_node(temp)) as killer:
-        results = run_table(params, "tn", tmp_path / "results")
+        results = run_study(params, ["tn"], tmp_path / "results")["tn"]
     assert killer.killed, "the second node was killed while it trained a trial"
     assert [r["status"] for r in results["rows"]] == ["FINISHED", "FINISHED"]
-    client = MlflowClient(params.mlflow.tracking_uri)
+    client = MlflowClient(params.mlflow.tracking_uri)["tn"]
     nodes = {client.get_run(r["run_id"]).data.tags["ray_node_id"] for r in results["rows"]}
     assert len(nodes) == 1, "both trials ended on the surviving head node"
     for r in results["rows"]:

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from pipeline import REPO_ROOT
 from pipeline.config import ConfigError, load_params
-from pipeline.study.sweep import run_table
+from pipeline.study.sweep import run_study
 from pipeline.training.record import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.training.run import run_trial
 from pipeline.training.trial import resolve_trial
@@ -154,8 +154,8 @@ def test_unwritable_results_folder_fails_before_training_and_names_it(tiny_param
     blocker.write_text("not a folder")
     start = time.monotonic()
     with pytest.raises(ConfigError) as err:
-        run_table(params, "tw", blocker / "results")
-    assert err.value.key == "results" and str(blocker) in str(err.value)
+        run_study(params, ["tw"], blocker / "results")
+    assert err.value.key == "results" and str(blocker)["tw"] in str(err.value)
     assert time.monotonic() - start < 60, "fails before any trial trains"
     assert not Path(params.train.checkpoint_root).exists(), "no trial started"
     assert blocker.read_text() == "not a folder"

@@ -18,8 +18,7 @@ import yaml
 
 from pipeline import REPO_ROOT
 from pipeline.config import MAX_SHOWN, PARAMS, ConfigError, load_params
-from pipeline.study.sweep import run_table
-from pipeline.utils.stage import StageError
+from pipeline.study.sweep import run_study
 
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 
@@ -118,14 +117,14 @@ def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
     assert list(json.loads(proc.stdout)["tables"]) == ["table6", "table10", "table11", "extra", "table10b"]
 
 
-# ---- the sweep stage: ready before Ray starts, non-zero when trials fail
+# ---- the study stage: ready before Ray starts; a failed trial is a row without a result
 
 
-def test_sweep_stage_with_unprepared_data_fails_before_ray(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+def test_study_stage_with_unprepared_data_fails_before_ray(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     path = tiny_params(datasets={"builtin": {"out": str(tmp_path / "not-prepared")}},
                        tables={"tmiss": {"recipe": "resnet", "rows": [ROW]}})
     start = time.monotonic()
-    proc = _stage("sweep", path, "tmiss")
+    proc = _stage("study", path, "tmiss")
     line = _one_error_line(proc, "datasets.builtin.out")
     assert "a prepared dataset folder" in line and str(tmp_path / "not-prepared") in line
     assert time.monotonic() - start < 30, "failed before Ray started"
@@ -157,25 +156,25 @@ def test_read_only_outputs_fail_before_ray_and_name_the_key(tiny_params: Callabl
     with _read_only_mount(folder):
         start = time.monotonic()
         with pytest.raises(ConfigError) as err:
-            run_table(params, "tro", folder if what == "results" else tmp_path / "results")
+            run_study(params, ["tro"], folder if what == "results" else tmp_path / "results")
     assert err.value.key == key and ("Read-only file system" in str(err.value) or what == "mlflow"), str(err.value)
     assert time.monotonic() - start < 30 and not list(tmp_path.glob("ray_results/*")), "failed before Ray started"
 
 
-def test_trials_failing_inside_ray_fail_the_stage_with_their_reason(tiny_params: Callable[..., Path],
-                                                                   tmp_path: Path) -> None:
-    """An odd batch cannot be mixed up in pairs: the trial fails before its MLflow run exists; the results
-    row carries Ray's error, and the stage raises instead of recording success."""
+def test_a_trial_failing_inside_ray_is_a_row_without_result_and_listed_at_the_end(
+        tiny_params: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An odd batch cannot be mixed up in pairs: the trial fails before its MLflow run exists. The study still
+    writes its results (the row carries Ray's error, the report will show "—") and lists the failure at the end."""
     params = load_params(tiny_params(
         recipes={"mix": {"optimizer": "sgd", "lr": 0.1, "batch_size": 256, "epochs": 100, "mixup": 0.2}},
         profiles={"smoke": {"batch_size": 15}}, ray={"max_failures": 0},
         tables={"tmix": {"recipe": "mix", "rows": [ROW]}}))
-    with pytest.raises(StageError) as err:
-        run_table(params, "tmix", tmp_path / "results")
+    run_study(params, ["tmix"], tmp_path / "results")
     (row,) = json.loads((tmp_path / "results" / "tmix.json").read_text())["rows"]
     assert row["status"] == "MISSING"
     assert row["reason"].startswith("ConfigError: batch_size: got 15; allowed: an even batch"), row["reason"]
-    assert "row 1: ConfigError: batch_size" in str(err.value)
+    summary = capsys.readouterr().err.split("study summary:")[-1]
+    assert "FAILED" in summary and "tmix row 1: ConfigError: batch_size" in summary, summary
 
 
 # ---- Ray listens on loopback only
@@ -207,7 +206,7 @@ def test_a_local_ray_listens_on_loopback_only() -> None:
 # ---- an interrupted sweep stage
 
 
-def test_sigterm_ends_the_sweep_stage_and_its_runs_as_killed(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+def test_sigterm_ends_the_study_stage_and_its_runs_as_killed(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     """SIGTERM (what `kill`, a scheduler or DVC's own interruption sends) mid-trial: the stage exits non-zero,
     the sweep's run and the trial's run end KILLED with a reason, and the trial's checkpoint still loads."""
     from mlflow import MlflowClient
@@ -217,7 +216,7 @@ def test_sigterm_ends_the_sweep_stage_and_its_runs_as_killed(tiny_params: Callab
     path = tiny_params(profiles={"smoke": {"epochs": 200}}, tables={"tsigterm": {"recipe": "resnet", "rows": [ROW]}})
     params = load_params(path)
     client = MlflowClient(params.mlflow.tracking_uri)
-    proc = subprocess.Popen([sys.executable, "stages/sweep.py", "--params", str(path), "tsigterm"], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, "stages/study.py", "--params", str(path), "tsigterm"], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -87,7 +87,7 @@ def test_bad_params_name_the_key(tmp_path: Path, changes: dict, key: str, allowe
     assert allowed in str(err.value)
 
 
-def test_sweep_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> None:
+def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> None:
     """The stage exits 2 with one line naming the key, in seconds, and starts no Ray or MLflow."""
     params = yaml.safe_load(PARAMS.read_text())
     params["tables"]["table6"]["rows"][1]["head"]["N"] = 5
@@ -95,7 +95,7 @@ def test_sweep_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "stages/sweep.py", "--params", str(path), "table6"], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "stages/study.py", "--params", str(path), "table6"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
@@ -107,7 +107,8 @@ def test_sweep_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
 
 
 def test_plan_counts_no_configuration_twice() -> None:
-    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--profile", "imagenet", "--json"],
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--profile", "imagenet", "--gpus", "64",
+                          "--gpus-per-trial", "8", "--json"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     plan = json.loads(out)
     tables = plan["tables"]
@@ -120,3 +121,17 @@ def test_plan_counts_no_configuration_twice() -> None:
     assert [tables[t]["new_unique_trials"] for t in later] == [5, 6, 1, 2, 4, 4]
     assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 79
     assert all(t["gpu_hours"] > 0 for name, t in tables.items() if name != "table10")
+    # 8 trials at a time: a table alone takes at least its GPU-hours / 64 and its longest trial's hours / 8;
+    # the whole study packed at once beats one table after another and the tables' sum by far.
+    spans = {name: t["makespan_hours"] for name, t in tables.items()}
+    assert all(spans[n] >= tables[n]["gpu_hours"] / 64 - 0.01 for n in tables if tables[n]["finished"] == 0)
+    total = plan["total"]
+    assert total["gpu_hours"] / 64 - 0.01 <= total["makespan_hours"] <= 0.8 * sum(spans.values())
+    assert total["makespan_hours"] <= total["table_by_table_hours"]
+
+
+def test_plan_rejects_fewer_gpus_than_one_trial_needs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--gpus", "4", "--gpus-per-trial", "8"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --gpus: got 4.0; allowed: at least --gpus-per-trial (8)"), proc.stderr

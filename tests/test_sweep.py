@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.study.sweep import run_table
+from pipeline.study.sweep import run_study
 
 ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
           {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]
@@ -30,11 +30,11 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
     uri = params.mlflow.tracking_uri
     out = tmp_path / "results"
 
-    first = run_table(params, "ta", out)
+    first = run_study(params, ["ta"], out)["ta"]
     assert [r["status"] for r in first["rows"]] == ["FINISHED", "FINISHED"]
     assert len(_trial_runs(uri)) == 2
 
-    second = run_table(params, "tb", out)
+    second = run_study(params, ["tb"], out)["tb"]
     runs = _trial_runs(uri)
     assert len(runs) == 3, "tb's first row reuses ta's run; its rows 2 and 3 are one trial"
     assert second["rows"][0]["run_id"] == first["rows"][1]["run_id"]
@@ -44,7 +44,7 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
         r.info.run_id for r in MlflowClient(uri).search_runs(
             [e.experiment_id for e in MlflowClient(uri).search_experiments()]) if "sweep" in r.data.tags}
 
-    again = run_table(params, "ta", out)
+    again = run_study(params, ["ta"], out)["ta"]
     assert len(_trial_runs(uri)) == 3
     assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in first["rows"]]
 

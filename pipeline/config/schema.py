@@ -323,6 +323,8 @@ class RayConfig:
     max_concurrent: int = checked(lambda n: n >= 1, "an integer >= 1", default=2)
     max_failures: int = checked(lambda n: n >= 0, "an integer >= 0", default=2)
     storage_path: str = ".ray_results"
+    verbose: int = checked(lambda v: v in (0, 1, 2, 3), "0 (the study's own lines), or 1-3 (Ray Tune's status "
+                           "tables at that verbosity, with the trial processes' output)", default=0)
 
 
 # ---- Data (data helper): prepared datasets and training augmentation

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import flatten, to_dict
-from ..training.engine import NonFiniteLossError
 from ..training.tracking import latest_run, result_of
 from ..utils.io import atomic_write_text, csv_text
 from .tables import RowTrials
@@ -34,13 +33,12 @@ def row_result(rt: RowTrials, keys: dict[str, str], uri: str, errors: dict[str, 
 
 
 def unfinished(rows: list[dict[str, Any]]) -> list[str]:
-    """`row N: reason` for each trial of `rows` that ended without a result. A diverged trial (NaN loss) is
-    a result of its recipe, reported as such, not a failure of the stage."""
+    """`row N: reason` for each trial of `rows` that ended without a result (a diverged trial included)."""
     out = []
     for row in rows:
         for prefix in ("", "scratch_", "finetune_"):
             status, reason = row.get(f"{prefix}status"), row.get(f"{prefix}reason") or ""
-            if status is not None and status != "FINISHED" and not reason.startswith(NonFiniteLossError.__name__):
+            if status is not None and status != "FINISHED":
                 out.append(f"row {row['row']}{' ' + prefix.rstrip('_') if prefix else ''}: {reason}")
     return out
 

@@ -1,16 +1,21 @@
-"""Ray Tune sweeps: one grid per paper table, each distinct trial trained once across all tables.
+"""The study: every trial the selected tables need, scheduled as one Ray Tune run.
 
-A table's rows become trials (`study.tables`); a trial whose identity already has a FINISHED MLflow
-run is reused, whatever table trained it. The rest run as one Ray Tune grid on a local Ray or the
-cluster at `ray.address` / `RAY_ADDRESS`. A trial resumes from the checkpoint folder named by its
-identity, so Ray's retries (`max_failures`) and a re-run of an interrupted sweep pick up where they
-stopped; on a multi-node cluster `train.checkpoint_root` and the MLflow store must be shared storage.
+The tables' rows become trials (`study.tables`); one identity is one trial, whatever tables share it, and
+one with a FINISHED MLflow run is reused. The rest run in one Ray Tune run on one Ray connection (a local
+Ray, or the cluster at `ray.address` / `RAY_ADDRESS`), handed out by `TrialQueue` longest chain first
+(`study.schedule`), a re-identification fine-tuning trial as soon as the classification trial it starts
+from has finished. A trial resumes from the checkpoint folder named by its identity, so Ray's retries
+(`max_failures`) and a re-run of an interrupted study pick up where they stopped; on a multi-node cluster
+`train.checkpoint_root` and the MLflow store must be shared storage. Each table's results are then read
+back from MLflow into `results/<table>.json|csv`; a trial that failed is a row without a result (and is
+listed at the end), not a failed study.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
-import json
+import os
 import signal
 import sys
 import threading
@@ -18,20 +23,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.tune.search import Searcher
+
 from .. import REPO_ROOT
-from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, TrialConfig, data_dir, parse, to_dict
+from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, data_dir, parse, to_dict
 from ..data.prepared import num_classes, require_prepared
 from ..training.engine import NonFiniteLossError
 from ..training.record import checkpoint_root
 from ..training.run import run_trial
-from ..training.tracking import REASON_TAG, client, experiment_id, find_finished, git_commit, resolve_uri
+from ..training.tracking import REASON_TAG, client, experiment_id, git_commit, resolve_uri
 from ..training.trial import Trial, resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
-from ..utils.stage import StageError
+from .cost import read_measured, trial_hours
 from .results import row_result, unfinished, write_results
-from .tables import table_rows
+from .schedule import order, trial_jobs
+from .tables import RowTrials, table_order, table_rows
+
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's switch between its two console reporters
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -39,9 +51,6 @@ def _trainable(config: dict[str, Any]) -> None:
     is tagged with the Ray node that trained it. A diverged loss ends the trial without Ray's retries
     (`max_failures` is for lost processes and nodes; a retry would diverge again): its MLflow run is
     already FAILED with the reason."""
-    import ray
-    from ray import tune
-
     trial = resolve_trial(config["trial"], {})  # resolved by the driver: the recipe travels whole
 
     def report(metrics: dict[str, Any]) -> None:
@@ -52,24 +61,126 @@ def _trainable(config: dict[str, Any]) -> None:
         result = run_trial(trial, train=parse(TrainConfig, config["train"], "train"), tracking=tracking,
                            experiment=config["experiment"], parent_run_id=config["parent_run_id"], on_epoch=report)
     except NonFiniteLossError as err:
-        print(f"trial {trial.backbone}/{trial.head.name} failed, not retried: {err}", file=sys.stderr, flush=True)
+        print(f"trial {trial.label} failed, not retried: {err}", file=sys.stderr, flush=True)
         tune.report({"diverged": 1})
         return
     client(tracking.tracking_uri).set_tag(result["run_id"], "ray_node_id", ray.get_runtime_context().get_node_id())
     report(result | {"done": 1})
 
 
-def _trial_name(trial: Any) -> str:
-    """`resnet18-noah(N4_r0.5)-00001`: readable in Ray's progress table and folders."""
-    cfg = trial.config["trial"]
-    head = parse(TrialConfig, cfg, "trial").head.name
-    return f"{cfg['backbone']}-{head}-{trial.trial_id[-5:]}".replace(",", "_").replace("=", "")
+@dataclasses.dataclass
+class StudyTrial:
+    """A trial of the study: what it is, the tables that need it and how it ended (FINISHED, FAILED, or
+    BLOCKED when the trial it starts from failed; PENDING until then)."""
+
+    key: str
+    trial: Trial
+    tables: list[str]
+    after: str | None = None  # the identity of the trial it starts from, when that one is trained too
+    status: str = "PENDING"
+    reason: str = ""
+    top1: float | None = None
+    seconds: float | None = None
+    ran: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.trial.label} [{', '.join(self.tables)}]"
+
+
+class TrialQueue(Searcher):
+    """Hands Ray Tune the study's trials in `ranked` order, each once its source trial has FINISHED, and
+    records how each ended; a trial whose source did not finish is never started. FINISHED (for Tune) once
+    nothing is left to hand out."""
+
+    def __init__(self, trials: dict[str, StudyTrial], ranked: list[str], space: dict[str, dict[str, Any]]):
+        super().__init__()
+        self.trials, self.waiting, self.space = trials, list(ranked), space
+        self.running: dict[str, str] = {}  # Tune trial id -> identity
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # the queue has no search space of its own: Tune's param_space is merged in
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: a re-run finds the finished trials in MLflow, and resumes the others' checkpoints."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        for key in self.waiting:
+            after = self.trials[key].after
+            if after is None or self.trials[after].status == "FINISHED":
+                self.waiting.remove(key)
+                self.running[trial_id] = key
+                self.trials[key].ran = True
+                return {"key": key, "trial": to_dict(self.trials[key].trial), **self.space[key]}
+        return Searcher.FINISHED if not self.waiting else None  # None: wait for a source to finish
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        st = self.trials[self.running.pop(trial_id)]
+        result = result or {}
+        st.seconds = result.get("time_total_s")
+        if result.get("done") and not error:
+            st.status, st.top1 = "FINISHED", result.get("top1")
+            return
+        st.status = "FAILED"
+        if result.get("diverged"):
+            st.reason = "NonFiniteLossError: the training loss became NaN or infinite"
+        for other in list(self.waiting):
+            if self.trials[other].after == st.key:
+                self.waiting.remove(other)
+                self.trials[other].status, self.trials[other].reason = "BLOCKED", f"its source trial {st.key} failed"
+
+
+class Console(tune.Callback):
+    """The study's console in place of Ray Tune's status tables: a line when a trial starts, one per epoch,
+    one when it ends, with its top-1 and time or why it failed."""
+
+    def __init__(self, trials: dict[str, StudyTrial]):
+        self.trials, self.ended = trials, 0
+        self.total = sum(t.status == "PENDING" for t in trials.values())
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _say(f"start   {self.trials[trial.config['key']].label}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        t = self.trials[trial.config["key"]].trial
+        if "epoch" in result and not result.get("done"):
+            _say(f"  {t.backbone} {t.head.name} epoch {int(result['epoch']) + 1}/{t.epochs}: loss "
+                 f"{result['train_loss']:.4f} top1 {result['val_top1']:.2f} {result['epoch_seconds']:.1f}s")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _say(f"retry   {self.trials[trial.config['key']].label}: {_error_text(trial.get_pickled_error())}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        st, result = self.trials[trial.config["key"]], trial.last_result
+        outcome = (f"top1 {result['top1']:.2f}" if result.get("done")
+                   else "diverged (NaN or infinite loss)" if result.get("diverged") else "ended without a result")
+        self._end("done" if result.get("done") else "FAILED", st, outcome, result.get("time_total_s"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        st = self.trials[trial.config["key"]]
+        self._end("FAILED", st, _error_text(trial.get_pickled_error()), trial.last_result.get("time_total_s"))
+
+    def _end(self, word: str, st: StudyTrial, outcome: str, seconds: float | None) -> None:
+        self.ended += 1
+        took = "" if seconds is None else f" in {seconds:.0f}s"
+        _say(f"{word:<7} [{self.ended}/{self.total}] {st.label}: {outcome}{took}")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _error_text(error: BaseException | None) -> str:
+    """`Type: message` of the error a trial raised (Ray wraps it in its own task error)."""
+    if error is None:
+        return "the trial process failed"
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
 def _resources(params: Params) -> Any:
     """Per-trial resources: one bundle, or one per Ray Train worker when a trial is data-parallel."""
-    from ray import tune
-
     ray_cfg, workers = params.ray, params.train.num_workers
     if workers == 1:
         return {"cpu": ray_cfg.cpus_per_trial, "gpu": ray_cfg.gpus_per_trial}
@@ -77,37 +188,64 @@ def _resources(params: Params) -> Any:
     return tune.PlacementGroupFactory([{"CPU": 0.5}] + [worker] * workers)
 
 
-def tune_trials(params: Params, table: str, trials: dict[str, Trial], parent_run_id: str) -> dict[str, str]:
-    """Run `trials` (keyed by identity) as one Ray Tune grid; failures stay in MLflow, not raised. Returns the
-    error of each trial that Ray saw fail for good, by identity (a trial can fail before its run exists)."""
-    import ray
-    from ray import tune
+def _trial_name(trial: Any) -> str:
+    """`resnet18-noah(N4_r0.5)-00001`: readable in Ray's folders."""
+    cfg = trial.config["trial"]
+    name = f"{cfg['backbone']}-{resolve_trial(cfg, {}).head.name}-{trial.trial_id[-5:]}"
+    return name.replace(",", "_").replace("=", "")
 
-    where = connect(params.ray.address, params.ray.num_cpus)
-    print(f"sweep {table}: {len(trials)} trial(s) on Ray ({where})", file=sys.stderr, flush=True)
-    space = {
-        "trial": tune.grid_search([to_dict(t) for t in trials.values()]),
-        "train": to_dict(params.train), "mlflow": to_dict(params.mlflow),
-        "experiment": table, "parent_run_id": parent_run_id,
-    }
+
+def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str, str]) -> None:
+    """Train the PENDING `trials` in one Ray Tune run, longest chain first; each ends FINISHED, FAILED or
+    BLOCKED with its reason (failures stay in MLflow, not raised)."""
+    todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
+    measured = read_measured(resolve_uri(params.mlflow.tracking_uri))
+    jobs = trial_jobs({k: t.trial for k, t in todo.items()}, frozenset(),
+                      {k: trial_hours(params, t.trial, measured) or 0.0 for k, t in todo.items()})
+    quiet = params.ray.verbose == 0
+    train = to_dict(dataclasses.replace(params.train, progress="off") if quiet else params.train)
+    space = {k: {"experiment": t.tables[0], "parent_run_id": parents[t.tables[0]]} for k, t in todo.items()}
+    where = connect(params.ray.address, params.ray.num_cpus, quiet=quiet)
+    _say(f"study: {len(todo)} trial(s) to train on Ray ({where}), at most {params.ray.max_concurrent} at a time, "
+         "longest first")
     storage = Path(params.ray.storage_path)
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, _resources(params)), param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent,
+        tune.with_resources(_trainable, _resources(params)),
+        param_space={"train": train, "mlflow": to_dict(params.mlflow)},
+        tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, order(jobs), space), num_samples=-1,
+                                    max_concurrent_trials=params.ray.max_concurrent, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"{table}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
+            name=f"study-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
             storage_path=str(storage if storage.is_absolute() else REPO_ROOT / storage),
-            failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=1))
+            failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=params.ray.verbose,
+            callbacks=[Console(trials)] if quiet else None))
     try:
-        with _sigterm_stops_tune() as stopped:
+        with _sigterm_stops_tune() as stopped, _tune_output(quiet):
             grid = tuner.fit()
     finally:
         ray.shutdown()
     if stopped:
         raise Interrupted(stopped[0])
-    keys = {json.dumps(to_dict(t), sort_keys=True): k for k, t in trials.items()}
-    return {keys[json.dumps(r.config["trial"], sort_keys=True)]: _error_text(r.error) for r in grid if r.error}
+    for result in grid:
+        if result.error is not None and not trials[result.config["key"]].reason:
+            trials[result.config["key"]].reason = _error_text(result.error)
+
+
+@contextlib.contextmanager
+def _tune_output(quiet: bool) -> Iterator[None]:
+    """With `quiet`, Ray Tune's classic reporter at verbosity 0, which prints nothing: its newer output
+    prints an experiment header and paths even at verbosity 0."""
+    saved = os.environ.get(NEW_OUTPUT)
+    if quiet:
+        os.environ[NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(NEW_OUTPUT, None)
+        else:
+            os.environ[NEW_OUTPUT] = saved
 
 
 @contextlib.contextmanager
@@ -131,54 +269,89 @@ def _sigterm_stops_tune() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _error_text(error: BaseException) -> str:
-    """`Type: message` of the error a trial raised (Ray wraps it in its own task error)."""
-    cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+def study_trials(params: Params, rows: dict[str, list[RowTrials]], finished: frozenset[str]) -> dict[str, StudyTrial]:
+    """One `StudyTrial` per identity the tables' rows need, in the tables' order, with the classification
+    trial a fine-tuning trial starts from; those in `finished` are FINISHED already."""
+    out: dict[str, StudyTrial] = {}
+
+    def add(trial: Trial, table: str) -> str:
+        key = trial_key(trial)
+        st = out.setdefault(key, StudyTrial(key, trial, [], status="FINISHED" if key in finished else "PENDING"))
+        if table not in st.tables:
+            st.tables.append(table)
+        return key
+
+    for table, table_rows_ in rows.items():
+        for rt in table_rows_:
+            for trial in rt.trials.values():
+                key = add(trial, table)
+                if trial.init_from is not None:
+                    source = add(trial.init_from, table)
+                    out[key].after = source if out[source].status == "PENDING" else None
+    return out
 
 
-def run_table(params: Params, table: str, out_dir: Path = RESULTS) -> dict[str, Any]:
-    """Sweep one table: validate, reuse finished trials, tune the rest, write `results/<table>.json|csv`."""
-    rows = table_rows(params, table)
+def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Validate, reuse finished trials, train the rest as one schedule, write `results/<table>.json|csv` for
+    each of `tables`; returns those results by table."""
+    tables = sorted(dict.fromkeys(tables), key=table_order)
+    rows = {t: table_rows(params, t) for t in tables}
     uri = resolve_uri(params.mlflow.tracking_uri)
-    check_ready(params, table, out_dir, uri)
-    keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
-    unique = {ks[kind]: t for rt, ks in zip(rows, keys) for kind, t in rt.trials.items()}
-    todo = {k: t for k, t in unique.items() if find_finished(k, uri) is None}
-    # Fine-tuning starts from a classification trial's checkpoint: train missing ones first.
-    sources = {trial_key(t.init_from): t.init_from for t in todo.values() if t.init_from is not None}
-    phases = [p for p in ({k: t for k, t in sources.items() if find_finished(k, uri) is None}, todo) if p]
-    print(f"sweep {table}: {len(rows)} rows, {len(unique)} unique trials, {len(unique) - len(todo)} already "
-          f"finished, {len(todo)} to train", file=sys.stderr, flush=True)
-    errors: dict[str, str] = {}
-    if phases:
+    check_ready(params, tables, out_dir, uri)
+    trials = study_trials(params, rows, read_measured(uri).finished)
+    todo = [t for t in trials.values() if t.status == "PENDING"]
+    _say(f"study: {', '.join(tables)}: {sum(len(r) for r in rows.values())} rows, {len(trials)} unique trials, "
+         f"{len(trials) - len(todo)} already finished, {len(todo)} to train")
+    if todo:
         mlflow_client = client(uri)
-        parent = mlflow_client.create_run(experiment_id(mlflow_client, table), run_name=f"{table} sweep",
-                                          tags={"sweep": table, "git_commit": git_commit()})
+        parents = {table: mlflow_client.create_run(
+            experiment_id(mlflow_client, table), run_name=f"{table} sweep",
+            tags={"sweep": table, "git_commit": git_commit()}).info for table in {t.tables[0] for t in todo}}
         ended = "KILLED"  # unless it ends otherwise: interrupted (SIGINT, SIGTERM)
         try:
-            for phase in phases:
-                errors |= tune_trials(params, table, phase, parent.info.run_id)
+            tune_study(params, trials, {t: p.run_id for t, p in parents.items()})
             ended = "FINISHED"
         except Exception:
             ended = "FAILED"
             raise
         finally:
-            _close_sweep(mlflow_client, parent.info, ended)
+            for parent in parents.values():
+                _close_sweep(mlflow_client, parent, ended)
+    errors = {k: t.reason for k, t in trials.items() if t.reason}
+    results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
+    _summary(trials, results)
+    return results
+
+
+def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, errors: dict[str, str],
+                   out_dir: Path) -> dict[str, Any]:
+    """Write and return `results/<table>.json|csv`: meta and each row's outcome read back from MLflow."""
     prof, first = params.active, next(iter(rows[0].trials.values()))  # every row trains on the same data
     meta = {"table": table, "profile": params.profile,
             "dataset": prof.reid_dataset if params.tables[table].task == "reid" else prof.dataset,
             "num_classes": num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
             "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seed": params.seed,
             "commit": git_commit(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
     results = {"meta": meta, "rows": [row_result(rt, ks, uri, errors) for rt, ks in zip(rows, keys)]}
     write_results(out_dir, table, results)
-    failed = unfinished(results["rows"])
-    if failed:
-        raise StageError(f"{table}: {len(failed)} trial(s) did not finish ({'; '.join(failed)}); their reasons are "
-                         f"in {out_dir / table}.json and MLflow; run the stage again to retry them")
     return results
+
+
+def _summary(trials: dict[str, StudyTrial], results: dict[str, dict[str, Any]]) -> None:
+    """The end of the console: every trial trained in this run with its outcome, then the rows without a
+    result, each with its reason."""
+    ran = [t for t in trials.values() if t.ran or t.status == "BLOCKED"]
+    lines = [f"{'trial':<58}{'status':>10}{'top1':>8}{'time':>8}"] if ran else []
+    for t in ran:
+        top1 = "" if t.top1 is None else f"{t.top1:.2f}"
+        secs = "" if t.seconds is None else f"{t.seconds:.0f}s"
+        lines.append(f"{t.label[:57]:<58}{t.status:>10}{top1:>8}{secs:>8}")
+    missing = [f"{table} {line}" for table, res in results.items() for line in unfinished(res["rows"])]
+    if missing:
+        lines += [f"{len(missing)} row trial(s) without a result (shown as — in the reports; `dvc repro -f -s study`, "
+                  "or the stage again, retries them):", *(f"  {m}" for m in missing)]
+    _say("\n".join(["study summary:", *lines] if lines else ["study: nothing trained in this run"]))
 
 
 def _close_sweep(mlflow_client: Any, parent: Any, status: str) -> None:
@@ -192,11 +365,12 @@ def _close_sweep(mlflow_client: Any, parent: Any, status: str) -> None:
     mlflow_client.set_terminated(parent.run_id, status)
 
 
-def check_ready(params: Params, table: str, out_dir: Path, uri: str) -> None:
+def check_ready(params: Params, tables: list[str], out_dir: Path, uri: str) -> None:
     """Fail in seconds, before Ray starts, on what would fail every trial or lose its result: unprepared
     data, a results, checkpoint or Ray folder that cannot be written, an MLflow store that cannot be used."""
     prof = params.active
-    for name in (prof.dataset, prof.reid_dataset if params.tables[table].task == "reid" else None):
+    reid = any(params.tables[t].task == "reid" for t in tables)
+    for name in (prof.dataset, prof.reid_dataset if reid else None):
         if name is not None:
             try:
                 require_prepared(data_dir(params, name))
@@ -211,8 +385,8 @@ def check_ready(params: Params, table: str, out_dir: Path, uri: str) -> None:
         raise ConfigError("mlflow.tracking_uri", uri, f"a usable MLflow store ({type(err).__name__}: {err})") from None
 
 
-def sweep_stage(params: Params, tables: list[str]) -> None:
-    """The DVC stage `sweep@TABLE`: `tables` holds the one table to run."""
-    if len(tables) != 1:
-        raise ConfigError("table", tables, "exactly one key of `tables`: " + ", ".join(params.tables))
-    run_table(params, tables[0])
+def study_stage(params: Params, tables: list[str]) -> None:
+    """The DVC stage `study`: `tables` are the keys of `tables:` to run (at least one)."""
+    if not tables:
+        raise ConfigError("tables", tables, "one or more keys of `tables`: " + ", ".join(params.tables))
+    run_study(params, tables)

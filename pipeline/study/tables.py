@@ -69,3 +69,9 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
                       "finetune": dataclasses.replace(finetune, init_from=classify)}
         rows.append(RowTrials(table, dataclasses.replace(row, head=head), trials))
     return rows
+
+
+def table_order(name: str) -> tuple[int, int, str]:
+    """The paper's order (`table4` before `table10`), then tables of other names alphabetically."""
+    number = name.removeprefix("table")
+    return (0, int(number), "") if number.isdigit() else (1, 0, name)

@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import sys
 from collections.abc import Iterator
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> str:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray bound to loopback; returns where.
 
-    Does nothing when this process is already connected."""
+    `quiet` keeps the console to this process's own lines: Ray's start-up messages and warnings and the
+    output of its tasks and actors stay in Ray's session logs. Does nothing when this process is already connected."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return "already connected"
+    level = logging.ERROR if quiet else logging.INFO
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not quiet, logging_level=level)
         return address
     with _single_machine():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet, logging_level=level)
     ip = ray.util.get_node_ip_address()
     if not ipaddress.ip_address(ip).is_loopback:
         ray.shutdown()

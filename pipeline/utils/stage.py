@@ -10,14 +10,10 @@ from ..config import PARAMS, ConfigError, Params, load_params
 from .interrupt import Interrupted, interruptible
 
 
-class StageError(RuntimeError):
-    """A stage ran but could not produce its outputs (e.g. trials that failed): exit 1 with the cause."""
-
-
 def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
     """A DVC stage's whole `main`: `[--params FILE] [ARGS…]`, the params validated first; a bad option
-    ends the stage with exit code 2 and one line naming it, before any work starts; outputs it could not
-    produce end it with exit code 1 and one line saying why; SIGINT or SIGTERM with 128 + the signal."""
+    ends the stage with exit code 2 and one line naming it, before any work starts; SIGINT or SIGTERM with
+    128 + the signal."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default=str(PARAMS), help="the params file (default: params.yaml)")
     parser.add_argument("args", nargs="*")
@@ -28,9 +24,6 @@ def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except Interrupted as err:
         print(f"error: interrupted by {err}; run the stage again to resume", file=sys.stderr)
         return 128 + err.signum
