@@ -140,7 +140,7 @@ def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> No
 
 
 def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> None:
-    for name, why in (("table7", "table7.json not produced yet (the `sweep` stage has not written it)"),
+    for name, why in (("table7", "table7.json not produced yet (the `study` stage has not written it)"),
                       ("table6", "table6.json could not be read (JSONDecodeError")):
         text = (built / f"{name}.md").read_text()
         assert why in text.split("\n")[2]  # the scale line says why there is no scale

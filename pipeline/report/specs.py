@@ -48,7 +48,7 @@ class TableSpec:
     metrics: tuple[Metric, ...]
     network: Callable[[PaperRow], str]
     decimals: int = 2
-    producer: str = "sweep"  # the DVC stage that writes its results file
+    producer: str = "study"  # the DVC stage that writes its results file
     groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
     paper_table: int | None = None  # Tables 1-3 share one CSV: the rows whose backbone's paper_table this is
 

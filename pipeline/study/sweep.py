@@ -38,7 +38,7 @@ from ..training.trial import Trial, resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
-from .cost import read_measured, trial_hours
+from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
 from .schedule import order, trial_jobs
 from .tables import RowTrials, table_order, table_rows
@@ -195,11 +195,10 @@ def _trial_name(trial: Any) -> str:
     return name.replace(",", "_").replace("=", "")
 
 
-def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str, str]) -> None:
-    """Train the PENDING `trials` in one Ray Tune run, longest chain first; each ends FINISHED, FAILED or
-    BLOCKED with its reason (failures stay in MLflow, not raised)."""
+def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str, str], measured: Measured) -> None:
+    """Train the PENDING `trials` in one Ray Tune run, longest chain first (costs from `measured` speeds
+    where known); each ends FINISHED, FAILED or BLOCKED with its reason (failures stay in MLflow, not raised)."""
     todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
-    measured = read_measured(resolve_uri(params.mlflow.tracking_uri))
     jobs = trial_jobs({k: t.trial for k, t in todo.items()}, frozenset(),
                       {k: trial_hours(params, t.trial, measured) or 0.0 for k, t in todo.items()})
     quiet = params.ray.verbose == 0
@@ -298,7 +297,8 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
     rows = {t: table_rows(params, t) for t in tables}
     uri = resolve_uri(params.mlflow.tracking_uri)
     check_ready(params, tables, out_dir, uri)
-    trials = study_trials(params, rows, read_measured(uri).finished)
+    measured = read_measured(uri)
+    trials = study_trials(params, rows, measured.finished)
     todo = [t for t in trials.values() if t.status == "PENDING"]
     _say(f"study: {', '.join(tables)}: {sum(len(r) for r in rows.values())} rows, {len(trials)} unique trials, "
          f"{len(trials) - len(todo)} already finished, {len(todo)} to train")
@@ -309,7 +309,7 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
             tags={"sweep": table, "git_commit": git_commit()}).info for table in {t.tables[0] for t in todo}}
         ended = "KILLED"  # unless it ends otherwise: interrupted (SIGINT, SIGTERM)
         try:
-            tune_study(params, trials, {t: p.run_id for t, p in parents.items()})
+            tune_study(params, trials, {t: p.run_id for t, p in parents.items()}, measured)
             ended = "FINISHED"
         except Exception:
             ended = "FAILED"
@@ -339,14 +339,15 @@ def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, 
 
 
 def _summary(trials: dict[str, StudyTrial], results: dict[str, dict[str, Any]]) -> None:
-    """The end of the console: every trial trained in this run with its outcome, then the rows without a
-    result, each with its reason."""
+    """The end of the console: every trial this run handed to Ray with its outcome, then every row trial
+    without a result, with its reason."""
     ran = [t for t in trials.values() if t.ran or t.status == "BLOCKED"]
-    lines = [f"{'trial':<58}{'status':>10}{'top1':>8}{'time':>8}"] if ran else []
+    width = max((len(t.trial.label) for t in ran), default=0) + 2
+    lines = [f"{'trial':<{width}}{'status':<10}{'top1':>7}{'time':>7}  tables"] if ran else []
     for t in ran:
         top1 = "" if t.top1 is None else f"{t.top1:.2f}"
         secs = "" if t.seconds is None else f"{t.seconds:.0f}s"
-        lines.append(f"{t.label[:57]:<58}{t.status:>10}{top1:>8}{secs:>8}")
+        lines.append(f"{t.trial.label:<{width}}{t.status:<10}{top1:>7}{secs:>7}  {', '.join(t.tables)}")
     missing = [f"{table} {line}" for table, res in results.items() for line in unfinished(res["rows"])]
     if missing:
         lines += [f"{len(missing)} row trial(s) without a result (shown as — in the reports; `dvc repro -f -s study`, "

@@ -1,4 +1,4 @@
-"""Run one trial (`run_trial`): the entry every sweep trial and `python -m pipeline train` call.
+"""Run one trial (`run_trial`): the entry every study trial and `python -m pipeline train` call.
 
 The run is tracked in MLflow (`tracking`), checkpointed atomically after every epoch (`record`) and resumed
 from the last checkpoint when started again. Each epoch is seeded from (seed, epoch), so a resumed run

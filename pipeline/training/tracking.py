@@ -119,7 +119,7 @@ def _newest_run(trial_id: str, tracking_uri: str, where: str, order: str) -> Run
 
 
 def find_finished(trial_id: str, tracking_uri: str) -> Run | None:
-    """The newest FINISHED run of a trial identity in any experiment (what a sweep reuses), or None."""
+    """The newest FINISHED run of a trial identity in any experiment (what a study reuses), or None."""
     return _newest_run(trial_id, tracking_uri, " and attributes.status = 'FINISHED'", "attributes.end_time DESC")
 
 
