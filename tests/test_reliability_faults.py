@@ -172,7 +172,7 @@ def test_trials_of_a_killed_node_finish_on_the_other(ray_cluster: tuple[str, str
         results = run_study(params, ["tn"], tmp_path / "results")["tn"]
     assert killer.killed, "the second node was killed while it trained a trial"
     assert [r["status"] for r in results["rows"]] == ["FINISHED", "FINISHED"]
-    client = MlflowClient(params.mlflow.tracking_uri)["tn"]
+    client = MlflowClient(params.mlflow.tracking_uri)
     nodes = {client.get_run(r["run_id"]).data.tags["ray_node_id"] for r in results["rows"]}
     assert len(nodes) == 1, "both trials ended on the surviving head node"
     for r in results["rows"]:

@@ -55,7 +55,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text("\n".join(lines) + "\nprofile: *a8\n")
     start = time.monotonic()
-    proc = _stage("sweep", path, "table4", timeout=60)
+    proc = _stage("study", path, "table4", timeout=60)
     line = _one_error_line(proc, "params")
     assert "aliases" in line and len(line) < 1000
     assert time.monotonic() - start < 30
@@ -90,7 +90,7 @@ def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> No
 def test_profile_image_size_is_checked_where_it_is_set(tmp_path: Path) -> None:
     profiles = yaml.safe_load(PARAMS.read_text())["profiles"]
     profiles["smoke"]["img_size"] = 48
-    proc = _stage("sweep", _repo_params(tmp_path, profiles=profiles), "table6")
+    proc = _stage("study", _repo_params(tmp_path, profiles=profiles), "table6")
     assert "a multiple of 32" in _one_error_line(proc, "profiles.smoke.img_size")
 
 

@@ -47,10 +47,10 @@ def test_queue_releases_fine_tuning_when_its_source_finishes_and_blocks_it_when_
     assert config is None, "fine-tuning trials wait for their sources"
     assert sources <= set(handed) and not any(trials[k].after for k in handed)
     good, bad = sorted(sources)
-    queue.on_trial_complete(f"t{handed.index(good)}", {"done": 1, "top1": 50.0, "time_total_s": 3.0})
+    queue.on_trial_complete(f"t{handed.index(good)}", {"finished": 1, "done": True, "top1": 50.0, "time_total_s": 3.0})
     released = queue.suggest("next")
     assert trials[released["key"]].after == good and trials[good].status == "FINISHED"
-    queue.on_trial_complete(f"t{handed.index(bad)}", {"diverged": 1})
+    queue.on_trial_complete(f"t{handed.index(bad)}", {"diverged": 1, "done": True})  # Tune's own `done`
     (blocked,) = [t for t in trials.values() if t.after == bad]
     assert blocked.status == "BLOCKED" and bad in blocked.reason and trials[bad].status == "FAILED"
     assert queue.suggest("last") == Searcher.FINISHED

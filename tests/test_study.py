@@ -16,7 +16,7 @@ from pipeline.config import PARAMS, ConfigError, load_params, profile_datasets
 from pipeline.report.specs import TABLES, paper_rows
 from pipeline.study.tables import table_rows
 
-TRAINED = [name for name, spec in TABLES.items() if spec.producer == "sweep"]
+TRAINED = [name for name, spec in TABLES.items() if spec.producer == "study"]
 
 
 def test_repository_params_cover_every_paper_row() -> None:
@@ -34,6 +34,15 @@ def test_repository_params_cover_every_paper_row() -> None:
             for option in ("feature_split", "softmax_axis", "aggregation"):
                 if p.get(option):
                     assert getattr(rt.row.head, option) == p[option], (table, p["row"])
+
+
+def test_the_study_stage_names_the_same_tables_in_its_command_params_and_outs() -> None:
+    """dvc.yaml lists the tables `dvc repro` trains three times; they must agree (Tables 1-3 stay out)."""
+    stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["study"]
+    tables = stage["cmd"].split()[2:]
+    assert tables == [t for t in TRAINED if t not in ("table1", "table2", "table3")]
+    assert [p.removeprefix("tables.") for p in stage["params"] if p.startswith("tables.")] == tables
+    assert stage["outs"] == [f"results/{t}.{ext}" for t in tables for ext in ("json", "csv")]
 
 
 def test_prepare_builds_the_active_profiles_datasets_or_those_named() -> None:

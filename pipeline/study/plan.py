@@ -45,7 +45,7 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1,
 
     def span(trials: dict[str, Trial], skip: set[str] | frozenset[str]) -> float | None:
         todo = trial_jobs(trials, skip, wall)
-        return None if todo is None else round(makespan(todo, slots) if todo else 0.0, 2)
+        return None if todo is None else round(makespan(todo, slots) if todo else 0.0, 4)
 
     seen: set[str] = set()
     tables: dict[str, Any] = {}
@@ -57,7 +57,7 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1,
         tables[name] = {"rows": len(rows), "trials": sum(len(rt.trials) for rt in rows),
                         "unique_trials": len(trials), "new_unique_trials": len(new),
                         "finished": sum(k in measured.finished for k in trials),
-                        "gpu_hours": None if None in hours else round(sum(hours), 2),
+                        "gpu_hours": None if None in hours else round(sum(hours), 4),
                         "makespan_hours": span(trials, measured.finished)}
         sequential.append(span(new, measured.finished | seen))
         seen |= trials.keys() | {trial_key(t.init_from) for t in new.values() if t.init_from is not None}
@@ -67,9 +67,9 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1,
     total = {"rows": sum(t["rows"] for t in tables.values()), "trials": sum(t["trials"] for t in tables.values()),
              "unique_trials": len(set().union(*per_table.values())),
              "finished": len(set().union(*per_table.values()) & measured.finished),
-             "gpu_hours": None if None in hours else round(sum(hours), 2),
+             "gpu_hours": None if None in hours else round(sum(hours), 4),
              "makespan_hours": span(everything, measured.finished),
-             "table_by_table_hours": None if None in sequential else round(sum(sequential), 2)}
+             "table_by_table_hours": None if None in sequential else round(sum(sequential), 4)}
     order = sorted(tables, key=table_order)
     return {"profile": params.profile, "gpus": gpus, "gpus_per_trial": gpus_per_trial,
             "tables": {t: tables[t] for t in order}, "total": total}
@@ -97,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile {result['profile']}: {result['gpus']:g} GPUs, {result['gpus_per_trial']:g} per trial")
     print(f"{'table':<9}{'rows':>6}{'trials':>8}{'unique':>8}{'new':>6}{'finished':>10}{'GPU-h':>10}{'makespan-h':>12}")
     for name, t in [*result["tables"].items(), ("total", {**result["total"], "new_unique_trials": ""})]:
-        hours, span = ("?" if v is None else f"{v:.1f}" for v in (t["gpu_hours"], t["makespan_hours"]))
+        hours, span = ("?" if v is None else f"{v:.3g}" for v in (t["gpu_hours"], t["makespan_hours"]))
         print(f"{name:<9}{t['rows']:>6}{t['trials']:>8}{t['unique_trials']:>8}{t['new_unique_trials']:>6}"
               f"{t['finished']:>10}{hours:>10}{span:>12}")
     if result["total"]["table_by_table_hours"] is not None:
-        print(f"one table after another: {result['total']['table_by_table_hours']:.1f} h")
+        print(f"one table after another: {result['total']['table_by_table_hours']:.3g} h")
     return 0

@@ -40,7 +40,7 @@ from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
 from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
-from .schedule import order, trial_jobs
+from .schedule import Job, order
 from .tables import RowTrials, table_order, table_rows
 
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's switch between its two console reporters
@@ -65,7 +65,7 @@ def _trainable(config: dict[str, Any]) -> None:
         tune.report({"diverged": 1})
         return
     client(tracking.tracking_uri).set_tag(result["run_id"], "ray_node_id", ray.get_runtime_context().get_node_id())
-    report(result | {"done": 1})
+    report(result | {"finished": 1})
 
 
 @dataclasses.dataclass
@@ -118,7 +118,7 @@ class TrialQueue(Searcher):
         st = self.trials[self.running.pop(trial_id)]
         result = result or {}
         st.seconds = result.get("time_total_s")
-        if result.get("done") and not error:
+        if result.get("finished") and not error:
             st.status, st.top1 = "FINISHED", result.get("top1")
             return
         st.status = "FAILED"
@@ -143,7 +143,7 @@ class Console(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t = self.trials[trial.config["key"]].trial
-        if "epoch" in result and not result.get("done"):
+        if "epoch" in result and not result.get("finished"):
             _say(f"  {t.backbone} {t.head.name} epoch {int(result['epoch']) + 1}/{t.epochs}: loss "
                  f"{result['train_loss']:.4f} top1 {result['val_top1']:.2f} {result['epoch_seconds']:.1f}s")
 
@@ -152,9 +152,9 @@ class Console(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         st, result = self.trials[trial.config["key"]], trial.last_result
-        outcome = (f"top1 {result['top1']:.2f}" if result.get("done")
+        outcome = (f"top1 {result['top1']:.2f}" if result.get("finished")
                    else "diverged (NaN or infinite loss)" if result.get("diverged") else "ended without a result")
-        self._end("done" if result.get("done") else "FAILED", st, outcome, result.get("time_total_s"))
+        self._end("done" if result.get("finished") else "FAILED", st, outcome, result.get("time_total_s"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         st = self.trials[trial.config["key"]]
@@ -199,8 +199,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     """Train the PENDING `trials` in one Ray Tune run, longest chain first (costs from `measured` speeds
     where known); each ends FINISHED, FAILED or BLOCKED with its reason (failures stay in MLflow, not raised)."""
     todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
-    jobs = trial_jobs({k: t.trial for k, t in todo.items()}, frozenset(),
-                      {k: trial_hours(params, t.trial, measured) or 0.0 for k, t in todo.items()})
+    jobs = [Job(k, trial_hours(params, t.trial, measured) or 0.0, t.after) for k, t in todo.items()]
     quiet = params.ray.verbose == 0
     train = to_dict(dataclasses.replace(params.train, progress="off") if quiet else params.train)
     space = {k: {"experiment": t.tables[0], "parent_run_id": parents[t.tables[0]]} for k, t in todo.items()}
