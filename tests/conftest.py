@@ -17,6 +17,10 @@ import yaml
 from pipeline.config import PARAMS, BuiltinDataConfig, PrepareConfig
 from pipeline.data.prepare import prepare
 
+# Token authentication, as on every node of a real cluster (and a local Ray's default). Set here, before any
+# test module imports the study (and with it Ray), because Ray reads RAY_AUTH_MODE once, when first imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` skip cleanly on a machine without CUDA."""
@@ -89,7 +93,6 @@ def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """Two Ray nodes on 127.0.0.1 (`ray start --head` and `ray start --address`, one CPU and a resource of
     their own each, token auth); yields the head's address and the temp folder that names every process of
     this cluster, by which it is stopped afterwards (never `ray stop`, which would end any other Ray)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
