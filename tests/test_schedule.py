@@ -7,8 +7,8 @@ from ray.tune.search import Searcher
 
 from pipeline.config import load_params
 from pipeline.study.schedule import Job, makespan, order, priorities
-from pipeline.study.sweep import TrialQueue, study_trials
-from pipeline.study.tables import table_rows
+from pipeline.study.sweep import TrialQueue
+from pipeline.study.tables import study_trials, table_rows
 
 
 def test_makespan_of_independent_jobs_is_worked_by_hand() -> None:
@@ -35,7 +35,7 @@ def test_a_chain_goes_first_and_its_second_half_waits_for_the_first() -> None:
 def test_queue_releases_fine_tuning_when_its_source_finishes_and_blocks_it_when_it_fails() -> None:
     params = load_params()
     rows = {t: table_rows(params, t) for t in ("table9", "table7")}
-    trials = study_trials(params, rows, frozenset())
+    trials = study_trials(rows, frozenset())
     sources = {t.after for t in trials.values() if t.after is not None}
     assert len(sources) == 2 and all(trials[s].tables == ["table9"] for s in sources)
     ranked = sorted(trials, key=lambda k: trials[k].after is None)  # dependents first: the queue must hold them

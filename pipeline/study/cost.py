@@ -66,7 +66,7 @@ def _madds(backbone: str, head: Any, img_size: int) -> int:
     return measure(backbone, head, img_size=img_size)[1]
 
 
-def trial_hours(params: Params, trial: Trial, measured: Measured = Measured()) -> float | None:
+def trial_hours(params: Params, trial: Trial, measured: Measured) -> float | None:
     """Estimated device-hours of one trial (None when its training set size is unknown)."""
     images = _train_images(params, trial)
     if images is None:

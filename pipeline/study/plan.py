@@ -17,62 +17,59 @@ from typing import Any
 
 from ..config import PARAMS, ConfigError, Params, load_params
 from ..models import list_backbones
-from ..training.trial import Trial, trial_key
-from .cost import Measured, read_measured, trial_hours
-from .schedule import makespan, trial_jobs
-from .tables import table_order, table_rows
+from ..training.trial import trial_key
+from .cost import read_measured, trial_hours
+from .schedule import Job, makespan
+from .tables import RowTrials, study_trials, table_order, table_rows
 
 BENCHMARK_TABLE = "table10"  # the speed benchmark: model pairs, no training
 
 
-def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1,
-         measured: Measured | None = None) -> dict[str, Any]:
+def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1) -> dict[str, Any]:
     """Counts, GPU-hours and makespans per table and in total; no configuration is counted twice in the total."""
     if gpus_per_trial <= 0:
         raise ConfigError("--gpus-per-trial", gpus_per_trial, "a positive number (a fraction shares a GPU)")
     if gpus < gpus_per_trial:
         raise ConfigError("--gpus", gpus, f"at least --gpus-per-trial ({gpus_per_trial:g})")
-    measured = read_measured(params.mlflow.tracking_uri) if measured is None else measured
+    measured = read_measured(params.mlflow.tracking_uri)
     slots = math.floor(gpus / gpus_per_trial + 1e-9)
-    per_table = {name: {trial_key(t): t for rt in table_rows(params, name) for t in rt.trials.values()}
-                 for name in params.tables}
-    everything = {k: t for trials in per_table.values() for k, t in trials.items()}
-    for t in list(everything.values()):
-        if t.init_from is not None:
-            everything[trial_key(t.init_from)] = t.init_from
-    cost = {k: trial_hours(params, t, measured) for k, t in everything.items()}
+    rows = {name: table_rows(params, name) for name in sorted(params.tables, key=table_order)}
+    cost = {k: trial_hours(params, st.trial, measured) for k, st in study_trials(rows, frozenset()).items()}
     wall = {k: None if c is None else c / gpus_per_trial for k, c in cost.items()}
 
-    def span(trials: dict[str, Trial], skip: set[str] | frozenset[str]) -> float | None:
-        todo = trial_jobs(trials, skip, wall)
-        return None if todo is None else round(makespan(todo, slots) if todo else 0.0, 4)
+    def span(tables: dict[str, list[RowTrials]], done: frozenset[str]) -> float | None:
+        """The makespan of the trials `tables` need that are not `done` (None when a cost is unknown)."""
+        todo = [st for st in study_trials(tables, done).values() if st.status == "PENDING"]
+        if any(wall[st.key] is None for st in todo):
+            return None
+        return round(makespan([Job(st.key, wall[st.key], st.after) for st in todo], slots), 4)
 
-    seen: set[str] = set()
-    tables: dict[str, Any] = {}
+    seen: frozenset[str] = frozenset()
+    keys: dict[str, set[str]] = {}
+    out: dict[str, Any] = {}
     sequential: list[float | None] = []
-    for name in sorted(params.tables, key=table_order):
-        rows, trials = table_rows(params, name), per_table[name]
-        new = {k: t for k, t in trials.items() if k not in seen}
+    for name, table in rows.items():
+        keys[name] = {trial_key(t) for rt in table for t in rt.trials.values()}
+        new = keys[name] - seen
         hours = [cost[k] for k in new if k not in measured.finished]
-        tables[name] = {"rows": len(rows), "trials": sum(len(rt.trials) for rt in rows),
-                        "unique_trials": len(trials), "new_unique_trials": len(new),
-                        "finished": sum(k in measured.finished for k in trials),
-                        "gpu_hours": None if None in hours else round(sum(hours), 4),
-                        "makespan_hours": span(trials, measured.finished)}
-        sequential.append(span(new, measured.finished | seen))
-        seen |= trials.keys() | {trial_key(t.init_from) for t in new.values() if t.init_from is not None}
-    tables[BENCHMARK_TABLE] = {"rows": len(list_backbones()), "trials": 0, "unique_trials": 0, "new_unique_trials": 0,
-                               "finished": 0, "gpu_hours": 0.0, "makespan_hours": 0.0}
-    hours = [t["gpu_hours"] for t in tables.values()]
-    total = {"rows": sum(t["rows"] for t in tables.values()), "trials": sum(t["trials"] for t in tables.values()),
-             "unique_trials": len(set().union(*per_table.values())),
-             "finished": len(set().union(*per_table.values()) & measured.finished),
+        out[name] = {"rows": len(table), "trials": sum(len(rt.trials) for rt in table),
+                     "unique_trials": len(keys[name]), "new_unique_trials": len(new),
+                     "finished": len(keys[name] & measured.finished),
+                     "gpu_hours": None if None in hours else round(sum(hours), 4),
+                     "makespan_hours": span({name: table}, measured.finished)}
+        sequential.append(span({name: table}, measured.finished | seen))
+        seen |= study_trials({name: table}, frozenset()).keys()  # with the sources its fine-tuning needs
+    out[BENCHMARK_TABLE] = {"rows": len(list_backbones()), "trials": 0, "unique_trials": 0, "new_unique_trials": 0,
+                            "finished": 0, "gpu_hours": 0.0, "makespan_hours": 0.0}
+    hours = [t["gpu_hours"] for t in out.values()]
+    unique = set().union(*keys.values())
+    total = {"rows": sum(t["rows"] for t in out.values()), "trials": sum(t["trials"] for t in out.values()),
+             "unique_trials": len(unique), "finished": len(unique & measured.finished),
              "gpu_hours": None if None in hours else round(sum(hours), 4),
-             "makespan_hours": span(everything, measured.finished),
+             "makespan_hours": span(rows, measured.finished),
              "table_by_table_hours": None if None in sequential else round(sum(sequential), 4)}
-    order = sorted(tables, key=table_order)
     return {"profile": params.profile, "gpus": gpus, "gpus_per_trial": gpus_per_trial,
-            "tables": {t: tables[t] for t in order}, "total": total}
+            "tables": {t: out[t] for t in sorted(out, key=table_order)}, "total": total}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

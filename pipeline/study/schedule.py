@@ -13,8 +13,6 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..training.trial import Trial, trial_key
-
 
 @dataclass(frozen=True)
 class Job:
@@ -72,15 +70,3 @@ def makespan(jobs: Iterable[Job], slots: int) -> float:
         end = max(end, now)
     return end
 
-
-def trial_jobs(trials: dict[str, Trial], skip: set[str] | frozenset[str],
-               cost: dict[str, float | None]) -> list[Job] | None:
-    """The jobs of `trials` (keyed by identity) not in `skip`, each fine-tuning trial's classification
-    source added unless skipped; costs from `cost` by identity, None when one is unknown."""
-    todo = {k: t for k, t in trials.items() if k not in skip}
-    for t in list(todo.values()):
-        if t.init_from is not None and (source := trial_key(t.init_from)) not in skip:
-            todo[source] = t.init_from
-    if any(cost.get(k) is None for k in todo):
-        return None
-    return [Job(k, cost[k], trial_key(t.init_from) if t.init_from is not None else None) for k, t in todo.items()]

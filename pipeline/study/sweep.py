@@ -34,14 +34,14 @@ from ..training.engine import NonFiniteLossError
 from ..training.record import checkpoint_root
 from ..training.run import run_trial
 from ..training.tracking import REASON_TAG, client, experiment_id, git_commit, resolve_uri
-from ..training.trial import Trial, resolve_trial, trial_key
+from ..training.trial import resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
 from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
 from .schedule import Job, order
-from .tables import RowTrials, table_order, table_rows
+from .tables import RowTrials, StudyTrial, study_trials, table_order, table_rows
 
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's switch between its two console reporters
 
@@ -66,26 +66,6 @@ def _trainable(config: dict[str, Any]) -> None:
         return
     client(tracking.tracking_uri).set_tag(result["run_id"], "ray_node_id", ray.get_runtime_context().get_node_id())
     report(result | {"finished": 1})
-
-
-@dataclasses.dataclass
-class StudyTrial:
-    """A trial of the study: what it is, the tables that need it and how it ended (FINISHED, FAILED, or
-    BLOCKED when the trial it starts from failed; PENDING until then)."""
-
-    key: str
-    trial: Trial
-    tables: list[str]
-    after: str | None = None  # the identity of the trial it starts from, when that one is trained too
-    status: str = "PENDING"
-    reason: str = ""
-    top1: float | None = None
-    seconds: float | None = None
-    ran: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.trial.label} [{', '.join(self.tables)}]"
 
 
 class TrialQueue(Searcher):
@@ -151,19 +131,20 @@ class Console(tune.Callback):
         _say(f"retry   {self.trials[trial.config['key']].label}: {_error_text(trial.get_pickled_error())}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        st, result = self.trials[trial.config["key"]], trial.last_result
-        outcome = (f"top1 {result['top1']:.2f}" if result.get("finished")
-                   else "diverged (NaN or infinite loss)" if result.get("diverged") else "ended without a result")
-        self._end("done" if result.get("finished") else "FAILED", st, outcome, result.get("time_total_s"))
+        self._end(trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        st = self.trials[trial.config["key"]]
-        self._end("FAILED", st, _error_text(trial.get_pickled_error()), trial.last_result.get("time_total_s"))
+        self._end(trial, _error_text(trial.get_pickled_error()))
 
-    def _end(self, word: str, st: StudyTrial, outcome: str, seconds: float | None) -> None:
+    def _end(self, trial: Any, error: str | None) -> None:
+        """The outcome `TrialQueue.on_trial_complete` recorded (Tune tells its searcher before its callbacks)."""
+        st = self.trials[trial.config["key"]]
         self.ended += 1
+        done = st.status == "FINISHED"
+        outcome = f"top1 {st.top1:.2f}" if done else error or st.reason or "ended without a result"
+        seconds = trial.last_result.get("time_total_s")
         took = "" if seconds is None else f" in {seconds:.0f}s"
-        _say(f"{word:<7} [{self.ended}/{self.total}] {st.label}: {outcome}{took}")
+        _say(f"{'done' if done else 'FAILED':<7} [{self.ended}/{self.total}] {st.label}: {outcome}{took}")
 
 
 def _say(text: str) -> None:
@@ -267,28 +248,6 @@ def _sigterm_stops_tune() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def study_trials(params: Params, rows: dict[str, list[RowTrials]], finished: frozenset[str]) -> dict[str, StudyTrial]:
-    """One `StudyTrial` per identity the tables' rows need, in the tables' order, with the classification
-    trial a fine-tuning trial starts from; those in `finished` are FINISHED already."""
-    out: dict[str, StudyTrial] = {}
-
-    def add(trial: Trial, table: str) -> str:
-        key = trial_key(trial)
-        st = out.setdefault(key, StudyTrial(key, trial, [], status="FINISHED" if key in finished else "PENDING"))
-        if table not in st.tables:
-            st.tables.append(table)
-        return key
-
-    for table, table_rows_ in rows.items():
-        for rt in table_rows_:
-            for trial in rt.trials.values():
-                key = add(trial, table)
-                if trial.init_from is not None:
-                    source = add(trial.init_from, table)
-                    out[key].after = source if out[source].status == "PENDING" else None
-    return out
-
-
 def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
     """Validate, reuse finished trials, train the rest as one schedule, write `results/<table>.json|csv` for
     each of `tables`; returns those results by table."""
@@ -297,7 +256,7 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
     uri = resolve_uri(params.mlflow.tracking_uri)
     check_ready(params, tables, out_dir, uri)
     measured = read_measured(uri)
-    trials = study_trials(params, rows, measured.finished)
+    trials = study_trials(rows, measured.finished)
     todo = [t for t in trials.values() if t.status == "PENDING"]
     _say(f"study: {', '.join(tables)}: {sum(len(r) for r in rows.values())} rows, {len(trials)} unique trials, "
          f"{len(trials) - len(todo)} already finished, {len(todo)} to train")

@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError, HeadConfig, Params, TableRow, data_dir
 from ..models import build_model, resolve_head
-from ..training.trial import Trial, resolve_trial
+from ..training.trial import Trial, resolve_trial, trial_key
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,45 @@ def table_order(name: str) -> tuple[int, int, str]:
     """The paper's order (`table4` before `table10`), then tables of other names alphabetically."""
     number = name.removeprefix("table")
     return (0, int(number), "") if number.isdigit() else (1, 0, name)
+
+
+@dataclass
+class StudyTrial:
+    """A trial of the study: what it is, the tables that need it and how it ended (FINISHED, FAILED, or
+    BLOCKED when the trial it starts from failed; PENDING until then)."""
+
+    key: str
+    trial: Trial
+    tables: list[str]
+    after: str | None = None  # the identity of the trial it starts from, when that one is trained too
+    status: str = "PENDING"
+    reason: str = ""
+    top1: float | None = None
+    seconds: float | None = None
+    ran: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.trial.label} [{', '.join(self.tables)}]"
+
+
+def study_trials(rows: dict[str, list[RowTrials]], finished: frozenset[str]) -> dict[str, StudyTrial]:
+    """One `StudyTrial` per identity the tables' rows need, in the tables' order, with the classification
+    trial a fine-tuning trial starts from; those in `finished` are FINISHED already."""
+    out: dict[str, StudyTrial] = {}
+
+    def add(trial: Trial, table: str) -> str:
+        key = trial_key(trial)
+        st = out.setdefault(key, StudyTrial(key, trial, [], status="FINISHED" if key in finished else "PENDING"))
+        if table not in st.tables:
+            st.tables.append(table)
+        return key
+
+    for table, table_rows_ in rows.items():
+        for rt in table_rows_:
+            for trial in rt.trials.values():
+                key = add(trial, table)
+                if trial.init_from is not None:
+                    source = add(trial.init_from, table)
+                    out[key].after = source if out[source].status == "PENDING" else None
+    return out
