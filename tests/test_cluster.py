@@ -24,7 +24,7 @@ def test_one_study_runs_trials_of_two_tables_side_by_side_on_both_nodes(
         ray={"address": cluster, "cpus_per_trial": 1, "max_concurrent": 2},
         tables={"tc1": {"recipe": "resnet", "rows": [BASELINE]}, "tc2": {"recipe": "resnet", "rows": [NOAH]}}))
     results = run_study(params, ["tc1", "tc2"], tmp_path / "results")
-    rows = [results[t]["rows"][0] for t in ("tc1", "tc2")]
+    rows = [results[t]["rows"][0]["runs"][0] for t in ("tc1", "tc2")]
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
     client = MlflowClient(params.mlflow.tracking_uri)
     runs = [client.get_run(r["run_id"]) for r in rows]

@@ -97,7 +97,7 @@ def test_sigkilled_trial_is_retried_and_resumes_from_its_checkpoint(
         results = run_study(params, ["tk"], tmp_path / "results")["tk"]
     assert killer.killed, "the trial process was killed mid-training"
     assert 1 <= killer.epoch < EPOCHS
-    (row,) = results["rows"]
+    ((row,),) = [r["runs"] for r in results["rows"]]
     assert row["status"] == "FINISHED", row
     client = MlflowClient(params.mlflow.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -122,7 +122,7 @@ def test_nan_trial_fails_quickly_with_its_reason_and_the_study_goes_on(
         recipes={"boom": {"schedule": "step", "optimizer": "sgd", "lr": 1.0e30, "batch_size": 256, "epochs": 100}},
         ray={"max_failures": 2},
         tables={"tboom": {"recipe": "boom", "rows": [ROW]}, "tok": {"recipe": "resnet", "rows": [ROW]}}))
-    boom, ok = (trial_key(table_rows(params, t)[0].trials["classify"]) for t in ("tboom", "tok"))
+    boom, ok = (trial_key(table_rows(params, t)[0].trials["classify", 0]) for t in ("tboom", "tok"))
     client = MlflowClient(params.mlflow.tracking_uri)
     start = time.monotonic()
     results = run_study(params, ["tboom", "tok"], tmp_path / "results")  # one Ray Tune run holding both trials
@@ -140,10 +140,10 @@ def test_nan_trial_fails_quickly_with_its_reason_and_the_study_goes_on(
     assert not list(Path(params.ray.storage_path).glob("study-*/*/error.txt")), "a diverged trial is not retried"
     saved = json.loads((tmp_path / "results" / "tboom.json").read_text())  # the results file carries the reason
     assert saved["rows"] == results["tboom"]["rows"]
-    (row,) = saved["rows"]
+    ((row,),) = [r["runs"] for r in saved["rows"]]
     assert row["status"] == "FAILED" and row["reason"].startswith("NonFiniteLossError")
     assert "top1" not in row or row["top1"] is None
-    assert results["tok"]["rows"][0]["status"] == "FINISHED"
+    assert results["tok"]["rows"][0]["runs"][0]["status"] == "FINISHED"
 
 
 # ---- a two-node cluster losing a node
@@ -171,11 +171,12 @@ def test_trials_of_a_killed_node_finish_on_the_other(ray_cluster: tuple[str, str
     with Killer(Path(params.train.checkpoint_root), lambda: _second_node(temp)) as killer:
         results = run_study(params, ["tn"], tmp_path / "results")["tn"]
     assert killer.killed, "the second node was killed while it trained a trial"
-    assert [r["status"] for r in results["rows"]] == ["FINISHED", "FINISHED"]
+    rows = [r["runs"][0] for r in results["rows"]]
+    assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
     client = MlflowClient(params.mlflow.tracking_uri)
-    nodes = {client.get_run(r["run_id"]).data.tags["ray_node_id"] for r in results["rows"]}
+    nodes = {client.get_run(r["run_id"]).data.tags["ray_node_id"] for r in rows}
     assert len(nodes) == 1, "both trials ended on the surviving head node"
-    for r in results["rows"]:
+    for r in rows:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string=f"tags.trial_id = '{r['trial_id']}'")
         assert len(runs) == 1

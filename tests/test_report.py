@@ -63,7 +63,7 @@ def test_every_table_has_every_paper_row_in_order_in_both_formats(built: Path) -
         assert [int(r["row"]) for r in rows] == expected, name
         md = [r for r in body(built / f"{name}.md") if not r[0].startswith("*")]  # Table 10 section rows
         assert len(md) == len(expected), name
-        assert [r["network"] for r in rows] == [r[0].rstrip("⁰¹²³⁴⁵⁶⁷⁸⁹") for r in md], name
+        assert [r["network"] for r in rows] == [r[0].rstrip("⁰¹²³⁴⁵⁶⁷⁸⁹").split(" [")[0] for r in md], name
 
 
 def test_csv_columns_follow_the_interface(built: Path) -> None:
@@ -76,6 +76,10 @@ def test_csv_columns_follow_the_interface(built: Path) -> None:
             header = next(csv.reader(f))
         paper = [f"paper_{m}" for m in wanted if m != "key"]
         assert {"row", "status", "reason", *wanted, *paper} <= set(header), name
+        if TABLES[name].seeded:
+            assert {"n", "trained_params", "trained_madds", "edited", "above_chance"} <= set(header), name
+            assert {f"{m}_{s}" for m in wanted if "map" not in m and m not in ("params", "madds")
+                    for s in ("std", "delta", "delta_low", "delta_high")} <= set(header), name
         for record in read_csv(built / f"{name}.csv"):
             values = [record[c] for c in wanted + paper if c != "key"]
             assert not any(v and ("*" in v or "↑" in v or "—" in v or "M" in v or "G" in v) for v in values)
@@ -84,34 +88,45 @@ def test_csv_columns_follow_the_interface(built: Path) -> None:
                     float(v)
 
 
-def test_table4_values_deltas_and_bolding(built: Path) -> None:
+def test_table4_means_intervals_and_marks_only_resolved_differences(built: Path) -> None:
+    """Two seeds per row: means ± std, the paired difference to the baseline with its t interval, an arrow
+    only when the interval excludes zero, bold only when it shows an improvement."""
     rows = body(built / "table4.md")
     header = md_tables((built / "table4.md").read_text())[0][0]
-    assert header == ["Network", "r", "N", "Params", "Params paper", "MAdds", "MAdds paper", "Top-1 (%)",
+    assert header == ["Network", "r", "N", "n", "Params", "Params paper", "MAdds", "MAdds paper", "Top-1 (%)",
                       "Top-1 (%) paper", "Top-5 (%)", "Top-5 (%) paper", "Last-epoch top-1 (%)"]
     col = {h: i for i, h in enumerate(header)}
-    base, r2, r4, r6, r7 = rows[0], rows[1], rows[3], rows[5], rows[6]
-    assert (base[0], base[col["r"]], base[col["Params"]], base[col["MAdds"]]) == ("ResNet50", "-", "23.53M", "0.0842G")
-    assert base[col["Top-1 (%)"]] == "50.00" and base[col["Top-1 (%) paper"]] == "76.23"
-    assert r2[col["r"]] == "1/2" and r2[col["N"]] == "4"
-    assert r2[col["Top-1 (%)"]] == "51.02 (↑1.02)"  # the best epoch's (the paper's convention)
-    assert r2[col["Last-epoch top-1 (%)"]] == "50.75"
-    assert r2[col["Top-5 (%)"]] == "79.50 (↓0.50)"
-    assert r2[col["Top-1 (%) paper"]] == "76.84 (↑0.61)"
-    # the best per column within the block is bold, ties (row 4 = row 7, one reused trial) both
-    assert r4[col["Top-1 (%)"]] == r7[col["Top-1 (%)"]] == "**52.50 (↑2.50)**"
-    assert r4[col["Top-5 (%)"]] == "**81.25 (↑1.25)**"
-    assert r4[col["Top-1 (%) paper"]] == "**77.25 (↑1.02)**"
-    assert r4[col["MAdds"]] == "1.23G"
-    assert r6[col["Top-1 (%)"]] == "49.00 (↓1.00)"
+    base, r2, r3, r4, r6, r7 = rows[0], rows[1], rows[2], rows[3], rows[5], rows[6]
+    # Params and MAdds: the model at the paper's settings, not the trained one's (23.53M, 0.08G at 10 classes)
+    assert (base[0], base[col["r"]], base[col["n"]], base[col["Params"]], base[col["MAdds"]]) == \
+        ("ResNet50", "-", "2", "25.56M", "4.09G")
+    assert base[col["Top-1 (%)"]] == "50.25 ±0.35" and base[col["Top-1 (%) paper"]] == "76.23"
+    # diffs 1.02 and 1.10: mean 1.06 ± t(0.975, 1)·0.057/√2 = [0.55, 1.57], resolved and better
+    assert r2[col["Top-1 (%)"]] == "**51.31 ±0.41 (↑1.06 [0.55, 1.57])**"
+    assert r2[col["Top-5 (%)"]] == "80.20 ±0.99 (−0.05 [−5.77, 5.67])"  # unresolved: no arrow, no bold
+    assert r2[col["Top-1 (%) paper"]] == "76.84 (↑0.61)" and r2[col["Last-epoch top-1 (%)"]] == "50.88"
+    # one reused trial for rows 4 and 7; diffs 2.5 and -0.5 leave the sign open
+    assert r4[col["Top-1 (%)"]] == r7[col["Top-1 (%)"]] == "51.25 ±1.77 (+1.00 [−18.06, 20.06])"
+    assert r4[col["Top-1 (%) paper"]] == "**77.25 (↑1.02)**"  # the paper's own best, as printed
+    assert r3[col["n"]] == "1" and r3[col["Top-1 (%)"]] == "50.90 (+0.40)"  # one pair: no interval, no mark
+    assert r6[col["Top-1 (%)"]] == "49.30 ±0.42 (↓0.95 [−1.59, −0.31])"  # resolved but worse: arrow, no bold
     bold = [r[col["Top-1 (%)"]] for r in rows if r[col["Top-1 (%)"]].startswith("**")]
-    assert len(bold) == 2 and not any("**" in r[col["Params"]] for r in rows)
+    assert bold == [r2[col["Top-1 (%)"]]]
+    records = read_csv(built / "table4.csv")
+    assert records[1]["n"] == "2" and float(records[1]["top1_std"]) == pytest.approx(0.4101, abs=1e-4)
+    assert float(records[1]["top1_delta"]) == pytest.approx(1.06)
+    assert float(records[1]["top1_delta_low"]) == pytest.approx(0.5518, abs=1e-4)
+    assert float(records[1]["top1_delta_high"]) == pytest.approx(1.5682, abs=1e-4)
+    assert records[0]["top1_delta"] == "" and records[2]["top1_delta_low"] == ""  # a baseline; one pair
+    assert records[1]["params"] == "25564032" and records[1]["trained_params"] == "23528532"
+    text = (built / "table4.md").read_text()
+    assert "**Seeds:** 0, 1." in text and "**Chance level:** top-1 10.00%, top-5 50.00%" in text
 
 
 def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> None:
     text = (built / "table4.md").read_text()
     rows = body(built / "table4.md")
-    failed, absent, deviating, interrupted = rows[2], rows[4], rows[5], rows[7]
+    failed, absent, edited, interrupted = rows[2], rows[4], rows[5], rows[7]
 
     def mark(reason: str, rows: str) -> str:
         """The superscript of the footnote `N. reason (paper rows)`, failing when there is none."""
@@ -119,24 +134,40 @@ def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> No
         assert found, f"no footnote {reason!r} for paper rows {rows} in\n{text}"
         return found.group(1).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
-    assert failed[7] == failed[9] == "—" + mark("trial FAILED: loss became NaN at epoch 2", "3")
-    assert failed[3] == "23.53M"  # Params are known without training
-    assert absent[3] == absent[7] == "—" + mark("no result for this row in table4.json", "5")
     guess = mark("NOAH's dropout 0.1 is its family's: the authors' commands do not state it for resnet50 "
                  "(docs/fidelity.md)", "2, 3, 4, 5, 6, 7, 8")
-    assert deviating[0] == "+ NOAH" + mark("measured with `resnet18` in place of `resnet50`", "6") \
-        + mark("ran with N=3 (paper: 2)", "6") + guess
-    assert deviating[7] == "49.00 (↓1.00)"
-    assert interrupted[7] == "—" + mark("trial MISSING: sweep interrupted before this trial started", "8")
+    assert failed[0] == "+ NOAH" + guess + mark("mean over the 1 of 2 seeds that finished", "3")
+    assert absent[8] == absent[10] == "—" + mark("no result for this row in table4.json", "5")
+    assert absent[4] == "25.56M"  # Params are known without training
+    # a row edited in params.yaml: labelled with what it ran, and not compared with the paper
+    assert edited[0] == "+ NOAH [backbone=resnet18]" + guess
+    assert edited[5] == edited[9] == "—" + mark("this row ran with other settings than the paper's row: its paper "
+                                                "values are not compared", "6")
+    assert edited[4] == "11.69M"  # its own model, at the paper's settings
+    assert interrupted[8] == "—" + mark("seed 0: trial MISSING: sweep interrupted before this trial started; seed 1: "
+                                        "trial MISSING: sweep interrupted before this trial started", "8")
+    mark("trained on cpu-B, unlike most of this table (cpu-A)", "4, 7")
     records = read_csv(built / "table4.csv")
     assert [r["status"] for r in records] == ["FINISHED", "FINISHED", "FAILED", "FINISHED", "MISSING", "FINISHED",
                                               "FINISHED", "MISSING"]
-    assert records[2]["top1"] == "" and records[2]["reason"].startswith("trial FAILED: loss became NaN at epoch 2; ")
-    assert records[1]["top1"] == "51.02" and records[1]["params"] == "23528532"
+    assert records[2]["top1"] == "50.9" and records[2]["reason"].startswith(
+        "seed 0: trial FAILED: loss became NaN at epoch 2; ")
     assert records[0]["paper_params"] == "25560000" and records[0]["paper_madds"] == "3860000000"
-    assert records[5]["backbone"] == "resnet18" and records[5]["status"] == "FINISHED"
-    assert records[5]["reason"].startswith("measured with `resnet18` in place of `resnet50`; ran with N=3 (paper: 2); "
-                                           "NOAH's dropout 0.1 is its family's")
+    assert records[5]["backbone"] == "resnet18" and records[5]["edited"] == "backbone=resnet18"
+    assert records[5]["paper_top1"] == records[5]["paper_params"] == ""
+    assert [r["above_chance"] for r in records[:3]] == ["true"] * 3 and records[4]["above_chance"] == ""
+
+
+def test_rows_not_above_chance_are_flagged(tmp_path: Path) -> None:
+    """52.5% over 2 × 100 images is far above 10% chance; 12% over 2 × 100 is not, and says so."""
+    data = json.loads((FIXTURES / "table4.json").read_text())
+    for run in data["rows"][1]["runs"]:
+        run["best_top1"] = 12.0
+    (tmp_path / "table4.json").write_text(json.dumps(data))
+    build_reports(tmp_path, tmp_path / "reports")
+    text = (tmp_path / "reports" / "table4.md").read_text()
+    assert "Top-1 (%) not above chance (10.00%): nothing can be read into this row's accuracy (paper row 2)" in text
+    assert [r["above_chance"] for r in read_csv(tmp_path / "reports" / "table4.csv")][:2] == ["true", "false"]
 
 
 def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> None:
@@ -145,7 +176,8 @@ def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> Non
         text = (built / f"{name}.md").read_text()
         assert why in text.split("\n")[2]  # the scale line says why there is no scale
         rows = body(built / f"{name}.md")
-        assert all(cell == "—¹" for r in rows for cell in r[2::2][:4]), name  # measured columns
+        assert all(cell == "—¹" for r in rows for cell in (r[7], r[9], r[11])), name  # trained columns
+        assert all(r[2] == "0" and r[3].endswith("M") for r in rows), name  # no seed; Params need no training
         assert f"1. {why}" in text
         assert {r["status"] for r in read_csv(built / f"{name}.csv")} == {"MISSING"}
     assert "Activation" in md_tables((built / "table6.md").read_text())[0][0]
@@ -155,14 +187,17 @@ def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> Non
 def test_table9_and_table10_layouts(built: Path) -> None:
     rows = body(built / "table9.md")  # each row trains twice: from scratch and fine-tuned, each with a status
     assert [r[0] for r in rows] == ["ResNet50-FC", "+ NOAH¹²"]  # NOAH's reid reading and its dropout: guesses
-    assert rows[0][1:5] == ["40.0", "91.5", "**20.0**", "78.2"]
-    assert rows[1][1:5] == ["**41.5 (↑1.5)**", "**93.5 (↑2.0)**", "19.0 (↓1.0)", "**81.8 (↑3.6)**"]
-    assert rows[0][5] == "**45.0**" and rows[1][5] == rows[1][7] == "—³"
+    assert rows[0][1:4] == ["1", "24.94M", "—"]  # the ReID model at 751 identities, 256×256; no paper figure
+    assert rows[0][6:10] == ["40.0", "91.5", "20.0", "78.2"]
+    # one seed: no interval, so the differences are shown unmarked (the paper's are as printed)
+    assert rows[1][6:10] == ["41.5 (+1.5)", "**93.5 (↑2.0)**", "19.0 (−1.0)", "**81.8 (↑3.6)**"]
+    assert rows[0][10] == "45.0" and rows[1][10] == rows[1][12] == "—³"
+    assert "With one seed no interval exists" in (built / "table9.md").read_text()
     assert "3. finetune trial FAILED: loss became NaN at epoch 1 (paper row 2)" in (built / "table9.md").read_text()
     records = read_csv(built / "table9.csv")
     assert [r["status"] for r in records] == ["FINISHED", "FAILED"]
     assert records[1]["scratch_top1"] == "41.5" and records[1]["finetune_top1"] == ""
-    assert records[1]["run_id"] == "reid-2s;reid-2f"
+    assert records[1]["run_id"] == "reid-2s;reid-2f" and records[1]["n"] == "0"
     text = (built / "table10.md").read_text()
     rows = body(built / "table10.md")
     assert [r[0] for r in rows if r[0].startswith("*")] == ["*CNNs*", "*ViTs*", "*MLPs*"]
@@ -198,7 +233,8 @@ def test_markdown_parses_as_pipe_tables_with_consistent_widths(built: Path) -> N
         (table,) = md_tables((built / f"{name}.md").read_text())
         assert len({len(r) for r in table}) == 1, name
         metrics = TABLES[name].metrics
-        assert len(table[0]) == 1 + len(TABLES[name].settings) + len(metrics) + sum(bool(m.paper) for m in metrics)
+        assert len(table[0]) == 1 + len(TABLES[name].settings) + TABLES[name].seeded + len(metrics) + \
+            sum(bool(m.paper) for m in metrics)
     (index,) = md_tables((built / "README.md").read_text())
     assert len(index) == 1 + len(TABLES)
 
@@ -220,11 +256,10 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
         ids[head] = run_.info.run_id
     results = tmp_path / "results"
     results.mkdir()
-    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": ids["baseline"], "top1": 50.0,
-             "top5": 90.0, "params": 11181642, "madds": 37000000},
+    rows = [{"row": 1, "backbone": "resnet18", "runs": [{"seed": 0, "status": "FINISHED", "run_id": ids["baseline"],
+                                                         "top1": 50.0, "top5": 90.0}]},
             {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
-             "setting": {"softmax_axis": "spatial"}, "status": "FINISHED", "run_id": ids["noah"], "top1": 55.0,
-             "top5": 91.0, "params": 11183000, "madds": 38000000}]
+             "runs": [{"seed": 0, "status": "FINISHED", "run_id": ids["noah"], "top1": 55.0, "top5": 91.0}]}]
     meta = {"profile": "smoke", "dataset": "builtin", "num_classes": 4, "img_size": 32, "epochs": 3}
     (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     parser = argparse.ArgumentParser()
@@ -238,7 +273,7 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
     assert f"run {ids['noah']} logged no weights" in index
     assert len(list((tmp_path / "reports").glob("table*.md"))) == len(TABLES)
     # a run id the store does not hold is a note, not a crash
-    rows[0]["run_id"] = "0" * 32
+    rows[0]["runs"][0]["run_id"] = "0" * 32
     (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     fig = curves({"table6": _lines(results)}, uri, tmp_path / "again.png")
     assert fig.path is None and "ResNet18 (Table 6)" in fig.note
@@ -317,9 +352,11 @@ def test_attention_figure_from_the_checkpoint_of_a_trained_run(tmp_path: Path) -
     baseline = client.create_run(client.get_experiment_by_name("table7").experiment_id).info.run_id
     results = tmp_path / "results"
     results.mkdir()
-    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": baseline, "top1": 50.0},
+    rows = [{"row": 1, "backbone": "resnet18", "runs": [{"seed": 0, "status": "FINISHED", "run_id": baseline,
+                                                         "top1": 50.0}]},
             {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
-             "status": "FINISHED", "run_id": result["run_id"], "trial_id": result["trial_id"], "top1": result["top1"]}]
+             "runs": [{"seed": 0, "status": "FINISHED", "run_id": result["run_id"], "trial_id": result["trial_id"],
+                       "top1": result["top1"]}]}]
     (results / "table7.json").write_text(json.dumps({"meta": {"profile": "smoke"}, "rows": rows}))
     build_reports(results, tmp_path / "reports", uri)
     assert "its trainer checkpoint is not in None" in (tmp_path / "reports" / "README.md").read_text()

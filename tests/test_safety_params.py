@@ -170,7 +170,7 @@ def test_a_trial_failing_inside_ray_is_a_row_without_result_and_listed_at_the_en
         profiles={"smoke": {"batch_size": 15}}, ray={"max_failures": 0},
         tables={"tmix": {"recipe": "mix", "rows": [ROW]}}))
     run_study(params, ["tmix"], tmp_path / "results")
-    (row,) = json.loads((tmp_path / "results" / "tmix.json").read_text())["rows"]
+    ((row,),) = [r["runs"] for r in json.loads((tmp_path / "results" / "tmix.json").read_text())["rows"]]
     assert row["status"] == "MISSING"
     assert row["reason"].startswith("ConfigError: batch_size: got 15; allowed: an even batch"), row["reason"]
     summary = capsys.readouterr().err.split("study summary:")[-1]

@@ -55,12 +55,15 @@ def test_prepare_builds_the_active_profiles_datasets_or_those_named() -> None:
 
 def test_reid_table_trains_each_row_twice() -> None:
     rows = table_rows(load_params(), "table9")
-    assert [sorted(rt.trials) for rt in rows] == [["finetune", "scratch"]] * 2
+    assert [sorted(rt.trials) for rt in rows] == [[("finetune", 0), ("scratch", 0)]] * 2
 
 
 BAD = [
     ({"tablez": {}}, "tablez", "a known key"),
-    ({"seed": "zero"}, "seed", "an integer"),
+    ({"seeds": "zero"}, "seeds", "a non-empty list of distinct integers"),
+    ({"seeds": [0, 0]}, "seeds", "distinct"),
+    ({"seeds": []}, "seeds", "a non-empty list"),
+    ({"seed": 0}, "seed", "`seeds:`, a list"),
     ({"profile": "huge"}, "profile", "a key of `profiles`"),
     ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 3}}]}}},
      "tables.table6.rows[0].head.N", "a divisor of the 512 feature channels"),

@@ -48,6 +48,9 @@ def load_params(path: str | Path = PARAMS) -> Params:
         data = yaml.load(path.read_text(), Loader=_BoundedLoader)
     except yaml.YAMLError as err:
         raise ConfigError("params", str(path), f"valid YAML of at most {MAX_YAML_VALUES} values ({err})") from None
+    if isinstance(data, dict) and "seed" in data:  # the key `seeds:` replaced
+        raise ConfigError("seed", data["seed"], "no `seed:` key: `seeds:`, a list (e.g. `seeds: [0]`; every row "
+                          "trains once per seed)")
     return parse(Params, data)
 
 

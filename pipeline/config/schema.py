@@ -515,7 +515,10 @@ class Params:
     datasets: dict[str, PrepareConfig]
     tables: dict[str, TableConfig]
     recipes: dict[str, RecipeConfig] = field(default_factory=dict)
-    seed: int = seed_field()
+    seeds: tuple[int, ...] = checked(
+        lambda s: len(s) >= 1 and len(set(s)) == len(s) and all(0 <= x < SEEDS for x in s),
+        "a non-empty list of distinct integers from 0 to 2**32 - 1 (every row trains once per seed)",
+        default=(0,))
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

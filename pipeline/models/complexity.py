@@ -78,12 +78,11 @@ _VARIANTS = {"poca": {}, "sigmoid": {"activation": "sigmoid"}, "kernel3x3": {"ke
 
 
 def paper_head(row: dict[str, str]) -> HeadConfig:
-    """The head config a paper table row describes."""
-    data: dict[str, Any] = {"kind": row["head"]}
+    """The head config a paper table row describes (Table 9's `baseline_fc` is the backbone's own head)."""
+    data: dict[str, Any] = {"kind": "baseline" if row["head"] == "baseline_fc" else row["head"]}
     if row["head"] == "noah":
         data.update(_VARIANTS[row.get("variant") or "poca"])
-        if row.get("feature_split"):
-            data["feature_split"] = row["feature_split"]
+        data.update({k: row[k] for k in ("feature_split", "softmax_axis", "aggregation") if row.get(k)})
         if row.get("N"):
             data["N"], data["r"] = int(row["N"]), float(row["r"])
     return resolve_head(row["key"], data)

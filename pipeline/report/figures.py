@@ -70,7 +70,7 @@ def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
             if base is None or is_baseline(line.paper) or not is_design(line.paper) \
                     or {base.status, line.status} != {"FINISHED"}:
                 continue
-            ids = (base.result.get("run_id"), line.result.get("run_id"))
+            ids = (base.run.get("run_id"), line.run.get("run_id"))
             if None in ids or ids in seen:
                 continue
             seen.add(ids)
@@ -112,7 +112,7 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
     drawn, skipped = [], []
     for label, base, noah in pairs:
         try:
-            series = {(head, split): _history(client, line.result["run_id"], keys)
+            series = {(head, split): _history(client, line.run["run_id"], keys)
                       for head, line in (("baseline", base), ("NOAH", noah))
                       for split, keys in (("train", TRAIN_KEYS), ("val", VAL_KEYS))}
         except (MlflowException, OSError) as err:
@@ -237,7 +237,7 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
         return Figure(title, note=missing)
     reasons = []
     for line in candidates:
-        run_id = line.result["run_id"]
+        run_id = line.run["run_id"]
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 artifact = _weights_artifact(client, run_id)
@@ -261,7 +261,7 @@ def trained_attention(tables: dict[str, list[Line]], meta: dict[str, Any], track
 def _checkpoint(checkpoints: Path | None, line: Line) -> dict[str, Any] | None:
     """The trainer's last checkpoint of the row's trial (in its folder under the checkpoint root), if kept;
     verified to be that trial's and intact (CheckpointError)."""
-    trial = line.result.get("trial_id")
+    trial = line.run.get("trial_id")
     return load_checkpoint(checkpoint_of(checkpoints, trial), trial) if checkpoints and trial else None
 
 
@@ -280,7 +280,7 @@ def _model_spec(line: Line, config: dict[str, Any], meta: dict[str, Any], data_d
             "num_classes": (config.get("data") or {}).get("num_classes") or meta.get("num_classes"),
             "img_size": int(trial.get("img_size") or meta.get("img_size") or 224),
             "data_dir": data_dir or trial.get("data_dir") or meta.get("data_dir"),
-            "run_id": line.result["run_id"], "name": backbones()[line.paper["key"]]["paper_name"]}
+            "run_id": line.run["run_id"], "name": backbones()[line.paper["key"]]["paper_name"]}
 
 
 def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,13 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
+import torch
+
+from ..config import ConfigError, HeadConfig, to_dict
+from ..models import build_reid_model, resolve_head
+from ..models.complexity import count, measure, paper_head
 from ..paper import read_paper_table
 
 PaperRow = dict[str, str]
@@ -51,6 +57,58 @@ class TableSpec:
     producer: str = "study"  # the DVC stage that writes its results file
     groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
     paper_table: int | None = None  # Tables 1-3 share one CSV: the rows whose backbone's paper_table this is
+    task: str = "classify"  # classify | reid: which model its Params and MAdds count
+
+    @property
+    def seeded(self) -> bool:
+        """A table of trained rows, one run per seed (Table 10 is timed instead)."""
+        return self.producer == "study"
+
+    @property
+    def complexity_setting(self) -> str:
+        classes, size = PAPER_SETTINGS[self.task]
+        what = "identities" if self.task == "reid" else "classes"
+        return f"{classes:,} {what}, {size}×{size} input"
+
+
+PAPER_SETTINGS = {"classify": (1000, 224), "reid": (751, 256)}
+"""(classes, input size) at which a table's Params and MAdds are counted, whatever scale trained it: ImageNet's
+1,000 classes at 224×224; for re-identification Market-1501's 751 training identities at the ImageNet
+profile's `reid_img_size`, 256."""
+
+
+@functools.cache
+def _complexity(task: str, backbone: str, head: HeadConfig) -> tuple[int, int]:
+    """(Params, MAdds) of a model at `PAPER_SETTINGS`, counted on the meta device (no memory, no time)."""
+    classes, size = PAPER_SETTINGS[task]
+    if task == "classify":
+        return measure(backbone, head, classes, size)
+    with torch.device("meta"):
+        model = build_reid_model(backbone, head, classes, size)
+    return count(model, size)
+
+
+def paper_complexity(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> dict[str, Any]:
+    """`params` and `madds` of the row's model as it ran (the paper's row when it has not run) at the paper's
+    settings, or the `error` why that model cannot be built there."""
+    backbone = result.get("backbone") or row["key"]
+    try:
+        head = resolve_head(backbone, result["head"]) if result.get("head") else paper_head(row)
+        params, madds = _complexity(spec.task, backbone, head)
+    except ConfigError as err:
+        return {"error": f"this model cannot be built at the paper's settings ({err})"}
+    return {"params": params, "madds": madds}
+
+
+def edits(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[str]:
+    """How the row as it ran differs from the paper's row (`option=value`): its backbone, or a head option a
+    user set in params.yaml. Such a row is labelled with them and not compared with the paper."""
+    if not spec.seeded or not result.get("head"):
+        return []
+    backbone = result.get("backbone") or row["key"]
+    ran, paper = to_dict(resolve_head(backbone, result["head"])), to_dict(paper_head(row))
+    out = [f"backbone={backbone}"] if backbone != row["key"] else []
+    return out + [f"{k}={v}" for k, v in ran.items() if v != paper.get(k) and v is not None]
 
 
 @functools.cache
@@ -185,11 +243,11 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
     TableSpec("table8", "ResNet50 in the aggressive from-scratch training regime (ConvNeXt recipe)",
               "table8_aggressive.csv", (), IMAGENET, _table8_network),
     TableSpec("table9", "Person ReID on Market-1501 with ResNet50: from scratch and fine-tuned", "table9_reid.csv",
-              (), (Metric("scratch_top1", "From scratch Top-1 (%)", "scratch_top1"),
+              (), COMPLEXITY + (Metric("scratch_top1", "From scratch Top-1 (%)", "scratch_top1"),
                    Metric("scratch_map", "From scratch mAP (%)", "scratch_map"),
                    Metric("finetune_top1", "Fine-tuning Top-1 (%)", "finetune_top1"),
                    Metric("finetune_map", "Fine-tuning mAP (%)", "finetune_map")),
-              _table9_network, decimals=1),
+              _table9_network, decimals=1, task="reid"),
     TableSpec("table10", "Inference speed (frames/s) of baseline vs. NOAH models and NOAH's overhead",
               "table10_speed.csv", (), SPEED, _table10_network, producer="benchmark", groups=True),
     TableSpec("table11", "ResNet18: attention designs of the POCA block", "table11_poca_variants.csv",

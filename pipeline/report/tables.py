@@ -2,17 +2,26 @@
 
 Rows always come from the paper (never dropped, never reordered); a row the results lack, a failed trial or an
 unreadable results file becomes "—" with the reason in a footnote, so a partial study still reads correctly.
+
+A trained row holds one run per seed: its value is the mean over the seeds that finished, with the sample
+std, and its difference to the block's baseline is the mean of the per-seed differences (paired by seed)
+with a Student-t 95% interval (`utils.stats`). A difference is marked (arrow; bold when better) only when
+that interval excludes zero. Params and MAdds are the model at the paper's settings, so they compare with
+the paper's columns; the trained model's own counts are the CSV's `trained_params` and `trained_madds`.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..utils.io import csv_text
-from .specs import FAMILIES, Metric, PaperRow, TableSpec, backbones, guess_notes, is_baseline, paper_rows
+from ..utils.stats import above_chance, mean, resolved, sample_std, t_interval
+from .specs import (FAMILIES, Metric, PaperRow, TableSpec, backbones, edits, guess_notes, is_baseline,
+                    paper_complexity, paper_rows)
 
 DASH = "—"
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -45,6 +54,8 @@ def load_results(path: Path, spec: TableSpec) -> Results:
             key = item.get("key") or item.get("backbone")
             if number is None and key in keyed:
                 number = keyed[key]["row"]
+            if spec.seeded and not isinstance(item.get("runs"), list):
+                raise KeyError(f"row {number} has no list of per-seed `runs`")
             res.rows[int(number)] = item
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         res.meta, res.rows = {}, {}
@@ -58,6 +69,20 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A row's mean paired difference to its baseline over the seeds both finished, and its 95% interval
+    (None with fewer than two pairs)."""
+
+    mean: float
+    pairs: int
+    interval: tuple[float, float] | None
+
+    @property
+    def resolved(self) -> bool:
+        return resolved(self.interval)
+
+
 @dataclass
 class Line:
     """One paper row with its measured values (None where there is none) and why a value is missing."""
@@ -67,41 +92,46 @@ class Line:
     status: str
     reason: str | None
     result: dict[str, Any]
+    samples: dict[str, dict[int, float]]  # per trained metric: its value per finished seed
     values: dict[str, float | None]
     paper_values: dict[str, float | None]
+    n: int = 0  # seeds whose every trial finished
+    edits: list[str] = field(default_factory=list)  # how the trained row differs from the paper's
     notes: list[str] = field(default_factory=list)
     reasons: dict[str, str | None] = field(default_factory=dict)  # per metric: why it has no value
+    trained: dict[str, int] = field(default_factory=dict)  # the trained model's own params and madds
+    above_chance: bool | None = None  # its top-1 tested against the dataset's chance level (None: untested)
     baseline: Line | None = None
 
     @property
     def row(self) -> int:
         return int(self.paper["row"])
 
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.result.get("runs") or []
+
+    @property
+    def run(self) -> dict[str, Any]:
+        """The first finished seed's run (what the figures draw), else the first run."""
+        return next((r for r in self.runs if _outcomes(r) == {"": ("FINISHED", None)}), self.runs[0]) \
+            if self.runs else {}
+
+    def std(self, metric: str) -> float | None:
+        return sample_std(list(self.samples.get(metric, {}).values()))
+
+    def delta(self, metric: str) -> Delta | None:
+        """The difference to the block's baseline, paired by seed, or None without a common finished seed."""
+        if self.baseline is None or metric not in self.samples:
+            return None
+        ours, base = self.samples[metric], self.baseline.samples.get(metric, {})
+        diffs = [ours[s] - base[s] for s in ours if s in base]
+        return Delta(mean(diffs), len(diffs), t_interval(diffs)) if diffs else None
+
 
 def _paper_value(row: PaperRow, m: Metric) -> float | None:
     text = row.get(m.paper, "")
     return float(text) * m.scale if text else None
-
-
-def _deviations(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[str]:
-    """Where the measured trial differs from the paper's row (e.g. a smaller backbone in a smoke profile)."""
-    notes = []
-    backbone = result.get("backbone") or result.get("key")
-    if backbone and backbone != row["key"]:
-        notes.append(f"measured with `{backbone}` in place of `{row['key']}`")
-    setting = result.get("setting") or {}
-    for column, value in setting.items():
-        column = column.removeprefix("head.")
-        paper = row.get(column)
-        if paper is None or value is None or paper == "":
-            continue
-        try:
-            same = float(paper) == float(value)
-        except (TypeError, ValueError):
-            same = str(paper) == str(value)
-        if not same:
-            notes.append(f"ran with {column}={value} (paper: {paper})")
-    return notes
 
 
 def _outcomes(result: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
@@ -130,39 +160,113 @@ def _metric_outcome(outcomes: dict[str, tuple[str, str | None]], metric: str) ->
     return outcomes[max(kinds, key=len)] if kinds else outcomes.get("", _overall(outcomes))
 
 
+def _seed_outcomes(runs: list[dict[str, Any]]) -> dict[str, tuple[str, str | None]]:
+    """Every seed's trial outcomes in one mapping (`seed 1: ` before a reason when there are several seeds)."""
+    out = {}
+    for run in runs:
+        for kind, (status, reason) in _outcomes(run).items():
+            out[f"{kind}@{run.get('seed')}"] = (status, reason if len(runs) == 1 or reason is None
+                                                 else f"seed {run.get('seed')}: {reason}")
+    return out
+
+
+def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None) -> Line:
+    """A row of a trained table: per-seed samples of each trained metric, their means, and the model's
+    Params and MAdds at the paper's settings (those of the row as it ran, else of the paper's row)."""
+    runs = result.get("runs") or []
+    samples: dict[str, dict[int, float]] = {}
+    values, reasons = {}, {}
+    outcomes = {"": ("MISSING", error)} if error else _seed_outcomes(runs) if runs else \
+        {"": ("MISSING", f"no result for this row in {spec.name}.json")}
+    status, reason = _overall(outcomes)
+    complexity = paper_complexity(spec, row, result)
+    for m in spec.metrics:
+        if not m.trained:
+            values[m.name] = complexity.get(m.name)
+            reasons[m.name] = None if values[m.name] is not None else complexity.get("error")
+            continue
+        samples[m.name], why = {}, []
+        for run in runs:
+            run_status, run_reason = _metric_outcome(_outcomes(run), m.name)
+            value = _number(run.get(m.source or m.name)) if run_status == "FINISHED" else None
+            if value is not None:
+                samples[m.name][run.get("seed")] = value
+            elif run_reason:
+                why.append(run_reason if len(runs) == 1 else f"seed {run.get('seed')}: {run_reason}")
+        values[m.name] = mean(list(samples[m.name].values()))
+        reasons[m.name] = None if values[m.name] is not None else "; ".join(why) or reason or \
+            f"{spec.name}.json holds no value for this column of a {status} trial"
+    n = sum(all(s == "FINISHED" for s, _ in _outcomes(run).values()) for run in runs)
+    first = next((r for r in runs if r.get("params") is not None), {})
+    trained = {k: int(first[k]) for k in ("params", "madds") if first.get(k) is not None}
+    line = Line(row, spec.network(row), status, reason, result, samples, values,
+                {m.name: _paper_value(row, m) for m in spec.metrics}, n, edits(spec, row, result),
+                guess_notes(spec, row), reasons, trained)
+    if 0 < n < len(runs):
+        line.notes.append(f"mean over the {n} of {len(runs)} seeds that finished")
+    return line
+
+
+def _timed_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None) -> Line:
+    """A row of the benchmark: its values as timed (no seeds, nothing trained)."""
+    status, reason = ("MISSING", error) if error else ("MISSING", f"no result for this row in {spec.name}.json") \
+        if not result else ("FINISHED", None)
+    values = {m.name: _number(result.get(m.source or m.name)) for m in spec.metrics}
+    reasons = {m.name: reason or (None if values[m.name] is not None else
+                                  f"{spec.name}.json holds no value for this column") for m in spec.metrics}
+    return Line(row, spec.network(row), status, reason, result, {}, values,
+                {m.name: _paper_value(row, m) for m in spec.metrics}, reasons=reasons)
+
+
 def build_lines(spec: TableSpec, results: Results) -> list[Line]:
     """The paper's rows in order, each joined with its result and linked to its block's baseline row."""
     lines: list[Line] = []
     baselines: dict[str, Line] = {}
     for row in paper_rows(spec):
         result = results.rows.get(int(row["row"])) or {}
-        if results.error:
-            outcomes = {"": ("MISSING", results.error)}
-        elif not result:
-            outcomes = {"": ("MISSING", f"no result for this row in {results.path.name}")}
-        else:
-            outcomes = _outcomes(result)
-        status, reason = _overall(outcomes)
-        values, reasons = {}, {}
-        for m in spec.metrics:
-            m_status, reasons[m.name] = _metric_outcome(outcomes, m.name)
-            value = result.get(m.source or m.name)
-            values[m.name] = _number(value) if m_status == "FINISHED" or not m.trained else None
-            if values[m.name] is None and reasons[m.name] is None:
-                reasons[m.name] = f"{results.path.name} holds no value for this column of a {m_status} trial"
-        line = Line(row, spec.network(row), status, reason, result, values,
-                    {m.name: _paper_value(row, m) for m in spec.metrics},
-                    _deviations(spec, row, result) + guess_notes(spec, row), reasons)
+        line = (_trained_line if spec.seeded else _timed_line)(spec, row, result, results.error)
         if is_baseline(row):
             baselines[row["key"]] = line
         else:
             line.baseline = baselines.get(row["key"])
         lines.append(line)
+    if spec.seeded:
+        _flag_chance(spec, results.meta, lines)
+        _flag_machines(lines)
     return lines
 
 
+def _flag_chance(spec: TableSpec, meta: dict[str, Any], lines: list[Line]) -> None:
+    """A note on every trained row whose top-1 is not above the dataset's chance level (`chance_line`)."""
+    chance = meta.get("chance") or {}
+    if chance.get("top1") is None or not chance.get("images"):
+        return
+    for line in lines:
+        for m in spec.metrics:
+            value = line.values[m.name]
+            if not (m.trained and m.delta and m.name.endswith("top1")) or value is None:
+                continue
+            above = above_chance(value, chance["top1"], chance["images"] * len(line.samples[m.name]))
+            line.above_chance = above and line.above_chance is not False
+            if not above:
+                line.notes.append(f"{m.label} not above chance ({chance['top1']:.2f}%): nothing can be read "
+                                  "into this row's accuracy")
+
+
+def _flag_machines(lines: list[Line]) -> None:
+    """A note on every row trained (or reused from a run) on another kind of machine than the table's most
+    common: bit-exact repeats hold only on one kind (README, "Repeatability")."""
+    kinds = Counter(run["machine"] for line in lines for run in line.runs if run.get("machine"))
+    if len(kinds) < 2:
+        return
+    common = kinds.most_common(1)[0][0]
+    for line in lines:
+        for other in sorted({run["machine"] for run in line.runs if run.get("machine") not in (None, common)}):
+            line.notes.append(f"trained on {other}, unlike most of this table ({common})")
+
+
 def _blocks(lines: list[Line]) -> list[list[Line]]:
-    """Runs of rows that share a baseline: the unit within which the best value is bolded."""
+    """Runs of rows that share a baseline: the unit within which the paper's best value is bolded."""
     blocks: list[list[Line]] = []
     for line in lines:
         if not blocks or (is_baseline(line.paper) and blocks[-1]):
@@ -189,10 +293,20 @@ def _fmt(value: float, m: Metric, decimals: int) -> str:
     return f"{value:.{decimals}f}"
 
 
-def _delta(value: float, base: float, decimals: int) -> str:
+def _paper_delta(value: float, base: float, decimals: int) -> str:
     diff = round(value - base, decimals)
     arrow = "↑" if diff > 0 else "↓" if diff < 0 else "±"
     return f"({arrow}{abs(diff):.{decimals}f})"
+
+
+def _measured_delta(delta: Delta, decimals: int) -> str:
+    """`(↑0.52 [0.10, 0.94])` when the interval excludes zero, `(+0.52 [−0.40, 1.44])` when it does not, and
+    `(+0.52)` with one pair (no interval)."""
+    if delta.interval is None:
+        return f"({delta.mean:+.{decimals}f})".replace("-", "−")
+    low, high = (f"{v:.{decimals}f}".replace("-", "−") for v in delta.interval)
+    sign = ("↑" if delta.mean > 0 else "↓") if delta.resolved else ("+" if delta.mean >= 0 else "−")
+    return f"({sign}{abs(delta.mean):.{decimals}f} [{low}, {high}])"
 
 
 class Footnotes:
@@ -219,20 +333,35 @@ def _escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _cell(line: Line, m: Metric, spec: TableSpec, paper: bool, best: float | None, notes: Footnotes) -> str:
-    values = line.paper_values if paper else line.values
-    value = values[m.name]
+NOT_COMPARED = "this row ran with other settings than the paper's row: its paper values are not compared"
+
+
+def _measured_cell(line: Line, m: Metric, spec: TableSpec, notes: Footnotes) -> str:
+    value = line.values[m.name]
     if value is None:
-        if paper:
-            return DASH
-        reason = line.reasons[m.name] or line.reason or "no value"
-        return DASH + notes.mark(reason, line.row)
+        return DASH + notes.mark(line.reasons[m.name] or line.reason or "no value", line.row)
+    text = _fmt(value, m, spec.decimals)
+    std = line.std(m.name) if m.delta else None
+    if std is not None:
+        text += f" ±{std:.{spec.decimals}f}"
+    delta = line.delta(m.name) if m.delta else None
+    if delta is not None:
+        text += " " + _measured_delta(delta, spec.decimals)
+        if delta.resolved and (delta.mean > 0) == (m.better == "max"):
+            text = f"**{text}**"
+    return text
+
+
+def _paper_cell(line: Line, m: Metric, spec: TableSpec, best: float | None, notes: Footnotes) -> str:
+    value = line.paper_values[m.name]
+    if line.edits:
+        return DASH + notes.mark(NOT_COMPARED, line.row)
+    if value is None:
+        return DASH
     text = _fmt(value, m, spec.decimals)
     base = line.baseline
-    if m.delta and base is not None:
-        base_value = (base.paper_values if paper else base.values)[m.name]
-        if base_value is not None:
-            text += " " + _delta(value, base_value, spec.decimals)
+    if m.delta and base is not None and base.paper_values[m.name] is not None:
+        text += " " + _paper_delta(value, base.paper_values[m.name], spec.decimals)
     if best is not None and round(value, 6) == round(best, 6):
         text = f"**{text}**"
     return text
@@ -255,23 +384,48 @@ def scale_lines(meta: dict[str, Any], error: str | None, timing: bool = False) -
                 "with the paper's, not frames/s."]
     elif meta.get("profile") != "imagenet":
         out += [">", f"> These numbers come from the `{meta.get('profile', 'unknown')}` profile, not from ImageNet "
-                "at the paper's settings: compare trends with the paper, not values."]
+                "at the paper's settings: compare them with the paper's only where a difference is resolved."]
     return out
+
+
+def evidence_lines(spec: TableSpec, meta: dict[str, Any]) -> list[str]:
+    """What the measured values can show: the dataset's chance level and the seeds behind every row."""
+    chance, seeds = meta.get("chance") or {}, meta.get("seeds") or []
+    out = []
+    if chance.get("top1") is not None:
+        extra = f", mAP {chance['map']:.2f}%" if chance.get("map") is not None else ""
+        what = "a random ranking of" if "map" in chance else "guessing on"
+        out += [f"> **Chance level:** top-1 {chance['top1']:.2f}%, top-5 {chance['top5']:.2f}%{extra} ({what} "
+                f"{chance.get('images', '?')} evaluated images). A row whose top-1 a one-sided binomial test "
+                "(95%, pooled over seeds) cannot tell from it carries a note."]
+    if seeds:
+        out += [">" if out else "", f"> **Seeds:** {', '.join(map(str, seeds))}. Values are means over a row's finished "
+                "seeds (± their sample std); (Δ [low, high]) is the mean paired difference to the block's baseline "
+                "with its Student-t 95% interval, marked ↑/↓ (bold when better) only when that interval excludes "
+                "zero." + (" With one seed no interval exists: the signed differences are shown unmarked, and "
+                           "none is a finding." if len(seeds) < 2 else "")]
+    return [line for line in out if line]
+
+
+def _network_cell(line: Line, notes: Footnotes) -> str:
+    label = line.network + (f" [{', '.join(line.edits)}]" if line.edits else "")
+    return _escape(label) + "".join(notes.mark(n, line.row) for n in line.notes)
 
 
 def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     """The table as the paper lays it out, with a paper column beside each measured metric."""
     notes = Footnotes()
-    header = ["Network", *(s.label for s in spec.settings)]
+    header = ["Network", *(s.label for s in spec.settings), *(["n"] if spec.seeded else [])]
     for m in spec.metrics:
         header += [m.label, f"{m.label} paper"] if m.paper else [m.label]
-    scale = scale_lines(results.meta, results.error, timing=spec.producer == "benchmark")
-    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale,
+    scale = scale_lines(results.meta, results.error, timing=not spec.seeded)
+    evidence = evidence_lines(spec, results.meta) if spec.seeded and not results.error else []
+    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale, *([""] + evidence if evidence
+                                                                                   else []),
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     family = None
     for block in _blocks(lines):
-        best = {(m.name, p): _best([(ln.paper_values if p else ln.values)[m.name] for ln in block], m.better)
-                for m in spec.metrics for p in (False, True)}
+        best = {m.name: _best([ln.paper_values[m.name] for ln in block], m.better) for m in spec.metrics}
         for line in block:
             if spec.groups:
                 current = backbones()[line.paper["key"]]["family"]
@@ -279,42 +433,61 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
                     family = current
                     out.append("| " + " | ".join([f"*{FAMILIES.get(family, family)}*"] + [""] * (len(header) - 1))
                                + " |")
-            name = _escape(line.network) + "".join(notes.mark(n, line.row) for n in line.notes)
-            cells = [name, *(_escape(s.show(line.paper)) for s in spec.settings)]
+            cells = [_network_cell(line, notes), *(_escape(s.show(line.paper)) for s in spec.settings),
+                     *([str(line.n)] if spec.seeded else [])]
             for m in spec.metrics:
-                cells.append(_cell(line, m, spec, False, best[m.name, False], notes))
+                cells.append(_measured_cell(line, m, spec, notes) if spec.seeded else _timed_cell(line, m, spec, notes))
                 if m.paper:
-                    cells.append(_cell(line, m, spec, True, best[m.name, True], notes))
+                    cells.append(_paper_cell(line, m, spec, best[m.name], notes))
             out.append("| " + " | ".join(cells) + " |")
-    bolding = ("the lowest overhead" if spec.groups else
-               "the best measured and the best paper value per column within each baseline's block")
-    out += ["", f"In **bold**: {bolding}." + ("" if spec.groups else
-            " Deltas (↑/↓) are against the block's baseline row, for our values and the paper's alike.")]
+    out += ["", _legend(spec)]
     if notes.notes:
         out += ["", "Notes (— marks a value we do not have):", "", notes.markdown()]
     return "\n".join(out) + "\n"
 
 
+def _timed_cell(line: Line, m: Metric, spec: TableSpec, notes: Footnotes) -> str:
+    value = line.values[m.name]
+    if value is None:
+        return DASH + notes.mark(line.reasons[m.name] or "no value", line.row)
+    return _fmt(value, m, spec.decimals)
+
+
+def _legend(spec: TableSpec) -> str:
+    if not spec.seeded:
+        return "Paper columns as the paper prints them, its lowest overhead in **bold**."
+    return ("Params and MAdds: the model at the paper's settings (" + spec.complexity_setting + "), comparable with "
+            "the paper's; the trained model's own counts are the CSV's `trained_params` and `trained_madds`. "
+            "Paper columns as the paper prints them (its best per block in **bold**, its deltas against the "
+            "block's baseline); a row whose settings differ from the paper's row shows them in [brackets] and is "
+            "not compared with the paper.")
+
+
 def csv_columns(spec: TableSpec) -> list[str]:
-    """Tidy columns: identity, the paper CSV's setting columns, measured metrics, `paper_*`, status."""
+    """Tidy columns: identity, the paper CSV's setting columns, measured metrics (with, for trained tables,
+    `n` and each compared metric's std and paired interval), `paper_*`, status."""
     skip = {"row", "key", "head"} | {m.paper for m in spec.metrics}
     settings = [c for c in paper_rows(spec)[0] if c not in skip]
+    stats = [f"{m.name}_{s}" for m in spec.metrics if m.delta and spec.seeded
+             for s in ("std", "delta", "delta_low", "delta_high")]
+    trained = ["trained_params", "trained_madds", "edited", "above_chance"] if spec.seeded else []
     return ["row", "network", "key", *(["head"] if not spec.groups else []), *settings, "backbone",
-            *(m.name for m in spec.metrics), *(f"paper_{m.name}" for m in spec.metrics if m.paper),
-            "status", "reason", "run_id", "trial_id"]
+            *(["n"] if spec.seeded else []), *(m.name for m in spec.metrics), *stats,
+            *(f"paper_{m.name}" for m in spec.metrics if m.paper), *trained, "status", "reason", "run_id", "trial_id"]
 
 
-def _plain(value: float | None, m: Metric) -> str:
+def _plain(value: float | None, m: Metric | None = None) -> str:
     if value is None:
         return ""
-    if m.kind in ("params", "madds"):
+    if m is not None and m.kind in ("params", "madds"):
         return str(int(round(value)))
     return f"{value:.10g}"
 
 
-def _joined(result: dict[str, Any], suffix: str) -> str:
-    """`run_id`, or `scratch_run_id;finetune_run_id` for a row trained more than once."""
-    return ";".join(str(v) for k, v in result.items() if k.endswith(suffix) and v)
+def _joined(line: Line, suffix: str) -> str:
+    """The runs' `run_id`s (`scratch_run_id;finetune_run_id` for a row trained more than once), seed by seed."""
+    items = line.runs or [line.result]
+    return ";".join(str(v) for run in items for k, v in run.items() if k.endswith(suffix) and v)
 
 
 def table_csv(spec: TableSpec, lines: list[Line]) -> str:
@@ -324,12 +497,22 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
     for line in lines:
         record: dict[str, Any] = {c: line.paper.get(c, "") for c in columns}
         record.update(row=line.row, network=line.network, status=line.status,
-                      reason="; ".join(filter(None, [line.reason, *line.notes])),
+                      reason="; ".join(filter(None, [line.reason, *line.edits, *line.notes])),
                       backbone=line.result.get("backbone") or line.result.get("key") or "",
-                      run_id=_joined(line.result, "run_id"), trial_id=_joined(line.result, "trial_id"))
+                      run_id=_joined(line, "run_id"), trial_id=_joined(line, "trial_id"))
+        if spec.seeded:
+            record.update(n=line.n, trained_params=line.trained.get("params", ""),
+                          trained_madds=line.trained.get("madds", ""), edited="; ".join(line.edits),
+                          above_chance="" if line.above_chance is None else str(line.above_chance).lower())
         for m in spec.metrics:
             record[m.name] = _plain(line.values[m.name], m)
             if m.paper:
-                record[f"paper_{m.name}"] = _plain(line.paper_values[m.name], m)
+                record[f"paper_{m.name}"] = "" if line.edits else _plain(line.paper_values[m.name], m)
+            if m.delta and spec.seeded:
+                delta = line.delta(m.name)
+                low, high = delta.interval if delta is not None and delta.interval else (None, None)
+                record.update({f"{m.name}_std": _plain(line.std(m.name)),
+                               f"{m.name}_delta": _plain(delta.mean if delta else None),
+                               f"{m.name}_delta_low": _plain(low), f"{m.name}_delta_high": _plain(high)})
         records.append(record)
     return csv_text(records, columns)

@@ -1,5 +1,5 @@
 """A table's results files: `results/<table>.json` (meta + one row per printed row, each trial's outcome
-read back from MLflow) and the same rows flattened in `results/<table>.csv`."""
+read back from MLflow, per seed) and the same flattened to one line per row and seed in `results/<table>.csv`."""
 from __future__ import annotations
 
 import json
@@ -12,14 +12,13 @@ from ..utils.io import atomic_write_text, csv_text
 from .tables import RowTrials
 
 
-def row_result(rt: RowTrials, keys: dict[str, str], uri: str, errors: dict[str, str]) -> dict[str, Any]:
-    """A results row: the head, the table's setting, and each trial's outcome read back from MLflow (or the
-    error Ray saw, for a trial that failed before its run existed)."""
+def row_result(rt: RowTrials, keys: dict[tuple[str, int], str], uri: str, errors: dict[str, str]) -> dict[str, Any]:
+    """A results row: the head, the table's setting, and per seed (`runs`) each trial's outcome read back from
+    MLflow (or the error Ray saw, for a trial that failed before its run existed)."""
     head = rt.row.head
     setting = {"N": head.N, "r": head.r, **head.options()}
-    out: dict[str, Any] = {"row": rt.row.row, "backbone": rt.row.backbone, "head": to_dict(head),
-                           "head_name": rt.row.head.name, "setting": setting}
-    for kind, key in keys.items():
+    runs: dict[int, dict[str, Any]] = {}
+    for (kind, seed), key in keys.items():
         run = latest_run(key, uri)
         if run is None:
             res = {"status": "MISSING", "reason": errors.get(key, "no run was recorded for this trial")}
@@ -28,23 +27,26 @@ def row_result(rt: RowTrials, keys: dict[str, str], uri: str, errors: dict[str, 
             if res["status"] != "FINISHED" and not res.get("reason"):
                 res["reason"] = errors.get(key, f"run ended {res['status']}")
         prefix = "" if kind == "classify" else f"{kind}_"
-        out.update({f"{prefix}{k}": v for k, v in res.items()})
-    return out
+        runs.setdefault(seed, {"seed": seed}).update({f"{prefix}{k}": v for k, v in res.items()})
+    return {"row": rt.row.row, "backbone": rt.row.backbone, "head": to_dict(head), "head_name": head.name,
+            "setting": setting, "runs": list(runs.values())}
 
 
 def unfinished(rows: list[dict[str, Any]]) -> list[str]:
-    """`row N: reason` for each trial of `rows` that ended without a result (a diverged trial included)."""
+    """`row N seed S: reason` for each trial of `rows` that ended without a result (a diverged trial included)."""
     out = []
     for row in rows:
-        for prefix in ("", "scratch_", "finetune_"):
-            status, reason = row.get(f"{prefix}status"), row.get(f"{prefix}reason") or ""
-            if status is not None and status != "FINISHED":
-                out.append(f"row {row['row']}{' ' + prefix.rstrip('_') if prefix else ''}: {reason}")
+        for run in row["runs"]:
+            for prefix in ("", "scratch_", "finetune_"):
+                status, reason = run.get(f"{prefix}status"), run.get(f"{prefix}reason") or ""
+                if status is not None and status != "FINISHED":
+                    kind = " " + prefix.rstrip("_") if prefix else ""
+                    out.append(f"row {row['row']}{kind} seed {run['seed']}: {reason}")
     return out
 
 
 def write_results(out_dir: Path, table: str, results: dict[str, Any]) -> None:
-    """`<table>.json` (meta + rows) and `<table>.csv` (rows flattened), each written atomically."""
+    """`<table>.json` (meta + rows) and `<table>.csv` (one line per row and seed), each written atomically."""
     atomic_write_text(out_dir / f"{table}.json", json.dumps(results, indent=2, default=str) + "\n")
-    rows = [flatten(r) for r in results["rows"]]
+    rows = [flatten({**{k: v for k, v in r.items() if k != "runs"}, **run}) for r in results["rows"] for run in r["runs"]]
     atomic_write_text(out_dir / f"{table}.csv", csv_text(rows, list(dict.fromkeys(k for r in rows for k in r))))

@@ -33,6 +33,7 @@ from ..data.prepared import num_classes, require_prepared
 from ..training.engine import NonFiniteLossError
 from ..training.record import checkpoint_root
 from ..training.run import run_trial
+from ..training.tasks import chance_levels
 from ..training.tracking import REASON_TAG, client, experiment_id, git_commit, resolve_uri
 from ..training.trial import resolve_trial, trial_key
 from ..utils.cluster import connect
@@ -284,11 +285,13 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
 def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, errors: dict[str, str],
                    out_dir: Path) -> dict[str, Any]:
     """Write and return `results/<table>.json|csv`: meta and each row's outcome read back from MLflow."""
-    prof, first = params.active, next(iter(rows[0].trials.values()))  # every row trains on the same data
+    prof, seed = params.active, params.seeds[0]
+    first = rows[0].trials.get(("classify", seed)) or rows[0].trials["scratch", seed]  # the data every row scores on
     meta = {"table": table, "profile": params.profile,
             "dataset": prof.reid_dataset if params.tables[table].task == "reid" else prof.dataset,
             "num_classes": num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
-            "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seed": params.seed,
+            "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seeds": list(params.seeds),
+            "chance": chance_levels(first.data_dir),
             "commit": git_commit(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
     results = {"meta": meta, "rows": [row_result(rt, ks, uri, errors) for rt, ks in zip(rows, keys)]}

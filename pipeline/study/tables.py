@@ -20,11 +20,16 @@ from ..training.trial import Trial, resolve_trial, trial_key
 
 @dataclass(frozen=True)
 class RowTrials:
-    """One printed table row and the trials that fill it (`classify`, or `scratch` and `finetune`)."""
+    """One printed table row and the trials that fill it: per seed of `seeds:`, `classify`, or `scratch` and
+    `finetune`, keyed `(kind, seed)`."""
 
     table: str
     row: TableRow
-    trials: dict[str, Trial]
+    trials: dict[tuple[str, int], Trial]
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys(seed for _, seed in self.trials))
 
 
 @functools.cache
@@ -54,19 +59,22 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
         except ConfigError as err:
             raise err.under(where) from None
 
-        def trial(recipe: str | None, data: str, size: int) -> Trial:
+        def trial(recipe: str | None, data: str, size: int, seed: int) -> Trial:
             return resolve_trial(
-                {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": params.seed,
+                {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": seed,
                  "recipe": recipe, "img_size": size, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 
-        classify = trial(spec.pretrain_recipe if reid else row.recipe or spec.recipe, prof.dataset, prof.img_size)
-        if not reid:
-            trials = {"classify": classify}
-        else:
-            finetune = trial(spec.finetune_recipe, prof.reid_dataset, img_size)
-            trials = {"scratch": trial(spec.recipe, prof.reid_dataset, img_size),
-                      "finetune": dataclasses.replace(finetune, init_from=classify)}
+        trials: dict[tuple[str, int], Trial] = {}
+        for seed in params.seeds:
+            classify = trial(spec.pretrain_recipe if reid else row.recipe or spec.recipe, prof.dataset,
+                             prof.img_size, seed)
+            if not reid:
+                trials["classify", seed] = classify
+            else:
+                finetune = trial(spec.finetune_recipe, prof.reid_dataset, img_size, seed)
+                trials["scratch", seed] = trial(spec.recipe, prof.reid_dataset, img_size, seed)
+                trials["finetune", seed] = dataclasses.replace(finetune, init_from=classify)
         rows.append(RowTrials(table, dataclasses.replace(row, head=head), trials))
     return rows
 

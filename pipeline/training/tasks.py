@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..data.loaders import Loader
+from ..data.prepared import num_classes, read_meta, read_split
 from ..models import ReidNet, build_model, build_reid_model
 from .engine import World, evaluate, precision, unwrap
 from .ranking import market1501_metrics, pairwise_distance
@@ -40,6 +41,11 @@ class Task:
         """Load the backbone of trial `source_id`'s checkpoint into `model` (fine-tuning)."""
         raise ConfigError("init_from", source_id, f"a trial of a task that fine-tunes (not {self.name})")
 
+    def chance(self, data_dir: str | Path) -> dict[str, float | int]:
+        """`top1`, `top5` (%) (and the task's `result_keys`) of a model that ignores its input on this
+        dataset's evaluation splits, and `images`, the evaluated images (queries, for reid)."""
+        raise NotImplementedError
+
 
 class Classification(Task):
     name, eval_splits, shard_eval = "classification", ("val",), True
@@ -49,6 +55,11 @@ class Classification(Task):
 
     def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         return evaluate(model, loaders[0], world)
+
+    def chance(self, data_dir: str | Path) -> dict[str, float | int]:
+        classes = num_classes(data_dir) or 1
+        return {"top1": 100 / classes, "top5": 100 * min(5, classes) / classes,
+                "images": len(read_split(data_dir, self.eval_splits[0]))}
 
 
 class ReIdentification(Task):
@@ -66,8 +77,23 @@ class ReIdentification(Task):
     def initialise(self, model: nn.Module, checkpoint: Path, source_id: str) -> None:
         load_backbone(model, checkpoint, source_id)
 
+    def chance(self, data_dir: str | Path, draws: int = 5) -> dict[str, float | int]:
+        """The mean over `draws` random rankings (seeded) under the Market-1501 protocol: its junk and
+        same-camera rules make the chance level depend on the gallery, so it is measured, not derived."""
+        query, gallery = (read_split(data_dir, split) for split in self.eval_splits)
+        generator = torch.Generator().manual_seed(0)
+        runs = [market1501_metrics(torch.rand(len(query), len(gallery), generator=generator), query.pid,
+                                   gallery.pid, query.camid, gallery.camid) for _ in range(draws)]
+        return {"top1": 100 * sum(r["rank1"] for r in runs) / draws, "top5": 100 * sum(r["rank5"] for r in runs) / draws,
+                "map": 100 * sum(r["map"] for r in runs) / draws, "images": int(runs[0]["num_valid_queries"])}
+
 
 TASKS: dict[str, Task] = {t.name: t for t in (Classification(), ReIdentification())}
+
+
+def chance_levels(data_dir: str | Path) -> dict[str, float | int]:
+    """What a prepared dataset's task scores by chance (`Task.chance`): the level a report compares with."""
+    return task_of(read_meta(data_dir)[1]).chance(data_dir)
 
 
 def task_of(stats: dict[str, Any]) -> Task:

@@ -46,8 +46,8 @@ class Trial:
 
     @property
     def label(self) -> str:
-        """`resnet18 noah(N=4,r=0.5) resnet`: the MLflow run name."""
-        return f"{self.backbone} {self.head.name} {self.recipe.name}"
+        """`resnet18 noah(N=4,r=0.5) resnet seed 0`: the MLflow run name."""
+        return f"{self.backbone} {self.head.name} {self.recipe.name} seed {self.seed}"
 
 
 def resolve_trial(trial: Trial | TrialConfig | Mapping[str, Any],
