@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from markdown_it import MarkdownIt
 
+from pipeline.config import PARAMS, load_params
 from pipeline.paper import PAPER_TABLES
 from pipeline.report import TABLES, add_arguments, build_reports, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
@@ -168,6 +170,35 @@ def test_rows_not_above_chance_are_flagged(tmp_path: Path) -> None:
     text = (tmp_path / "reports" / "table4.md").read_text()
     assert "Top-1 (%) not above chance (10.00%): nothing can be read into this row's accuracy (paper row 2)" in text
     assert [r["above_chance"] for r in read_csv(tmp_path / "reports" / "table4.csv")][:2] == ["true", "false"]
+
+
+@pytest.mark.parametrize("dropout,edited", [(0.2, True), (0.1, False)])
+def test_a_row_edited_in_params_is_labelled_with_its_setting_and_not_compared(
+        tmp_path: Path, dropout: float, edited: bool) -> None:
+    """Table 7's average-pooling row given a dropout in params.yaml: 0.2 is another model than the paper's row
+    and says so; 0.1 is ResNet18's own NOAH dropout (backbones.csv), so that row is still the paper's."""
+    from pipeline.study.results import row_result
+    from pipeline.study.tables import table_rows
+
+    data = yaml.safe_load(PARAMS.read_text())
+    data["tables"]["table7"]["rows"][3]["head"]["dropout"] = dropout
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    rows = [row_result(rt, {}, f"sqlite:///{tmp_path / 'mlflow.db'}", {})
+            for rt in table_rows(load_params(tmp_path / "params.yaml"), "table7")]
+    for i, row in enumerate(rows):
+        row["runs"] = [{"seed": 0, "status": "FINISHED", "best_top1": 40.0 + i, "top1": 40.0 + i, "top5": 90.0}]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table7.json").write_text(json.dumps({"meta": {"profile": "smoke"}, "rows": rows}))
+    build_reports(tmp_path / "results", tmp_path / "reports")
+    avg = body(tmp_path / "reports" / "table7.md")[3]
+    record = read_csv(tmp_path / "reports" / "table7.csv")[3]
+    if edited:
+        assert avg[0].startswith("+ NOAH [dropout=0.2]") and avg[1] == "Average pooling"
+        assert avg[8].startswith("—") and avg[4].startswith("—")  # no paper Top-1, no paper Params
+        assert record["edited"] == "dropout=0.2" and record["paper_top1"] == "" and record["top1"] == "43"
+    else:
+        assert avg[0].startswith("+ NOAH") and "[" not in avg[0] and avg[8] == "71.12 (↑0.87)"
+        assert record["edited"] == "" and record["paper_top1"] == "71.12"
 
 
 def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> None:

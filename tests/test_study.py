@@ -142,6 +142,22 @@ def test_plan_counts_no_configuration_twice() -> None:
     assert total["makespan_hours"] <= total["table_by_table_hours"]
 
 
+def test_plan_counts_every_seed(tmp_path: Path) -> None:
+    """Three seeds train every row three times: three times the trials and the GPU-hours."""
+    from pipeline.study.plan import plan
+
+    params = load_params()
+    data = yaml.safe_load(PARAMS.read_text())
+    data["seeds"] = [0, 1, 2]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    one, three = plan(params), plan(load_params(path))
+    for name in ("table4", "table9", "table11"):
+        assert three["tables"][name]["trials"] == 3 * one["tables"][name]["trials"]
+        assert three["tables"][name]["unique_trials"] == 3 * one["tables"][name]["unique_trials"]
+    assert three["total"]["gpu_hours"] == pytest.approx(3 * one["total"]["gpu_hours"], rel=1e-3)
+
+
 def test_plan_rejects_fewer_gpus_than_one_trial_needs() -> None:
     proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--gpus", "4", "--gpus-per-trial", "8"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -2,6 +2,7 @@
 and a second sweep of the same table trains nothing."""
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
+from pipeline.report import build_reports
 from pipeline.study.sweep import run_study
 
 ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
@@ -59,3 +61,29 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
     assert all(0 <= r["top1"] <= 100 and r["params"] > 0 and r["madds"] > 0 for r in _first(saved))
     csv_lines = (out / "tb.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("row,")
+
+
+def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+    """`seeds: [0, 1]` trains every row twice (a seed is part of the identity); the report of the real runs has
+    n = 2, a sample std and a paired 95% interval on every row, and an arrow exactly where it excludes zero."""
+    rows = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
+            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},
+            {"row": 3, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "softmax_axis": "channel"}}]
+    params = load_params(tiny_params(seeds=[0, 1], tables={"table6": {"recipe": "resnet", "rows": rows}}))
+    out = tmp_path / "results"
+    results = run_study(params, ["table6"], out)["table6"]
+    runs = [run for row in results["rows"] for run in row["runs"]]
+    assert [run["seed"] for run in runs] == [0, 1] * 3 and {run["status"] for run in runs} == {"FINISHED"}
+    assert len({run["trial_id"] for run in runs}) == 6 and len(_trial_runs(params.mlflow.tracking_uri)) == 6
+    assert results["meta"]["seeds"] == [0, 1] and results["meta"]["chance"]["top1"] == 25.0
+
+    build_reports(out, tmp_path / "reports")
+    records = list(csv.DictReader(open(tmp_path / "reports" / "table6.csv", newline="")))
+    assert [r["n"] for r in records] == ["2", "2", "2"] and all(r["top1_std"] for r in records)
+    table = [line.strip("|").split(" | ") for line in (tmp_path / "reports" / "table6.md").read_text().splitlines()
+             if line.startswith("| ")]
+    top1 = [row[table[0].index("Top-1 (%)")] for row in table[1:]]
+    for record, cell in zip(records[1:], top1[1:]):
+        low, high = float(record["top1_delta_low"]), float(record["top1_delta_high"])
+        assert low <= float(record["top1_delta"]) <= high and cell.startswith(f"{float(record['top1']):.2f} ±")
+        assert ("↑" in cell or "↓" in cell) == (low > 0 or high < 0), cell
