@@ -37,7 +37,7 @@ def _shrink(params: dict, tmp: Path) -> dict:
     params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
     params["ray"].update(num_cpus=2, max_concurrent=1, storage_path=str(tmp / "ray_results"))
     params["train"] = {**params.get("train", {}), "checkpoint_root": str(tmp / "checkpoints"), "progress": "line"}
-    params["benchmark"] = {**params.get("benchmark", {}), "backbones": ["resnet18"], "cpu_repeats": 1,
+    params["benchmark"] = {**params.get("benchmark", {}), "backbones": ["resnet18"], "cpu_repeats": 2,
                            "cpu_warmup": 0, "img_size": 32}
     for name, table in params["tables"].items():
         table["rows"] = [BASELINE, NOAH] if name in ("table4", "table11") else [BASELINE]

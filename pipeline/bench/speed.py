@@ -2,10 +2,13 @@
 
 GPU frames/s at batch 200 when CUDA is present and CPU frames/s on one core (`torch.set_num_threads(1)`)
 at batch 1, 224×224 inputs, after warm-up. Baseline and NOAH are timed in turns (the one that goes first
-alternates) so that drifting load hits both alike; each column is the median of the repeats, with its
-spread ((max - min) / median, %). Overhead % = (vanilla FPS - NOAH FPS) / vanilla FPS × 100, as
-pipeline/paper/README.md defines it, from the median frames/s. Results go to PREFIX.csv / PREFIX.json
-(atomically) and to one MLflow run of experiment `table10`.
+alternates), so each round is a pair that drifting load hits alike. Each frames/s column is the median of
+the rounds, with its spread ((max - min) / median, %). Overhead % = (vanilla FPS - NOAH FPS) / vanilla FPS
+× 100, as pipeline/paper/README.md defines it, taken per round and averaged, with a Student-t 95% interval
+(`{dev}_overhead_low`/`_high`). Rounds go on past the minimum until that interval is narrower than the
+paper's overhead for the row (`{dev}_resolved`), or the round cap or time budget is reached (`{dev}_rounds`
+says how many). Results go to PREFIX.csv / PREFIX.json (atomically; the JSON also keeps every round's
+overhead) and to one MLflow run of experiment `table10`.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +33,16 @@ from ..paper import read_paper_table
 from ..training.tracking import MAX_BATCH, client, experiment_id, git_commit
 from ..utils.io import atomic_write_text, csv_text
 from ..utils.progress import steps
-from .timing import timed_in_turns, walls
+from ..utils.stats import mean, t_interval
+from .timing import rounds_in_turns
 
 EXPERIMENT = "table10"
 PAPER_COLUMNS = ["key", "vanilla_params_m", "vanilla_gpu_fps", "vanilla_cpu_fps", "noah_params_m", "noah_gpu_fps",
                  "noah_cpu_fps", "gpu_overhead_pct", "cpu_overhead_pct"]
 SPREAD_COLUMNS = [f"{model}_{dev}_spread_pct" for dev in ("gpu", "cpu") for model in ("vanilla", "noah")]
-COLUMNS = ["row", *PAPER_COLUMNS, *SPREAD_COLUMNS]
+INTERVAL_COLUMNS = [f"{dev}_{col}" for dev in ("gpu", "cpu")
+                    for col in ("overhead_low", "overhead_high", "rounds", "resolved")]
+COLUMNS = ["row", *PAPER_COLUMNS, *SPREAD_COLUMNS, *INTERVAL_COLUMNS]
 
 
 def overhead_pct(vanilla_fps: float, noah_fps: float) -> float:
@@ -44,9 +50,9 @@ def overhead_pct(vanilla_fps: float, noah_fps: float) -> float:
     return (vanilla_fps - noah_fps) / vanilla_fps * 100
 
 
-def paper_order() -> list[str]:
-    """The 26 backbone keys in Table 10's row order."""
-    return [row["key"] for row in read_paper_table("table10_speed.csv")]
+def paper_rows() -> dict[str, dict[str, str]]:
+    """Table 10 as the paper prints it, by backbone key, in its row order."""
+    return {row["key"]: row for row in read_paper_table("table10_speed.csv")}
 
 
 def _fps(seconds: list[float], batch: int) -> tuple[float, float]:
@@ -56,49 +62,91 @@ def _fps(seconds: list[float], batch: int) -> tuple[float, float]:
     return median, (max(fps) - min(fps)) / median * 100
 
 
-def measure(pair: dict[str, nn.Module], device: str, batch: int, img_size: int, repeats: int,
-            warmup: int) -> dict[str, tuple[float, float]]:
-    """(median frames/s, spread %) of each model of `pair` on `device`."""
+@dataclass(frozen=True)
+class PairTiming:
+    """One device's rounds of a baseline/NOAH pair. `overhead` is (mean, low, high) of the per-round
+    overheads: the mean rather than the overhead of the median frames/s, so that the point and its
+    interval describe the same quantity (the median's overhead can fall outside the interval)."""
+
+    fps: dict[str, tuple[float, float]]  # model -> (median frames/s, spread %)
+    overheads: list[float]  # per round, in %
+    overhead: tuple[float, float, float]
+
+
+def time_pair(pair: dict[str, nn.Module], device: str, batch: int, img_size: int, min_rounds: int,
+              max_rounds: int, seconds: float, target_width: float, warmup: int) -> PairTiming:
+    """Time `pair` ("vanilla" and "noah") in rounds on `device` (the CPU with one thread, restored after):
+    at least `min_rounds` (>= 2, for an interval), then until the overhead's 95% interval is narrower than
+    `target_width` or `max_rounds` rounds or `seconds` of wall time (warm-up included) are spent."""
+    if min_rounds < 2:
+        raise ValueError(f"min_rounds {min_rounds}: an interval needs at least two rounds")
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    threads = torch.get_num_threads()
     models = {name: model.to(device) for name, model in pair.items()}
-    with torch.inference_mode():
-        times = walls(timed_in_turns({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, warmup,
-                                     sync))
-    for model in models.values():
-        model.cpu()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return {name: _fps(t, batch) for name, t in times.items()}
+    walls: dict[str, list[float]] = {name: [] for name in models}
+    overheads: list[float] = []
+    started = time.perf_counter()
+    try:
+        if device == "cpu":
+            torch.set_num_threads(1)
+        with torch.inference_mode():
+            for timings in rounds_in_turns({name: (lambda m=m: m(x)) for name, m in models.items()}, warmup, sync):
+                for name, t in timings.items():
+                    walls[name].append(t.wall)
+                overheads.append(overhead_pct(1 / timings["vanilla"].wall, 1 / timings["noah"].wall))
+                if len(overheads) < min_rounds:
+                    continue
+                low, high = t_interval(overheads)
+                if (high - low < target_width or len(overheads) >= max_rounds
+                        or time.perf_counter() - started >= seconds):
+                    break
+    finally:
+        torch.set_num_threads(threads)
+        for model in models.values():
+            model.cpu()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return PairTiming({name: _fps(w, batch) for name, w in walls.items()}, overheads, (mean(overheads), low, high))
 
 
-def benchmark_backbone(key: str, cfg: BenchmarkConfig, use_gpu: bool) -> dict[str, Any]:
-    """One Table 10 row: Params (M) of both models, their frames/s on GPU (if used) and one CPU core."""
+def benchmark_backbone(paper: dict[str, str], cfg: BenchmarkConfig, use_gpu: bool) -> dict[str, Any]:
+    """One Table 10 row for the paper's row `paper`: Params (M) of both models, their frames/s on GPU (if
+    used) and one CPU core, NOAH's overhead with its interval, timed until narrower than the paper's."""
+    key = paper["key"]
     pair = {name: build_model(key, {"kind": kind}, 1000, cfg.img_size).eval()
             for name, kind in (("vanilla", "baseline"), ("noah", "noah"))}
     row: dict[str, Any] = {"key": key}
     for name, model in pair.items():
         row[f"{name}_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    runs = [("cpu", cfg.cpu_batch, cfg.cpu_repeats, cfg.cpu_warmup)]
+    runs = [("cpu", cfg.cpu_batch, cfg.cpu_repeats, cfg.cpu_max_repeats, cfg.cpu_seconds, cfg.cpu_warmup)]
     if use_gpu:
-        runs.insert(0, ("gpu", cfg.gpu_batch, cfg.gpu_repeats, cfg.gpu_warmup))
-    for dev, batch, repeats, warmup in runs:
-        threads = torch.get_num_threads()
-        if dev == "cpu":
-            torch.set_num_threads(1)
-        try:
-            result = measure(pair, "cuda" if dev == "gpu" else "cpu", batch, cfg.img_size, repeats, warmup)
-        finally:
-            torch.set_num_threads(threads)
-        for name, (fps, spread) in result.items():
+        runs.insert(0, ("gpu", cfg.gpu_batch, cfg.gpu_repeats, cfg.gpu_max_repeats, cfg.gpu_seconds, cfg.gpu_warmup))
+    for dev, batch, least, most, seconds, warmup in runs:
+        target = abs(float(paper[f"{dev}_overhead_pct"]))
+        timing = time_pair(pair, "cuda" if dev == "gpu" else "cpu", batch, cfg.img_size, least, most, seconds,
+                           target, warmup)
+        for name, (fps, spread) in timing.fps.items():
             row[f"{name}_{dev}_fps"], row[f"{name}_{dev}_spread_pct"] = round(fps, 2), round(spread, 2)
-        row[f"{dev}_overhead_pct"] = round(overhead_pct(result["vanilla"][0], result["noah"][0]), 2)
+        mean, low, high = timing.overhead
+        row |= {f"{dev}_overhead_pct": round(mean, 2), f"{dev}_overhead_low": round(low, 2),
+                f"{dev}_overhead_high": round(high, 2), f"{dev}_rounds": len(timing.overheads),
+                f"{dev}_resolved": high - low < target,
+                f"{dev}_round_overheads_pct": [round(o, 3) for o in timing.overheads]}
     return row
+
+
+def _progress(row: dict[str, Any], dev: str, digits: int) -> str:
+    """`dev`'s part of a progress line: both frames/s, the overhead with its interval, rounds, verdict."""
+    return (f"{dev} {row[f'vanilla_{dev}_fps']:.{digits}f} vs {row[f'noah_{dev}_fps']:.{digits}f} fps "
+            f"({row[f'{dev}_overhead_pct']:+.2f}% [{row[f'{dev}_overhead_low']:+.2f}, "
+            f"{row[f'{dev}_overhead_high']:+.2f}], {row[f'{dev}_rounds']} rounds, "
+            f"{'narrower' if row[f'{dev}_resolved'] else 'not narrower'} than the paper's)")
 
 
 def resolve_backbones(backbones: tuple[str, ...] | None) -> list[str]:
     """The backbones to time, in Table 10's order; unknown keys are a ConfigError before any work."""
-    order = paper_order()
+    order = list(paper_rows())
     if backbones is None:
         return order
     unknown = [k for k in backbones if k not in order]
@@ -133,7 +181,8 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
         use_gpu = torch.cuda.is_available()
     elif use_gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu", "on", "'auto' or 'off' (CUDA is not available here)")
-    order = paper_order()
+    paper = paper_rows()
+    order = list(paper)
     meta: dict[str, Any] = {
         "backbones": ",".join(keys), **{k: v for k, v in asdict(cfg).items() if k not in ("backbones", "out")},
         "gpu": torch.cuda.get_device_name() if use_gpu else None, "cpu": platform.processor() or platform.machine(),
@@ -144,12 +193,10 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
     started = time.perf_counter()
     step = steps(len(keys))
     for i, key in enumerate(keys, 1):
-        row = {"row": order.index(key) + 1, **benchmark_backbone(key, cfg, use_gpu)}
+        row = {"row": order.index(key) + 1, **benchmark_backbone(paper[key], cfg, use_gpu)}
         rows.append(row)
-        cpu = f"cpu {row['vanilla_cpu_fps']:.2f} vs {row['noah_cpu_fps']:.2f} fps ({row['cpu_overhead_pct']:+.2f}%)"
-        gpu = (f", gpu {row['vanilla_gpu_fps']:.1f} vs {row['noah_gpu_fps']:.1f} fps "
-               f"({row['gpu_overhead_pct']:+.2f}%)") if use_gpu else ""
-        step(i, f"{key}: {cpu}{gpu}  {time.perf_counter() - started:.0f}s")
+        gpu = f", {_progress(row, 'gpu', 1)}" if use_gpu else ""
+        step(i, f"{key}: {_progress(row, 'cpu', 2)}{gpu}  {time.perf_counter() - started:.0f}s")
     meta["load_after"] = round(os.getloadavg()[0], 2)
     meta["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(cfg.out)
@@ -166,10 +213,14 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchmarkConfig()
     parser.add_argument("--backbones", default=None, help="comma-separated backbones.csv keys (default: all 26)")
-    parser.add_argument("--cpu-repeats", type=int, default=d.cpu_repeats, help="timed rounds on one CPU core")
-    parser.add_argument("--cpu-warmup", type=int, default=d.cpu_warmup)
-    parser.add_argument("--gpu-repeats", type=int, default=d.gpu_repeats, help="timed rounds on the GPU")
-    parser.add_argument("--gpu-warmup", type=int, default=d.gpu_warmup)
+    for dev, where in (("cpu", "on one CPU core"), ("gpu", "on the GPU")):
+        parser.add_argument(f"--{dev}-repeats", type=int, default=getattr(d, f"{dev}_repeats"),
+                            help=f"fewest timed rounds {where}")
+        parser.add_argument(f"--{dev}-max-repeats", type=int, default=getattr(d, f"{dev}_max_repeats"),
+                            help=f"most timed rounds {where}, if the overhead's interval stays wider than the paper's")
+        parser.add_argument(f"--{dev}-seconds", type=float, default=getattr(d, f"{dev}_seconds"),
+                            help=f"wall seconds per pair {where} after which no round starts (past the fewest)")
+        parser.add_argument(f"--{dev}-warmup", type=int, default=getattr(d, f"{dev}_warmup"))
     parser.add_argument("--cpu-batch", type=int, default=d.cpu_batch)
     parser.add_argument("--gpu-batch", type=int, default=d.gpu_batch)
     parser.add_argument("--img-size", type=int, default=d.img_size)
@@ -180,8 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     """The BenchmarkConfig the command-line options describe (validated like params.yaml)."""
-    data = {k: getattr(args, k) for k in ("cpu_repeats", "cpu_warmup", "gpu_repeats", "gpu_warmup", "cpu_batch",
-                                          "gpu_batch", "img_size", "out")}
+    data = {f.name: getattr(args, f.name) for f in fields(BenchmarkConfig) if f.name != "backbones"}
     if args.backbones:
         data["backbones"] = [k.strip() for k in args.backbones.split(",") if k.strip()]
     return parse(BenchmarkConfig, data, "benchmark")

@@ -487,20 +487,37 @@ class TrainConfig:
 # ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
 
 
+def rounds_field(default: int) -> Any:
+    """A number of timed rounds: at least two, the fewest a confidence interval can be built from."""
+    return checked(lambda n: n >= 2, "an integer >= 2 (an interval needs two rounds)", default=default)
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """Table 10: which backbones to time and how often (baseline and NOAH in turns, medians reported)."""
+    """Table 10: which backbones to time and how long. Baseline and NOAH are timed in turns, at least
+    `*_repeats` rounds; then more until the 95% interval of the overhead is narrower than the paper's
+    overhead for that row, or `*_max_repeats` rounds or `*_seconds` of timed rounds are reached."""
 
     backbones: tuple[str, ...] | None = None  # null: all 26 of backbones.csv
-    cpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=3)
+    cpu_repeats: int = rounds_field(5)
+    cpu_max_repeats: int = rounds_field(200)
+    cpu_seconds: float = checked(lambda s: s >= 0, "a number of seconds >= 0", default=5.0)
     cpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=1)
-    gpu_repeats: int = checked(lambda n: n >= 1, "an integer >= 1", default=10)
+    gpu_repeats: int = rounds_field(10)
+    gpu_max_repeats: int = rounds_field(200)
+    gpu_seconds: float = checked(lambda s: s >= 0, "a number of seconds >= 0", default=10.0)
     gpu_warmup: int = checked(lambda n: n >= 0, "an integer >= 0", default=3)
     cpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
     gpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=200)
     img_size: int = img_size_field(224)
     out: str = checked(lambda d: bool(d), "a path prefix (writes PREFIX.csv and PREFIX.json)",
                        default="results/table10")
+
+    def __post_init__(self) -> None:
+        for dev in ("cpu", "gpu"):
+            least, most = getattr(self, f"{dev}_repeats"), getattr(self, f"{dev}_max_repeats")
+            if most < least:
+                raise ConfigError(f"{dev}_max_repeats", most, f"an integer >= {dev}_repeats ({least})")
 
 
 # ---- Params (lead): the whole of params.yaml

@@ -1,1 +1,2 @@
-"""What every layer above shares: atomic writes, progress, signals, the Ray connection, the stage runner."""
+"""What every layer above shares: atomic writes, progress, signals, the Ray connection, the stage runner,
+interval statistics."""

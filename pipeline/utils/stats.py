@@ -34,8 +34,9 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
 
 
 def resolved(interval: tuple[float, float] | None) -> bool:
-    """Whether an interval of a difference excludes zero: the only case a report marks a difference."""
-    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+    """Whether an interval of a difference excludes zero: the only case a report marks a difference. A
+    zero-width interval (identical differences, e.g. one image apart on every seed) is no evidence."""
+    return interval is not None and interval[0] < interval[1] and (interval[0] > 0 or interval[1] < 0)
 
 
 def above_chance(percent: float, chance: float, trials: int, level: float = LEVEL) -> bool:
