@@ -64,7 +64,9 @@ def load_results(path: Path, spec: TableSpec) -> Results:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
@@ -424,6 +426,7 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
                                                                                    else []),
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     family = None
+    lowest = {m.name: _clear_lowest(lines, m) for m in spec.metrics if m.interval}
     for block in _blocks(lines):
         best = {m.name: _best([ln.paper_values[m.name] for ln in block], m.better) for m in spec.metrics}
         for line in block:
@@ -436,7 +439,8 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
             cells = [_network_cell(line, notes), *(_escape(s.show(line.paper)) for s in spec.settings),
                      *([str(line.n)] if spec.seeded else [])]
             for m in spec.metrics:
-                cells.append(_measured_cell(line, m, spec, notes) if spec.seeded else _timed_cell(line, m, spec, notes))
+                cells.append(_measured_cell(line, m, spec, notes) if spec.seeded else
+                             _timed_cell(line, m, spec, notes, lowest.get(m.name)))
                 if m.paper:
                     cells.append(_paper_cell(line, m, spec, best[m.name], notes))
             out.append("| " + " | ".join(cells) + " |")
@@ -446,21 +450,54 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _timed_cell(line: Line, m: Metric, spec: TableSpec, notes: Footnotes) -> str:
+def _overhead_interval(line: Line, m: Metric) -> tuple[float, float] | None:
+    low, high = (_number(line.result.get(f"{m.interval}_overhead_{end}")) for end in ("low", "high"))
+    return None if low is None or high is None else (low, high)
+
+
+def _clear_lowest(lines: list[Line], m: Metric) -> Line | None:
+    """The row with the lowest overhead, when its 95% interval lies wholly below the next lowest's."""
+    timed = sorted((ln for ln in lines if ln.values[m.name] is not None and _overhead_interval(ln, m)),
+                   key=lambda ln: ln.values[m.name])
+    if len(timed) < 2:
+        return None
+    return timed[0] if _overhead_interval(timed[0], m)[1] < _overhead_interval(timed[1], m)[0] else None
+
+
+def _timed_cell(line: Line, m: Metric, spec: TableSpec, notes: Footnotes, lowest: Line | None) -> str:
     value = line.values[m.name]
     if value is None:
         return DASH + notes.mark(line.reasons[m.name] or "no value", line.row)
-    return _fmt(value, m, spec.decimals)
+    text = _fmt(value, m, spec.decimals)
+    interval = _overhead_interval(line, m) if m.interval else None
+    if interval is None:
+        return text
+    text += " [" + ", ".join(f"{v:.{spec.decimals}f}".replace("-", "−") for v in interval) + "]"
+    if line.result.get(f"{m.interval}_resolved") is False:
+        paper = line.paper_values[m.name]
+        text += notes.mark(f"{m.interval.upper()} overhead: the 95% interval after "
+                           f"{line.result.get(f'{m.interval}_rounds', '?')} timed rounds is not narrower than the "
+                           f"paper's overhead ({'?' if paper is None else f'{paper:.2f}'}%), so it cannot confirm "
+                           "or refute it", line.row)
+    return f"**{text}**" if line is lowest else text
 
 
 def _legend(spec: TableSpec) -> str:
     if not spec.seeded:
-        return "Paper columns as the paper prints them, its lowest overhead in **bold**."
+        return ("Overheads: the mean over timed rounds (baseline and NOAH in turns) with its Student-t 95% interval "
+                "[low, high]; ours in **bold** only where the lowest interval lies wholly below the next lowest. "
+                "Paper columns as the paper prints them, its lowest overhead in **bold**.")
     return ("Params and MAdds: the model at the paper's settings (" + spec.complexity_setting + "), comparable with "
             "the paper's; the trained model's own counts are the CSV's `trained_params` and `trained_madds`. "
             "Paper columns as the paper prints them (its best per block in **bold**, its deltas against the "
             "block's baseline); a row whose settings differ from the paper's row shows them in [brackets] and is "
             "not compared with the paper.")
+
+
+def _timed_columns(spec: TableSpec) -> list[str]:
+    """A timed table's interval columns, as the benchmark writes them (`resolved` as 1 or 0 here)."""
+    return [f"{m.interval}_{c}" for m in spec.metrics if m.interval
+            for c in ("overhead_low", "overhead_high", "rounds", "resolved")]
 
 
 def csv_columns(spec: TableSpec) -> list[str]:
@@ -471,9 +508,11 @@ def csv_columns(spec: TableSpec) -> list[str]:
     stats = [f"{m.name}_{s}" for m in spec.metrics if m.delta and spec.seeded
              for s in ("std", "delta", "delta_low", "delta_high")]
     trained = ["trained_params", "trained_madds", "edited", "above_chance"] if spec.seeded else []
+    timed = _timed_columns(spec)
     return ["row", "network", "key", *(["head"] if not spec.groups else []), *settings, "backbone",
             *(["n"] if spec.seeded else []), *(m.name for m in spec.metrics), *stats,
-            *(f"paper_{m.name}" for m in spec.metrics if m.paper), *trained, "status", "reason", "run_id", "trial_id"]
+            *timed, *(f"paper_{m.name}" for m in spec.metrics if m.paper), *trained, "status", "reason", "run_id",
+            "trial_id"]
 
 
 def _plain(value: float | None, m: Metric | None = None) -> str:
@@ -500,6 +539,7 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
                       reason="; ".join(filter(None, [line.reason, *line.edits, *line.notes])),
                       backbone=line.result.get("backbone") or line.result.get("key") or "",
                       run_id=_joined(line, "run_id"), trial_id=_joined(line, "trial_id"))
+        record.update({c: _plain(_number(line.result.get(c))) for c in _timed_columns(spec)})
         if spec.seeded:
             record.update(n=line.n, trained_params=line.trained.get("params", ""),
                           trained_madds=line.trained.get("madds", ""), edited="; ".join(line.edits),
