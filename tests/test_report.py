@@ -163,8 +163,8 @@ def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> No
 def test_rows_not_above_chance_are_flagged(tmp_path: Path) -> None:
     """52.5% over 2 × 100 images is far above 10% chance; 12% over 2 × 100 is not, and says so."""
     data = json.loads((FIXTURES / "table4.json").read_text())
-    for run in data["rows"][1]["runs"]:
-        run["best_top1"] = 12.0
+    for seed_run in data["rows"][1]["runs"]:
+        seed_run["best_top1"] = 12.0
     (tmp_path / "table4.json").write_text(json.dumps(data))
     build_reports(tmp_path, tmp_path / "reports")
     text = (tmp_path / "reports" / "table4.md").read_text()

@@ -20,8 +20,18 @@ from typing import Any
 
 from ..utils.io import csv_text
 from ..utils.stats import above_chance, mean, resolved, sample_std, t_interval
-from .specs import (FAMILIES, Metric, PaperRow, TableSpec, backbones, edits, guess_notes, is_baseline,
-                    paper_complexity, paper_rows)
+from .specs import (
+    FAMILIES,
+    Metric,
+    PaperRow,
+    TableSpec,
+    backbones,
+    edits,
+    guess_notes,
+    is_baseline,
+    paper_complexity,
+    paper_rows,
+)
 
 DASH = "—"
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -401,10 +411,10 @@ def evidence_lines(spec: TableSpec, meta: dict[str, Any]) -> list[str]:
                 f"{chance.get('images', '?')} evaluated images). A row whose top-1 a one-sided binomial test "
                 "(95%, pooled over seeds) cannot tell from it carries a note."]
     if seeds:
-        out += [">" if out else "", f"> **Seeds:** {', '.join(map(str, seeds))}. Values are means over a row's finished "
-                "seeds (± their sample std); (Δ [low, high]) is the mean paired difference to the block's baseline "
-                "with its Student-t 95% interval, marked ↑/↓ (bold when better) only when that interval excludes "
-                "zero." + (" With one seed no interval exists: the signed differences are shown unmarked, and "
+        out += [">" if out else "", f"> **Seeds:** {', '.join(map(str, seeds))}. Values are means over a row's "
+                "finished seeds (± their sample std); (Δ [low, high]) is the mean paired difference to the block's "
+                "baseline with its Student-t 95% interval, marked ↑/↓ (bold when better) only when that interval "
+                "excludes zero." + (" With one seed no interval exists: the signed differences are shown unmarked, and "
                            "none is a finding." if len(seeds) < 2 else "")]
     return [line for line in out if line]
 

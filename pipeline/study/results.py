@@ -48,5 +48,6 @@ def unfinished(rows: list[dict[str, Any]]) -> list[str]:
 def write_results(out_dir: Path, table: str, results: dict[str, Any]) -> None:
     """`<table>.json` (meta + rows) and `<table>.csv` (one line per row and seed), each written atomically."""
     atomic_write_text(out_dir / f"{table}.json", json.dumps(results, indent=2, default=str) + "\n")
-    rows = [flatten({**{k: v for k, v in r.items() if k != "runs"}, **run}) for r in results["rows"] for run in r["runs"]]
+    rows = [flatten({**{k: v for k, v in r.items() if k != "runs"}, **run})
+            for r in results["rows"] for run in r["runs"]]
     atomic_write_text(out_dir / f"{table}.csv", csv_text(rows, list(dict.fromkeys(k for r in rows for k in r))))

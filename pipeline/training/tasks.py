@@ -84,8 +84,9 @@ class ReIdentification(Task):
         generator = torch.Generator().manual_seed(0)
         runs = [market1501_metrics(torch.rand(len(query), len(gallery), generator=generator), query.pid,
                                    gallery.pid, query.camid, gallery.camid) for _ in range(draws)]
-        return {"top1": 100 * sum(r["rank1"] for r in runs) / draws, "top5": 100 * sum(r["rank5"] for r in runs) / draws,
-                "map": 100 * sum(r["map"] for r in runs) / draws, "images": int(runs[0]["num_valid_queries"])}
+        level = {key: 100 * sum(r[rank] for r in runs) / draws
+                 for key, rank in (("top1", "rank1"), ("top5", "rank5"), ("map", "map"))}
+        return {**level, "images": int(runs[0]["num_valid_queries"])}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Classification(), ReIdentification())}
