@@ -396,7 +396,8 @@ def scale_lines(meta: dict[str, Any], error: str | None, timing: bool = False) -
                 "with the paper's, not frames/s."]
     elif meta.get("profile") != "imagenet":
         out += [">", f"> These numbers come from the `{meta.get('profile', 'unknown')}` profile, not from ImageNet "
-                "at the paper's settings: compare them with the paper's only where a difference is resolved."]
+                "at the paper's settings: a difference resolved here is a finding about this scale, not about the "
+                "paper's."]
     return out
 
 
