@@ -171,9 +171,11 @@ def test_the_report_skips_a_damaged_checkpoint(tiny_data: Path, tmp_path: Path) 
     result = run_trial(_trial(tiny_data, head={"kind": "noah"}), train=train, tracking=tracking, experiment="table7")
     _damage(tmp_path / "ckpt" / result["trial_id"] / CHECKPOINT, "overwritten")
     baseline = client.create_run(client.get_experiment_by_name("table7").experiment_id).info.run_id
-    rows = [{"row": 1, "backbone": "resnet18", "status": "FINISHED", "run_id": baseline, "top1": 50.0},
-            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}, "status": "FINISHED",
-             "run_id": result["run_id"], "trial_id": result["trial_id"], "top1": result["top1"]}]
+    rows = [{"row": 1, "backbone": "resnet18",
+             "runs": [{"seed": 0, "status": "FINISHED", "run_id": baseline, "top1": 50.0}]},
+            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5},
+             "runs": [{"seed": 0, "status": "FINISHED", "run_id": result["run_id"], "trial_id": result["trial_id"],
+                       "top1": result["top1"]}]}]
     results = tmp_path / "results"
     results.mkdir()
     (results / "table7.json").write_text(json.dumps({"meta": {"profile": "smoke"}, "rows": rows}))
