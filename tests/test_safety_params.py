@@ -78,6 +78,24 @@ def test_train_cli_bounds_the_seed_before_any_run_exists(tmp_path: Path, tiny_da
     assert not db.exists() and not (tmp_path / "ckpt").exists()
 
 
+def test_train_deterministic_takes_true_or_false_and_a_bad_value_stops_train_before_any_run(
+        tmp_path: Path, tiny_data: Path) -> None:
+    train = yaml.safe_load(PARAMS.read_text())["train"]
+    assert load_params(_repo_params(tmp_path, train={**train, "deterministic": True})).train.deterministic is True
+    assert load_params(_repo_params(tmp_path, train=train)).train.deterministic is False  # the repository's
+    bad = _repo_params(tmp_path, train={**train, "deterministic": "yes"})
+    with pytest.raises(ConfigError) as err:
+        load_params(bad)
+    assert err.value.key == "train.deterministic"
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--data",
+                           str(tiny_data), "--img-size", "32", "--epochs", "1", "--params", str(bad),
+                           "--checkpoint-dir", str(tmp_path / "ckpt")], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "true or false" in _one_error_line(proc, "train.deterministic")
+    assert not db.exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
     datasets = {"builtin": {"source": "builtin", "out": str(out), "builtin": {"seed": -1}}}

@@ -1,5 +1,6 @@
 """Training engine: real ResNet18+NOAH trials on a tiny built-in dataset, tracked in a temporary MLflow
-SQLite store: complete runs, SIGKILL and resume, 2-worker Ray Train, NaN loss, recipes and identity."""
+SQLite store: complete runs, SIGKILL and resume, bit-exact repeats and the machine each run records,
+2-worker Ray Train, NaN loss, recipes and identity."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,8 @@ from pipeline.training.record import CHECKPOINT, load_checkpoint
 from pipeline.training.run import run_trial
 from pipeline.training.tracking import EPOCH_METRICS
 from pipeline.training.trial import Trial, resolve_trial, trial_id
+from pipeline.utils.cluster import process_cpus
+from pipeline.utils.machine import machine_facts, machine_kind
 
 IMG, BATCH = 32, 8
 
@@ -60,6 +63,10 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 QUIET = TrainConfig(progress="off")
+FACTS = ("cpu", "isa", "threads", "torch", "cuda", "cudnn", "gpu", "deterministic", "workers")
+TIMINGS = ("train_seconds", "images_per_s", "images_per_s_epoch", "epoch_seconds", "data_wait_fraction",
+           "loader_images_per_s")
+"""Metrics that time the run: everything else a trial computes must repeat bit for bit."""
 
 
 def _logged(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -113,6 +120,7 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
 
     again = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "other")
     assert again["run_id"] == result["run_id"] and again["top1"] == result["top1"]
+    assert again["machine"] == result["machine"] == tags["machine.kind"]  # a results row says where it ran
     assert not (tmp_path / "other" / CHECKPOINT).exists()  # the FINISHED run was reused, not retrained
 
 
@@ -189,23 +197,41 @@ def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: 
         run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "b", on_epoch=crash)
     (failed,) = client.search_runs([client.get_experiment_by_name("noah").experiment_id])
     assert failed.info.status == "FAILED" and "Crash: after epoch 0" in failed.data.tags["failure_reason"]
+    # as if the first attempt had run on another kind of machine: the resumed run says it mixed two
+    client.set_tag(failed.info.run_id, "machine.kind", "another machine")
     resumed = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "b")
     assert resumed["run_id"] == failed.info.run_id and client.get_run(failed.info.run_id).info.status == "FINISHED"
-    assert "failure_reason" not in client.get_run(failed.info.run_id).data.tags
+    tags = client.get_run(failed.info.run_id).data.tags
+    assert "failure_reason" not in tags
+    assert tags["machine.kind"] == resumed["machine"] == whole["machine"]  # this attempt's facts overwrite
+    assert tags["machine.kinds"] == f"another machine | {whole['machine']}"
+    assert "machine.kinds" not in _store(tmp_path / "a")[1].get_run(whole["run_id"]).data.tags  # one machine
     a, b = (load_checkpoint(tmp_path / d / CHECKPOINT, whole["trial_id"]) for d in ("a", "b"))
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert resumed["top1"] == whole["top1"]
 
 
-def test_loader_workers_change_nothing_and_a_two_worker_resume_is_exact(data_dir: Path, tmp_path: Path) -> None:
-    """NOAH's dropout and the sampler draw random numbers: none may depend on how many processes decode."""
+def test_a_trial_repeats_bit_for_bit_whatever_the_loader_workers_and_records_its_machine(
+        data_dir: Path, tmp_path: Path) -> None:
+    """The same trial trained from scratch again (into its own store), with 1 or 2 loader workers, or resumed
+    after a crash: the same metrics and the same weights. NOAH's dropout and the sampler draw random numbers:
+    none may depend on how many processes decode. Each run trains with the process's CPUs as torch threads,
+    whatever the caller had set, and records them with the rest of its machine in `machine.*` tags."""
     trial = _trial(data_dir)
     runs = {}
     for workers in (0, 1, 2):
         folder = tmp_path / f"w{workers}"
         runs[workers] = run_trial(trial, train=dataclasses.replace(QUIET, loader_workers=workers),
                                   tracking=_store(folder)[0], checkpoint_dir=folder)
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(1 if process_cpus() > 1 else 2)  # a caller with another setting: the trial fixes its own
+    try:
+        runs["again"] = run_trial(trial, train=dataclasses.replace(QUIET, loader_workers=0),
+                                  tracking=_store(tmp_path / "again")[0], checkpoint_dir=tmp_path / "again")
+        assert torch.get_num_threads() == (1 if process_cpus() > 1 else 2)  # and gives the caller's back
+    finally:
+        torch.set_num_threads(caller_threads)
 
     class Crash(Exception):
         pass
@@ -219,11 +245,40 @@ def test_loader_workers_change_nothing_and_a_two_worker_resume_is_exact(data_dir
         run_trial(trial, train=two, tracking=tracking, checkpoint_dir=tmp_path / "killed", on_epoch=crash)
     runs["resumed"] = run_trial(trial, train=two, tracking=tracking, checkpoint_dir=tmp_path / "killed")
     states = {k: load_checkpoint(tmp_path / d / CHECKPOINT, runs[0]["trial_id"])
-              for k, d in ((0, "w0"), (1, "w1"), (2, "w2"), ("resumed", "killed"))}
-    for key in (1, 2, "resumed"):
-        assert [r["train_loss"] for r in states[key]["history"]] == [r["train_loss"] for r in states[0]["history"]]
+              for k, d in ((0, "w0"), (1, "w1"), (2, "w2"), ("again", "again"), ("resumed", "killed"))}
+
+    def computed(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in TIMINGS and k not in ("run_id", "status", "reason")}
+
+    for key in (1, 2, "again", "resumed"):
+        assert [computed(r) for r in states[key]["history"]] == [computed(r) for r in states[0]["history"]], key
+        assert states[key]["model"].keys() == states[0]["model"].keys()
         assert all(torch.equal(states[0]["model"][k], states[key]["model"][k]) for k in states[0]["model"]), key
-        assert runs[key]["top1"] == runs[0]["top1"]
+        assert computed(runs[key]) == computed(runs[0]), key  # top1, top5, best_top1, params, madds, machine
+    for key, folder in ((0, "w0"), (1, "w1"), (2, "w2"), ("again", "again"), ("resumed", "killed")):
+        tags = _store(tmp_path / folder)[1].get_run(runs[key]["run_id"]).data.tags
+        facts = {fact: tags[f"machine.{fact}"] for fact in FACTS}
+        assert facts["threads"] == str(process_cpus()) and facts["deterministic"] == "false"
+        assert tags["machine.kind"] == machine_kind(facts) == runs[key]["machine"] == runs[0]["machine"]
+        assert "machine.kinds" not in tags  # the crashed and the resumed attempt: one kind of machine
+
+
+@pytest.mark.gpu
+def test_deterministic_gpu_trials_repeat_bit_for_bit_and_every_run_records_its_mode(data_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    trial = _trial(data_dir, epochs=1)
+    exact = dataclasses.replace(QUIET, use_gpu=True, deterministic=True)
+    runs = {name: run_trial(trial, train=exact, tracking=_store(tmp_path / name)[0], checkpoint_dir=tmp_path / name)
+            for name in ("a", "b")}
+    a, b = (load_checkpoint(tmp_path / name / CHECKPOINT, runs[name]["trial_id"]) for name in ("a", "b"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert runs["a"]["top1"] == runs["b"]["top1"] and runs["a"]["machine"] == runs["b"]["machine"]
+    tags = _store(tmp_path / "a")[1].get_run(runs["a"]["run_id"]).data.tags
+    assert tags["machine.gpu"] == torch.cuda.get_device_name() and tags["machine.deterministic"] == "true"
+    assert runs["a"]["machine"].endswith(", deterministic")
+    fast = run_trial(trial, train=dataclasses.replace(exact, deterministic=False), tracking=_store(tmp_path / "f")[0],
+                     checkpoint_dir=tmp_path / "f")
+    assert fast["machine"] == runs["a"]["machine"].removesuffix(", deterministic") + ", fast"
 
 
 # ---- Ray Train, 2 workers
@@ -246,6 +301,8 @@ def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> N
     assert logged_two == logged_one and logged_two["status"] == "FINISHED"
     run = client.get_run(two["run_id"])
     assert run.data.params["train.num_workers"] == "2" and run.data.tags["world_size"] == "2"
+    # rank 0 records its machine: its torch threads are its Ray share (one CPU per worker here)
+    assert run.data.tags["machine.threads"] == "1" and run.data.tags["machine.kind"].endswith(", 2 workers")
     assert client.get_run(one["run_id"]).data.tags["world_size"] == "1"
     assert 0 <= run.data.metrics["top1"] <= 100 and run.data.metrics["params"] == one["params"]
     state = load_checkpoint(tmp_path / "c2" / CHECKPOINT, two["trial_id"])
@@ -281,6 +338,26 @@ def test_bad_trials_are_rejected_before_any_run(data_dir: Path, tmp_path: Path) 
         run_trial(_trial(data_dir, backbone="resnet19"), tracking=tracking)
     assert client.search_experiments() == [] or all(
         not client.search_runs([e.experiment_id]) for e in client.search_experiments())
+
+
+# ---- the machine a run records (no training)
+
+
+def test_machine_facts_and_kind_name_what_a_bit_exact_repeat_needs() -> None:
+    facts = machine_facts(torch.device("cpu"), deterministic=True)
+    assert tuple(facts) == FACTS and all(isinstance(v, str) and v for v in facts.values())
+    assert facts["threads"] == str(torch.get_num_threads()) and facts["torch"] == torch.__version__
+    assert facts["gpu"] == "none" and facts["deterministic"] == "true" and facts["workers"] == "1"
+    assert facts["isa"] == torch.backends.cpu.get_cpu_capability()
+    kind = machine_kind(facts)
+    assert kind.startswith(f"{facts['cpu']}, {facts['isa']}, ") and kind.endswith(f"torch {torch.__version__}, CPU")
+    assert machine_kind(facts | {"deterministic": "false", "cudnn": "other"}) == kind  # CPU: neither matters
+    assert ", 1 thread," in machine_kind(facts | {"threads": "1"})
+    assert ", 2 threads," in machine_kind(facts | {"threads": "2"})
+    gpu = facts | {"gpu": "NVIDIA H100 80GB HBM3", "cuda": "12.8", "cudnn": "91002"}
+    assert machine_kind(gpu).endswith(", NVIDIA H100 80GB HBM3, CUDA 12.8, cuDNN 91002, deterministic")
+    assert machine_kind(gpu | {"deterministic": "false"}).endswith(", fast")
+    assert machine_kind(gpu | {"workers": "8"}).endswith(", deterministic, 8 workers")
 
 
 # ---- recipes, schedules, identity (no training)

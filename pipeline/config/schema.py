@@ -473,6 +473,11 @@ class TrainConfig:
     `use_gpu` null means: a GPU when one is there. `loader_workers` null gives each training process its
     CPUs minus one as decoding processes; `decode` auto decodes JPEGs on the GPU (nvJPEG, with crop, flip
     and normalisation there too) when training on one with the standard augmentation, else on the CPU.
+    `deterministic` chooses on a GPU between bit-exact repeats and speed (`training.engine.set_determinism`);
+    false by default: the paper-scale GPU runs want cuDNN's autotuned kernels, and even bit-exact they
+    repeat only on the same GPU model and CUDA/cuDNN; on CPU, where the embedded study runs, it changes
+    nothing (a CPU trial repeats bit for bit for a fixed thread count either way). Every run records the
+    mode it used (the `machine.deterministic` tag).
     """
 
     num_workers: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
@@ -482,6 +487,7 @@ class TrainConfig:
     decode: str = choice("auto", "cpu", "gpu", default="auto")
     checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
+    deterministic: bool = False
 
 
 # ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml

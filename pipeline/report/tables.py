@@ -268,13 +268,18 @@ def _flag_chance(spec: TableSpec, meta: dict[str, Any], lines: list[Line]) -> No
 def _flag_machines(lines: list[Line]) -> None:
     """A note on every row trained (or reused from a run) on another kind of machine than the table's most
     common: bit-exact repeats hold only on one kind (README, "Repeatability")."""
-    kinds = Counter(run["machine"] for line in lines for run in line.runs if run.get("machine"))
+    kinds = Counter(kind for line in lines for run in line.runs for kind in _machines(run))
     if len(kinds) < 2:
         return
     common = kinds.most_common(1)[0][0]
     for line in lines:
-        for other in sorted({run["machine"] for run in line.runs if run.get("machine") not in (None, common)}):
+        for other in sorted({kind for run in line.runs for kind in _machines(run)} - {common}):
             line.notes.append(f"trained on {other}, unlike most of this table ({common})")
+
+
+def _machines(run: dict[str, Any]) -> list[str]:
+    """The kinds of machine a seed's trials ran on (`machine`; Table 9's `scratch_machine`, `finetune_machine`)."""
+    return [v for k, v in run.items() if k.endswith("machine") and v]
 
 
 def _blocks(lines: list[Line]) -> list[list[Line]]:

@@ -1,4 +1,4 @@
-"""The training engine: one epoch of updates, evaluation and numeric precision.
+"""The training engine: one epoch of updates, evaluation, numeric precision and GPU determinism.
 
 Nothing here knows about trials, MLflow or Ray: `run.fit` drives it, `bench.train` times it.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -63,6 +64,33 @@ def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, 
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16), torch.channels_last
     return contextlib.nullcontext(), torch.contiguous_format
+
+
+CUBLAS_DETERMINISTIC = ":4096:8"
+"""The cuBLAS workspace setting under which its GEMMs repeat bit for bit (CUDA's reproducibility notes)."""
+
+
+def set_determinism(device: torch.device, deterministic: bool) -> None:
+    """`train.deterministic` for this process, on a GPU: True picks deterministic kernels (cuDNN's
+    deterministic algorithms without autotuning, deterministic cuBLAS workspaces, and PyTorch's deterministic
+    implementations), so a trial repeats bit for bit on the same kind of GPU; False lets cuDNN time and pick
+    its fastest algorithms (`cudnn.benchmark`), which may differ from run to run. TF32 stays at PyTorch's
+    defaults either way (the forward passes run under bf16 autocast, `precision`).
+
+    `warn_only=True`: an op with no deterministic CUDA kernel warns, naming itself, rather than failing the
+    trial; such an op is where a deterministic run may still differ. Raising would stop every backbone:
+    PyTorch flags the backward of global average pooling (timm's `AdaptiveAvgPool2d`) for its atomic adds,
+    although at a 1x1 output each input gradient receives exactly one, so it repeats. CUBLAS_WORKSPACE_CONFIG
+    is read when a process first uses cuBLAS: set here, before the model's first matmul, it holds for a
+    process that trains in one mode (a `train` command, a study's trials). On CPU nothing changes: its
+    kernels repeat for a fixed thread count."""
+    if device.type != "cuda":
+        return
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def train_one_epoch(step: Step, loader: Iterable[Any], tick: Callable[[], None] | None = None) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 The run is tracked in MLflow (`tracking`), checkpointed atomically after every epoch (`record`) and resumed
 from the last checkpoint when started again. Each epoch is seeded from (seed, epoch), so a resumed run
-repeats what an uninterrupted one would have done. A damaged or foreign checkpoint is set aside and the
+repeats what an uninterrupted one would have done, bit for bit on the same kind of machine, which every
+run records (`utils.machine`; MLflow tags `machine.*`). A damaged or foreign checkpoint is set aside and the
 trial starts from scratch in a new run.
 
 With `TrainConfig.num_workers > 1` the same loop (`fit`) runs data-parallel in Ray Train's TorchTrainer
@@ -27,9 +28,10 @@ from ..data.prepared import manifest_hash, read_meta, train_images
 from ..models.complexity import count
 from ..utils.cluster import connect, process_cpus
 from ..utils.interrupt import Interrupted, interruptible
+from ..utils.machine import fixed_threads, machine_facts
 from ..utils.progress import resolve_mode, steps, ticker
 from ..utils.seeds import mix_seed, seed_everything
-from .engine import Step, World, precision, train_one_epoch, unwrap
+from .engine import Step, World, precision, set_determinism, train_one_epoch, unwrap
 from .recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, unapplied
 from .record import (
     CHECKPOINT,
@@ -130,7 +132,17 @@ def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, Any]:
     """Train `job` from its last checkpoint to the end and evaluate it; rank 0 checkpoints and logs.
 
-    `wrap` makes the data-parallel model (Ray Train's prepare_model) when there are several workers."""
+    The process trains in `train.deterministic`'s mode and with one torch thread per CPU it has
+    (`process_cpus`: its Ray share inside Ray, else its affinity mask), set for every trial rather than left
+    to how the process started, since float reductions, and with them the result, depend on the thread
+    count. `wrap` makes the data-parallel model (Ray Train's prepare_model) when there are several workers."""
+    set_determinism(world.device, job.train.deterministic)
+    with fixed_threads(process_cpus()):
+        return _fit(job, world, on_epoch, wrap)
+
+
+def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
+         wrap: Callable[[nn.Module], nn.Module] | None) -> dict[str, Any]:
     trial, task, recipe = job.trial, job.task, job.trial.recipe
     lead = world.rank == 0
     folder = Path(job.checkpoint_dir)
@@ -165,6 +177,7 @@ def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
         run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32",
                       "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
                       "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
+        run.set_machine(machine_facts(world.device, job.train.deterministic, world.size))
         run.log_epochs(history)  # epochs checkpointed before a crash but not yet logged
     mode = resolve_mode(job.train.progress) if lead else "off"
     name = f"{trial.backbone}/{trial.head.name} epoch"
@@ -344,4 +357,5 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
         run.fail(f"interrupted: {err if isinstance(err, Interrupted) else type(err).__name__}", killed=True)
         raise
     run.finish()
-    return {**result, "run_id": run.run_id, "trial_id": tid, "status": "FINISHED", "reason": None}
+    return {**result, "run_id": run.run_id, "trial_id": tid, "status": "FINISHED", "reason": None,
+            "machine": result_of(run.run())["machine"]}

@@ -22,11 +22,17 @@ from mlflow.exceptions import MlflowException
 
 from .. import REPO_ROOT
 from ..utils.io import atomic_write_text, csv_text
+from ..utils.machine import machine_kind
 from .record import RUN_ID_FILE
 
 SQLITE = "sqlite:///"
 TRIAL_TAG = "trial_id"
 REASON_TAG = "failure_reason"
+MACHINE_TAGS = "machine."
+"""The prefix of what a run trained on: `machine.<fact>` (`utils.machine.machine_facts`), `machine.kind` (their
+label) and, for a run resumed on another kind of machine, `machine.kinds` (every kind, joined by `KINDS_SEPARATOR`)."""
+KIND_TAG, KINDS_TAG = MACHINE_TAGS + "kind", MACHINE_TAGS + "kinds"
+KINDS_SEPARATOR = " | "
 MAX_BATCH = 100  # MLflow's limit on params per log_batch call
 _MAX_TAG = 5000
 
@@ -138,7 +144,7 @@ def result_of(run: Run) -> dict[str, Any]:
         if key in out:
             out[key] = int(out[key])
     out.update(run_id=run.info.run_id, trial_id=run.data.tags.get(TRIAL_TAG), status=run.info.status,
-               reason=run.data.tags.get(REASON_TAG))
+               reason=run.data.tags.get(REASON_TAG), machine=run.data.tags.get(KIND_TAG))
     return out
 
 
@@ -191,6 +197,20 @@ class TrialRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:_MAX_TAG]) for k, v in tags.items()])
+
+    def set_machine(self, facts: Mapping[str, str]) -> None:
+        """Record what this attempt trains on: `machine.<fact>` and `machine.kind` overwrite an earlier
+        attempt's; once the kind differs from an earlier attempt's, `machine.kinds` lists every kind the run
+        trained on, in order (a run that mixed machines need not repeat bit for bit)."""
+        kind = machine_kind(facts)
+        held = self.run().data.tags
+        kinds = (held.get(KINDS_TAG) or held.get(KIND_TAG) or kind).split(KINDS_SEPARATOR)
+        tags = {MACHINE_TAGS + fact: value for fact, value in facts.items()} | {KIND_TAG: kind}
+        if kind not in kinds:
+            kinds.append(kind)
+        if len(kinds) > 1:
+            tags[KINDS_TAG] = KINDS_SEPARATOR.join(kinds)
+        self.set_tags(tags)
 
     def logged_epochs(self, key: str = "val_top1") -> set[int]:
         """The epochs (steps) for which the run already holds the per-epoch metric `key`."""

@@ -75,7 +75,8 @@ def identity(trial: Trial) -> dict[str, Any]:
 
 
 def trial_id(trial: Trial) -> str:
-    """The trial identity hash: equal for trials that must give the same result, whatever table asks."""
+    """The trial identity hash: equal for trials that must give the same result, whatever table asks (bit
+    for bit on the same kind of machine, `utils.machine`)."""
     return _digest(identity(trial))
 
 
