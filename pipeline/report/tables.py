@@ -488,7 +488,7 @@ def _timed_cell(line: Line, m: Metric, spec: TableSpec, notes: Footnotes, lowest
     interval = _overhead_interval(line, m) if m.interval else None
     if interval is None:
         return text
-    text += " [" + ", ".join(f"{v:.{spec.decimals}f}".replace("-", "−") for v in interval) + "]"
+    text = (text + " [" + ", ".join(f"{v:.{spec.decimals}f}" for v in interval) + "]").replace("-", "−")
     if line.result.get(f"{m.interval}_resolved") is False:
         paper = line.paper_values[m.name]
         text += notes.mark(f"{m.interval.upper()} overhead: the 95% interval after "
