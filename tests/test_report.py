@@ -160,6 +160,20 @@ def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> No
     assert [r["above_chance"] for r in records[:3]] == ["true"] * 3 and records[4]["above_chance"] == ""
 
 
+def test_report_params_and_madds_are_the_papers_models(tmp_path: Path) -> None:
+    """Whatever trained them (here: nothing yet), every row of Tables 4–9 and 11 reports its model at the
+    paper's settings: Params within 1% of the paper's, MAdds within 8% (Table 9 prints none: its ReID model)."""
+    build_reports(tmp_path / "no-results", tmp_path / "reports")
+    for name in ("table4", "table5", "table6", "table7", "table8", "table9", "table11"):
+        for record in read_csv(tmp_path / "reports" / f"{name}.csv"):
+            params, madds = int(record["params"]), int(record["madds"])
+            if name == "table9":
+                assert 24e6 < params < 26e6 and madds > 5e9, record  # ResNet50 at 256×256, 751 identities
+                continue
+            assert abs(params / float(record["paper_params"]) - 1) <= 0.01, (name, record["row"], params)
+            assert abs(madds / float(record["paper_madds"]) - 1) <= 0.08, (name, record["row"], madds)
+
+
 def test_rows_not_above_chance_are_flagged(tmp_path: Path) -> None:
     """52.5% over 2 × 100 images is far above 10% chance; 12% over 2 × 100 is not, and says so."""
     data = json.loads((FIXTURES / "table4.json").read_text())
