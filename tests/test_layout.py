@@ -1,8 +1,10 @@
 """The package layout holds: layers import only downward (import-linter), no import cycles, imports at the top
-of modules, ruff clean, and every DVC stage depends on all the code it runs (statically and in `dvc status`)."""
+of modules, ruff clean, and every DVC stage depends on all the code it runs (statically and in `dvc status`) and on
+exactly the params that change its outs (in `dvc status`)."""
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -148,18 +150,18 @@ CHANGED = ("pipeline/config/schema.py", "pipeline/utils/io.py", "pipeline/paper/
 """Modules changed one at a time: several stages reach each only through other modules."""
 
 
-def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(tmp_path: Path) -> None:
-    """Every stage in a copy of the repository, its lock recorded as is; then each of CHANGED is edited in turn:
-    `dvc status` must report every stage that imports it (a dependency missed in dvc.yaml would not), and no
-    stage whose deps do not hold it."""
-    work = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the repository's stages, code and params with every stage's lock recorded as is: outs (and the
+    data dep) stand in as small files, so `dvc status` tells what an edit would re-run, without running it."""
+    work = tmp_path_factory.mktemp("dvc") / "repo"
     work.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(REPO / name, work / name)
     for folder in ("pipeline", "stages"):
         shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     stages = _stages()
-    for body in stages.values():  # outs (and the data dep) stand in as small files: only the code matters here
+    for body in stages.values():  # only the code and params matter here
         for out in [*body["outs"], *[d for d in body["deps"] if d.startswith(("data/", "results/"))]]:
             target = work / (next(iter(out)) if isinstance(out, dict) else out)
             if target.exists():
@@ -173,6 +175,13 @@ def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(tmp_path:
     _dvc(work, "init", "--no-scm", "-q")
     _dvc(work, "commit", "-f", "-q", *stages)
     assert "up to date" in _dvc(work, "status")
+    return work
+
+
+def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(stand_in: Path) -> None:
+    """In the stand-in repository, each of CHANGED is edited in turn: `dvc status` must report every stage that
+    imports it (a dependency missed in dvc.yaml would not), and no stage whose deps do not hold it."""
+    work, stages = stand_in, _stages()
     closures = {stage: import_closure(REPO / body["cmd"].split()[1]) for stage, body in stages.items()}
     for rel in CHANGED:
         expected = {stage for stage, files in closures.items() if REPO / rel in files}
@@ -188,3 +197,54 @@ def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(tmp_path:
         assert reported == depending, f"after changing {rel}: dvc status reported {sorted(reported)}, " \
                                       f"the stages whose deps hold it are {sorted(depending)}"
         target.write_text(original)
+
+
+DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "profiles.smoke.gpu_tflops": 1.0,
+                "profiles.imagenet.epochs": 3, "train.num_workers": 2, "train.use_gpu": False,
+                "train.loader_workers": 0, "train.decode": "cpu", "train.deterministic": True,
+                "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2}
+"""Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
+RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),
+             "profiles.smoke.epochs": (3, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),
+             "seeds": ([0, 1], {"study"}), "recipes.resnet.lr": (0.2, {"study"}),
+             "tables.table6.recipe": ("aggressive", {"study"}), "benchmark.cpu_seconds": (1, {"benchmark"}),
+             "mlflow.tracking_uri": ("sqlite:///other.db", {"study", "report"}),
+             "train.checkpoint_root": ("elsewhere", {"report"})}
+"""Params that change outs, with the stages whose outs they change."""
+
+
+def test_every_profile_states_every_key_the_study_depends_on() -> None:
+    """`dvc repro` fails a stage whose params name a key missing from params.yaml: a profile states even its nulls."""
+    study = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["study"]
+    keys = {p.removeprefix("profiles.${profile}.") for p in study["params"] if p.startswith("profiles.${profile}.")}
+    assert keys
+    for name, profile in yaml.safe_load((REPO / "params.yaml").read_text())["profiles"].items():
+        assert keys <= set(profile), f"profiles.{name} lacks {sorted(keys - set(profile))}"
+
+
+def _reported_after(work: Path, key: str, value: object) -> set[str]:
+    """The stages `dvc status` reports changed once params.yaml's dotted `key` is `value` (then restored)."""
+    path = work / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    *parents, last = key.split(".")
+    section = params
+    for name in parents:
+        section = section[name]
+    section[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        return set(json.loads(_dvc(work, "status", "--json")))
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.parametrize("key", sorted(DISPLAY_ONLY))
+def test_display_only_params_leave_the_study_unchanged(stand_in: Path, key: str) -> None:
+    assert _reported_after(stand_in, key, DISPLAY_ONLY[key]) == set()
+
+
+@pytest.mark.parametrize("key", sorted(RESULTING))
+def test_params_that_change_outs_rerun_exactly_their_stages(stand_in: Path, key: str) -> None:
+    value, stages = RESULTING[key]
+    assert _reported_after(stand_in, key, value) == stages
