@@ -1,7 +1,6 @@
 """The report stage: tables from finished, failed and missing trials; figures from real MLflow runs and weights."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -12,9 +11,10 @@ import torch
 import yaml
 from markdown_it import MarkdownIt
 
+from pipeline.commands import parser_of
 from pipeline.config import PARAMS, load_params
 from pipeline.paper import PAPER_TABLES
-from pipeline.report import TABLES, add_arguments, build_reports, run
+from pipeline.report import TABLES, build_reports, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
 from pipeline.report.specs import paper_rows
 
@@ -315,8 +315,7 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
              "runs": [{"seed": 0, "status": "FINISHED", "run_id": ids["noah"], "top1": 55.0, "top5": 91.0}]}]
     meta = {"profile": "smoke", "dataset": "builtin", "num_classes": 4, "img_size": 32, "epochs": 3}
     (results / "table6.json").write_text(json.dumps({"meta": meta, "rows": rows}))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = parser_of("report")
     assert run(parser.parse_args(["--results", str(results), "--out", str(tmp_path / "reports"),
                                   "--tracking-uri", uri])) == 0
     png = tmp_path / "reports" / "figures" / "curves.png"

@@ -26,7 +26,7 @@ from pipeline.training.engine import NonFiniteLossError
 from pipeline.training.recipes import build_optimizer, build_scheduler, get_recipe, scale
 from pipeline.training.record import CHECKPOINT, load_checkpoint
 from pipeline.training.run import run_trial
-from pipeline.training.tracking import EPOCH_METRICS
+from pipeline.training.tracking import EPOCH_METRICS, git_commit
 from pipeline.training.trial import Trial, resolve_trial, trial_id
 from pipeline.utils.cluster import process_cpus
 from pipeline.utils.machine import machine_facts, machine_kind
@@ -80,7 +80,8 @@ def _logged(client: MlflowClient, run_id: str) -> dict[str, Any]:
 # ---- a complete run
 
 
-def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_path: Path) -> None:
+def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
     tracking, client = _store(tmp_path)
     trial = _trial(data_dir)
     seen: list[dict[str, float]] = []
@@ -122,6 +123,9 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
     assert again["run_id"] == result["run_id"] and again["top1"] == result["top1"]
     assert again["machine"] == result["machine"] == tags["machine.kind"]  # a results row says where it ran
     assert not (tmp_path / "other" / CHECKPOINT).exists()  # the FINISHED run was reused, not retrained
+    said = capfd.readouterr().err.splitlines()
+    assert f"reusing finished run {result['run_id']} of {trial.label} (trial {result['trial_id']}; " \
+           "--retrain trains again)" in said
 
 
 # ---- SIGKILL mid-epoch, then resume
@@ -181,7 +185,8 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
     assert all(torch.equal(killed["model"][k], uninterrupted["model"][k]) for k in killed["model"])
 
 
-def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: Path, tmp_path: Path) -> None:
+def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: Path, tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
     # deit_pvt: warm-up, Mixup/CutMix, RandAugment, Random Erasing: every random draw is reseeded per epoch
     trial = _trial(data_dir, recipe="deit_pvt")
     whole = run_trial(trial, train=QUIET, tracking=_store(tmp_path / "a")[0], checkpoint_dir=tmp_path / "a")
@@ -199,7 +204,10 @@ def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: 
     assert failed.info.status == "FAILED" and "Crash: after epoch 0" in failed.data.tags["failure_reason"]
     # as if the first attempt had run on another kind of machine: the resumed run says it mixed two
     client.set_tag(failed.info.run_id, "machine.kind", "another machine")
+    capfd.readouterr()
     resumed = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "b")
+    assert f"resuming {trial.label} from epoch 2/2 (checkpoint {tmp_path / 'b' / CHECKPOINT})" \
+        in capfd.readouterr().err.splitlines()
     assert resumed["run_id"] == failed.info.run_id and client.get_run(failed.info.run_id).info.status == "FINISHED"
     tags = client.get_run(failed.info.run_id).data.tags
     assert "failure_reason" not in tags
@@ -439,3 +447,32 @@ def test_bench_train_measures_both_loops_on_the_same_work(data_dir: Path) -> Non
     assert out["head"] == "noah(N=4,r=0.5)" and out["bare_images_per_s"] > 0 and out["trainer_images_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["trainer_images_per_s"] / out["bare_images_per_s"])
     assert out["loader_ratio"] == pytest.approx(out["loader_images_per_s"] / out["trainer_images_per_s"])
+
+
+# ---- the commit a run is stamped with
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_the_commit_stamp_ignores_what_dvc_repro_rewrites_but_not_code_edits(tmp_path: Path) -> None:
+    """`dvc repro` rewrites dvc.lock, results/ and reports/ while it runs: a clean checkout still stamps its
+    plain commit; an edited source file (or a DVC output deleted beside one) is `-dirty`."""
+    for path in ("dvc.lock", "results/table4.json", "reports/README.md", "pipeline/run.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("v1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    for path in ("dvc.lock", "results/table4.json", "reports/README.md"):
+        (tmp_path / path).write_text("v2\n")
+    (tmp_path / "untracked.txt").write_text("scratch\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "pipeline/run.py").write_text("v2\n")
+    assert git_commit(tmp_path) == f"{head}-dirty"
+    assert git_commit(tmp_path / "pipeline") == f"{head}-dirty"  # from a subfolder: the whole worktree counts
+    assert git_commit(tmp_path.parent / "not-a-repo-here") == "unknown"

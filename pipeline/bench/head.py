@@ -122,17 +122,8 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
-    parser.add_argument("--batches", default="1,64", help="inference batch sizes; the largest is also trained")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per contender (median reported)")
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run(args: argparse.Namespace) -> int:
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else list(SHAPES)
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise ConfigError("--shapes", unknown[0], "one of " + ", ".join(SHAPES))
@@ -145,12 +136,13 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError("--repeats", args.repeats, "an integer >= 1")
     torch.set_num_threads(args.threads)
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"classes={args.classes} repeats={args.repeats} (median seconds per call, contenders in turns)",
           flush=True)
     rows = []
     for name in shapes:
-        rows += bench_shape(name, batches, args.repeats, args.classes, args.device)
+        rows += bench_shape(name, batches, args.repeats, args.classes, device)
         print(f"done {name}", flush=True)
     print(format_rows(rows))
     return 0

@@ -141,18 +141,6 @@ def table(rates: dict[str, float], settings: list[int]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=1000, help="ImageNet-like JPEGs to generate (default: "
-                        "%(default)s; 80 %% are train)")
-    parser.add_argument("--root", help="existing ImageFolder source (with --data: no generation)")
-    parser.add_argument("--data", help="the prepared folder built from --root")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="loader workers of the second setting "
-                        "(default: all cores); the first is always 1")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many passes per method")
-
-
 def run(args: argparse.Namespace) -> int:
     if (args.root is None) != (args.data is None):
         raise ConfigError("--root/--data", (args.root, args.data), "both (existing source and prepared folders) "

@@ -54,13 +54,6 @@ def read_prepared(data_dir: Path) -> int:
     return n
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=300, help="number of generated JPEGs")
-    parser.add_argument("--resize", default="256,80", help="comma-separated short sides to time")
-    parser.add_argument("--workers", type=int, default=None, help="prepare processes (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs per method")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.images < 2:
         raise ConfigError("--images", args.images, "an integer >= 2")

@@ -206,16 +206,6 @@ def rehearse(work: Path, n: int, workers: int, max_files: int, kind: str, say: C
     say(f"all checks passed in {time.perf_counter() - start:.0f}s")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=20000, help="ImageNet-like JPEGs to generate")
-    parser.add_argument("--out", help="work folder, new or empty (default: a temp folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--workers", type=int, default=None, help="processes and loader workers (default: all cores)")
-    parser.add_argument("--max-files", type=int, default=200, help="most files the prepared folder may hold")
-    parser.add_argument("--cache-type", default=None, help="DVC cache.type of the scratch repository (default: "
-                        f"the project's .dvc/config, else {DEFAULT_CACHE_TYPE})")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.images < 10:
         raise ConfigError("--images", args.images, "an integer >= 10")

@@ -27,7 +27,7 @@ import torch
 from mlflow.entities import Metric, Param
 from torch import nn
 
-from ..config import BenchmarkConfig, ConfigError, MlflowConfig, parse
+from ..config import BenchmarkConfig, ConfigError, parse
 from ..models import build_model
 from ..paper import read_paper_table
 from ..training.tracking import MAX_BATCH, client, experiment_id, git_commit
@@ -208,25 +208,6 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
         print(f"MLflow run {run_id} in experiment {EXPERIMENT!r} at {tracking_uri}")
     print(f"wrote {files[0]} and {files[1]} ({meta['seconds']}s, load {meta['load_before']} -> {meta['load_after']})")
     return rows
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = BenchmarkConfig()
-    parser.add_argument("--backbones", default=None, help="comma-separated backbones.csv keys (default: all 26)")
-    for dev, where in (("cpu", "on one CPU core"), ("gpu", "on the GPU")):
-        parser.add_argument(f"--{dev}-repeats", type=int, default=getattr(d, f"{dev}_repeats"),
-                            help=f"fewest timed rounds {where}")
-        parser.add_argument(f"--{dev}-max-repeats", type=int, default=getattr(d, f"{dev}_max_repeats"),
-                            help=f"most timed rounds {where}, if the overhead's interval stays wider than the paper's")
-        parser.add_argument(f"--{dev}-seconds", type=float, default=getattr(d, f"{dev}_seconds"),
-                            help=f"wall seconds per pair {where} after which no round starts (past the fewest)")
-        parser.add_argument(f"--{dev}-warmup", type=int, default=getattr(d, f"{dev}_warmup"))
-    parser.add_argument("--cpu-batch", type=int, default=d.cpu_batch)
-    parser.add_argument("--gpu-batch", type=int, default=d.gpu_batch)
-    parser.add_argument("--img-size", type=int, default=d.img_size)
-    parser.add_argument("--out", default=d.out, help="path prefix: writes PREFIX.csv and PREFIX.json")
-    parser.add_argument("--gpu", choices=("auto", "on", "off"), default="auto", help="time on CUDA too")
-    parser.add_argument("--tracking-uri", default=MlflowConfig.tracking_uri, help="MLflow store ('' to skip)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:

@@ -112,21 +112,6 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--head", default="kind=noah", help="head options, e.g. kind=noah,N=4,r=0.5")
-    parser.add_argument("--recipe", default="resnet", help="the trainer's recipe (optimizer, schedule, mixup, EMA)")
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6, help="training steps per timed pass")
-    parser.add_argument("--repeats", type=int, default=8, help="timed passes of each loop, alternating")
-    parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--data", default=None, help="a prepared dataset: also time the trainer on its loader")
-    parser.add_argument("--loader-workers", type=int, default=0, help="decoding processes with --data")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda", "cpu or auto on a machine without a CUDA GPU")

@@ -336,21 +336,6 @@ def prepare_stage(params: Params, names: list[str]) -> None:
             raise err.under(f"datasets.{name}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="where the images come from (PrepareConfig.source)")
-    parser.add_argument("--root", help="source folder (imagefolder, market1501)")
-    parser.add_argument("--out", required=True, help=f"output folder: new, empty or built by prepare (holds {MARKER}); "
-                        "replaced atomically")
-    parser.add_argument("--resize", type=int, default=PrepareConfig.resize,
-                        help="scale the short side to this many pixels (default: keep it)")
-    parser.add_argument("--max-side", type=int, default=PrepareConfig.max_side,
-                        help="shrink the long side to at most this many pixels (default: %(default)s; 0: no cap)")
-    parser.add_argument("--shard-mb", type=int, default=PrepareConfig.shard_mb, help="megabytes per shard file")
-    parser.add_argument("--quality", type=int, default=PrepareConfig.quality, help="JPEG quality of the copies")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in datasets")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = parse(PrepareConfig, {"source": args.source, "root": args.root, "out": args.out,
                                 "resize": args.resize, "max_side": args.max_side or None,

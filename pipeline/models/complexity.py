@@ -13,7 +13,6 @@ import argparse
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,15 +143,6 @@ def rows(pairs: Iterable[tuple[str, HeadConfig]]) -> Iterable[Row]:
     for backbone, head in pairs:
         params, madds = measure(backbone, head)
         yield Row(backbone, head, params, madds, paper.get((backbone, head)))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
-    parser.add_argument("--backbones", default=None,
-                        help="comma-separated backbones.csv keys (default: all 26)")
-    parser.add_argument("--head", default=None,
-                        help="one head for every backbone, e.g. kind=noah,N=4,r=0.5 (default: baseline, the "
-                             "paper's noah and gap where the paper has one)")
 
 
 def run(args: argparse.Namespace) -> int:

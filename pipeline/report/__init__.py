@@ -14,7 +14,7 @@ from . import figures
 from .specs import TABLES, TableSpec
 from .tables import Line, Results, build_lines, load_results, markdown, scale_lines, table_csv
 
-__all__ = ["TABLES", "build_reports", "build_table", "add_arguments", "run"]
+__all__ = ["TABLES", "build_reports", "build_table", "run"]
 
 
 def build_table(spec: TableSpec, results_dir: Path, out_dir: Path) -> tuple[Results, list[Line]]:
@@ -77,17 +77,6 @@ def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = N
         print(f"report: figure {fig.path or 'not drawn'}" + (f" ({fig.note})" if fig.note else ""), flush=True)
     atomic_write_text(out_dir / "README.md", _index(built, drawn))
     return built
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", type=Path, default=Path("results"), help="folder of results/<table>.json")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="folder the reports are written to")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store with the runs' per-epoch metrics and weights (default: the results' meta)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="prepared dataset for the attention-map images (default: the run's own)")
-    parser.add_argument("--checkpoints", default=None,
-                        help="the trainer's checkpoint root: weights for the attention maps when a run logged none")
 
 
 def run(args: argparse.Namespace) -> int:

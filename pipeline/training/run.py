@@ -162,6 +162,9 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
+        if lead:  # why the first epoch shown is not 1
+            print(f"resuming {trial.label} from epoch {start_epoch + 1}/{trial.epochs} "
+                  f"(checkpoint {folder / CHECKPOINT})", file=sys.stderr, flush=True)
     elif job.init_from is not None:
         task.initialise(model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
     train_loader, *eval_loaders = _loaders(job, world)
@@ -318,6 +321,9 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     tid = trial_id(trial)
     uri = resolve_uri(tracking.tracking_uri)
     if reuse and (done := find_finished(tid, uri)) is not None:
+        # said aloud: a command that returns at once with old metrics would otherwise look like a bug
+        print(f"reusing finished run {done.info.run_id} of {trial.label} (trial {tid}; --retrain trains again)",
+              file=sys.stderr, flush=True)
         return result_of(done)
     source_id = trial_id(trial.init_from) if trial.init_from is not None else None
     if source_id is not None and not (source := checkpoint_of(train.checkpoint_root, source_id)).is_file():

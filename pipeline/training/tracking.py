@@ -102,12 +102,19 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     raise RuntimeError(f"could not create or find MLflow experiment {name!r}")
 
 
-def git_commit() -> str:
-    """The repository's commit (with `-dirty` when tracked files differ), or `unknown` outside git."""
+DVC_OUTPUTS = ("dvc.lock", "results", "reports")
+"""What `dvc repro` rewrites in the worktree while it runs: changes there are not code changes."""
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """The repository's commit, with `-dirty` when tracked files other than DVC_OUTPUTS differ from it
+    (so a clean checkout's `dvc repro`, which rewrites dvc.lock mid-run, stamps the plain commit), or
+    `unknown` outside git."""
+    excluded = [f":(top,exclude){path}" for path in DVC_OUTPUTS]
     try:
-        run = functools.partial(subprocess.run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        run = functools.partial(subprocess.run, cwd=repo, capture_output=True, text=True, timeout=10)
         head = run(["git", "rev-parse", "HEAD"]).stdout.strip()
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
