@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pipeline.data.prepare", "Build a prepared dataset (manifest, classes, stats)"),
     "plan": ("pipeline.study.plan", "Count the trials of every table and estimate their compute"),
     "train": ("pipeline.training.cli", "Train and evaluate one trial"),
+    "clean": ("pipeline.study.clean", "Remove checkpoints no resume or later stage needs (--dry-run: list)"),
     "report": ("pipeline.report", "Tables 1-11 beside the paper's numbers, figures and an index"),
     "benchmark": ("pipeline.bench.speed", "Table 10: frames/s of baseline vs NOAH models"),
     "bench-head": ("pipeline.bench.head", "Head latency, train step and saved memory: ours vs straightforward"),
