@@ -84,6 +84,11 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain", action="store_true", help="train even if a FINISHED run exists")
 
 
+def clean_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=None, help="the params file (default: the repository's params.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+
+
 def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), help="folder of results/<table>.json")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder the reports are written to")
@@ -185,6 +190,8 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("pipeline.study.plan", "Count the trials of every table and estimate their compute",
                     plan_arguments),
     "train": Command("pipeline.training.cli", "Train and evaluate one trial", train_arguments),
+    "clean": Command("pipeline.study.clean", "Remove checkpoints no resume or later stage needs (--dry-run: list)",
+                     clean_arguments),
     "report": Command("pipeline.report", "Tables 1-11 beside the paper's numbers, figures and an index",
                       report_arguments),
     "benchmark": Command("pipeline.bench.speed", "Table 10: frames/s of baseline vs NOAH models",

@@ -72,15 +72,6 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1) -> dict[str
             "tables": {t: out[t] for t in sorted(out, key=table_order)}, "total": total}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", help="a key of params.yaml `profiles` (default: its `profile`)")
-    parser.add_argument("--params", default=None, help="the params file (default: the repository's params.yaml)")
-    parser.add_argument("--gpus", type=float, default=1, help="GPUs of the cluster (default: 1)")
-    parser.add_argument("--gpus-per-trial", type=float, default=1,
-                        help="GPUs each trial trains on (default: 1; a fraction shares a GPU)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params or PARAMS)
     if args.profile:

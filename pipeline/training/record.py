@@ -2,9 +2,11 @@
 
 The folder holds `last.pt` (the checkpoint after the last finished epoch), `config.yaml` (the trial as it
 ran), `result.json` (its final metrics, once finished) and `mlflow_run_id` (the run it logs to). Every file
-is written atomically. A checkpoint starts with a header holding its payload's length and SHA-256 and
-records its trial id: one that is damaged or another trial's is set aside (`last.pt.rejected-<n>`), never
-trained on.
+is written atomically. Once the trial has FINISHED, `compact` rewrites `last.pt` as its final weights only:
+the optimizer and EMA state that resuming needs are two to three times the model's size, and nothing reads
+them after the last epoch (fine-tuning and the report read `model`). A checkpoint starts with a header
+holding its payload's length and SHA-256 and records its trial id: one that is damaged or another trial's is
+set aside (`last.pt.rejected-<n>`), never trained on.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ CHECKPOINT_MAGIC = b"noah-pipeline checkpoint v1\n"
 CONFIG = "config.yaml"
 RESULT = "result.json"
 RUN_ID_FILE = "mlflow_run_id"
+RESUME_KEYS = ("optimizer", "ema")
+"""What only resuming an unfinished trial reads; a finished trial's compacted checkpoint holds the rest."""
 
 
 def checkpoint_root(root: str | Path) -> Path:
@@ -75,14 +79,35 @@ class CheckpointError(ValueError):
     trial's: never trained on."""
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """One atomic file (never half written): a header line with the payload's length and SHA-256, then
-    torch.save's bytes, so that `load_checkpoint` can tell a damaged file from a good one."""
+def _encode(state: dict[str, Any]) -> tuple[bytes, memoryview]:
+    """A checkpoint file's two parts: a header line with the payload's length and SHA-256, then torch.save's
+    bytes, so that `load_checkpoint` can tell a damaged file from a good one (kept apart: no copy of the
+    payload)."""
     buffer = BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
-    header = CHECKPOINT_MAGIC + f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
-    atomic_write(path, lambda f: f.writelines((header, payload)))
+    return CHECKPOINT_MAGIC + f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode(), payload
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """One atomic file (never half written), in `_encode`'s format."""
+    parts = _encode(state)
+    atomic_write(path, lambda f: f.writelines(parts))
+
+
+def compact(folder: Path, tid: str, dry_run: bool = False) -> int:
+    """Rewrite a FINISHED trial's checkpoint as its final weights (and epoch, history, trial id), atomically;
+    returns the bytes this frees (0 when it holds no resume state or is absent; `dry_run` writes nothing).
+    Only for a finished trial: an unfinished one could no longer resume. CheckpointError when damaged."""
+    path = folder / CHECKPOINT
+    state = load_checkpoint(path, tid)
+    if state is None or not set(RESUME_KEYS) & state.keys():
+        return 0
+    parts = _encode({key: value for key, value in state.items() if key not in RESUME_KEYS})
+    freed = path.stat().st_size - sum(len(part) for part in parts)
+    if not dry_run:
+        atomic_write(path, lambda f: f.writelines(parts))
+    return freed
 
 
 def load_checkpoint(path: str | Path, trial_id: str | None = None) -> dict[str, Any] | None:

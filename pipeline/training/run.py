@@ -1,10 +1,10 @@
 """Run one trial (`run_trial`): the entry every study trial and `python -m pipeline train` call.
 
 The run is tracked in MLflow (`tracking`), checkpointed atomically after every epoch (`record`) and resumed
-from the last checkpoint when started again. Each epoch is seeded from (seed, epoch), so a resumed run
-repeats what an uninterrupted one would have done, bit for bit on the same kind of machine, which every
-run records (`utils.machine`; MLflow tags `machine.*`). A damaged or foreign checkpoint is set aside and the
-trial starts from scratch in a new run.
+from the last checkpoint when started again; once FINISHED, its checkpoint keeps the final weights only.
+Each epoch is seeded from (seed, epoch), so a resumed run repeats what an uninterrupted one would have done,
+bit for bit on the same kind of machine, which every run records (`utils.machine`; MLflow tags
+`machine.*`). A damaged or foreign checkpoint is set aside and the trial starts from scratch in a new run.
 
 With `TrainConfig.num_workers > 1` the same loop (`fit`) runs data-parallel in Ray Train's TorchTrainer
 (gloo on CPU, NCCL on GPU) with the same global batch; only rank 0 writes checkpoints and logs to MLflow.
@@ -39,6 +39,7 @@ from .record import (
     RUN_ID_FILE,
     checkpoint_of,
     clear,
+    compact,
     load_checkpoint,
     read_result,
     reject_bad_checkpoint,
@@ -158,9 +159,10 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
+        if "optimizer" in state:  # absent once compacted: a finished trial, whose epochs all ran
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
         if lead:  # why the first epoch shown is not 1
             print(f"resuming {trial.label} from epoch {start_epoch + 1}/{trial.epochs} "
@@ -363,5 +365,6 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
         run.fail(f"interrupted: {err if isinstance(err, Interrupted) else type(err).__name__}", killed=True)
         raise
     run.finish()
+    compact(folder, tid)  # after finish: a crash before it leaves the full checkpoint, which still resumes
     return {**result, "run_id": run.run_id, "trial_id": tid, "status": "FINISHED", "reason": None,
             "machine": result_of(run.run())["machine"]}

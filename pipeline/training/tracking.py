@@ -136,6 +136,12 @@ def find_finished(trial_id: str, tracking_uri: str) -> Run | None:
     return _newest_run(trial_id, tracking_uri, " and attributes.status = 'FINISHED'", "attributes.end_time DESC")
 
 
+def find_running(trial_id: str, tracking_uri: str) -> Run | None:
+    """The newest RUNNING run of a trial identity (one training now, or `--retrain` over a FINISHED run), or
+    None: its checkpoint is what it resumes from."""
+    return _newest_run(trial_id, tracking_uri, " and attributes.status = 'RUNNING'", "attributes.start_time DESC")
+
+
 def latest_run(trial_id: str, tracking_uri: str) -> Run | None:
     """The FINISHED run of a trial identity if there is one, else its newest run of any status (what a
     results row reports, failures with their reason included)."""
