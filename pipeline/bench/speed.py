@@ -32,6 +32,7 @@ from ..models import build_model
 from ..paper import read_paper_table
 from ..training.tracking import MAX_BATCH, client, experiment_id, git_commit
 from ..utils.io import atomic_write_text, csv_text
+from ..utils.machine import fixed_threads
 from ..utils.progress import steps
 from ..utils.stats import mean, t_interval
 from .timing import rounds_in_turns
@@ -82,15 +83,12 @@ def time_pair(pair: dict[str, nn.Module], device: str, batch: int, img_size: int
         raise ValueError(f"min_rounds {min_rounds}: an interval needs at least two rounds")
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    threads = torch.get_num_threads()
     models = {name: model.to(device) for name, model in pair.items()}
     walls: dict[str, list[float]] = {name: [] for name in models}
     overheads: list[float] = []
     started = time.perf_counter()
     try:
-        if device == "cpu":
-            torch.set_num_threads(1)
-        with torch.inference_mode():
+        with fixed_threads(1 if device == "cpu" else torch.get_num_threads()), torch.inference_mode():
             for timings in rounds_in_turns({name: (lambda m=m: m(x)) for name, m in models.items()}, warmup, sync):
                 for name, t in timings.items():
                     walls[name].append(t.wall)
@@ -102,7 +100,6 @@ def time_pair(pair: dict[str, nn.Module], device: str, batch: int, img_size: int
                         or time.perf_counter() - started >= seconds):
                     break
     finally:
-        torch.set_num_threads(threads)
         for model in models.values():
             model.cpu()
         if device == "cuda":

@@ -87,7 +87,6 @@ class Delta:
     (None with fewer than two pairs)."""
 
     mean: float
-    pairs: int
     interval: tuple[float, float] | None
 
     @property
@@ -138,7 +137,7 @@ class Line:
             return None
         ours, base = self.samples[metric], self.baseline.samples.get(metric, {})
         diffs = [ours[s] - base[s] for s in ours if s in base]
-        return Delta(mean(diffs), len(diffs), t_interval(diffs)) if diffs else None
+        return Delta(mean(diffs), t_interval(diffs)) if diffs else None
 
 
 def _paper_value(row: PaperRow, m: Metric) -> float | None:
@@ -172,23 +171,21 @@ def _metric_outcome(outcomes: dict[str, tuple[str, str | None]], metric: str) ->
     return outcomes[max(kinds, key=len)] if kinds else outcomes.get("", _overall(outcomes))
 
 
-def _seed_outcomes(runs: list[dict[str, Any]]) -> dict[str, tuple[str, str | None]]:
-    """Every seed's trial outcomes in one mapping (`seed 1: ` before a reason when there are several seeds)."""
-    out = {}
-    for run in runs:
-        for kind, (status, reason) in _outcomes(run).items():
-            out[f"{kind}@{run.get('seed')}"] = (status, reason if len(runs) == 1 or reason is None
-                                                 else f"seed {run.get('seed')}: {reason}")
-    return out
+def _seeded(reason: str | None, run: dict[str, Any], runs: list[dict[str, Any]]) -> str | None:
+    """`reason` with `seed N: ` before it when the row has several seeds."""
+    return reason if len(runs) == 1 or reason is None else f"seed {run.get('seed')}: {reason}"
 
 
 def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None) -> Line:
     """A row of a trained table: per-seed samples of each trained metric, their means, and the model's
     Params and MAdds at the paper's settings (those of the row as it ran, else of the paper's row)."""
     runs = result.get("runs") or []
+    per_run = [_outcomes(run) for run in runs]
     samples: dict[str, dict[int, float]] = {}
     values, reasons = {}, {}
-    outcomes = {"": ("MISSING", error)} if error else _seed_outcomes(runs) if runs else \
+    outcomes = {"": ("MISSING", error)} if error else \
+        {f"{kind}@{run.get('seed')}": (status, _seeded(why, run, runs))
+         for run, kinds in zip(runs, per_run) for kind, (status, why) in kinds.items()} if runs else \
         {"": ("MISSING", f"no result for this row in {spec.name}.json")}
     status, reason = _overall(outcomes)
     complexity = paper_complexity(spec, row, result)
@@ -198,17 +195,17 @@ def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error:
             reasons[m.name] = None if values[m.name] is not None else complexity.get("error")
             continue
         samples[m.name], why = {}, []
-        for run in runs:
-            run_status, run_reason = _metric_outcome(_outcomes(run), m.name)
+        for run, kinds in zip(runs, per_run):
+            run_status, run_reason = _metric_outcome(kinds, m.name)
             value = _number(run.get(m.source or m.name)) if run_status == "FINISHED" else None
             if value is not None:
                 samples[m.name][run.get("seed")] = value
             elif run_reason:
-                why.append(run_reason if len(runs) == 1 else f"seed {run.get('seed')}: {run_reason}")
+                why.append(_seeded(run_reason, run, runs))
         values[m.name] = mean(list(samples[m.name].values()))
         reasons[m.name] = None if values[m.name] is not None else "; ".join(why) or reason or \
             f"{spec.name}.json holds no value for this column of a {status} trial"
-    n = sum(all(s == "FINISHED" for s, _ in _outcomes(run).values()) for run in runs)
+    n = sum(all(s == "FINISHED" for s, _ in kinds.values()) for kinds in per_run)
     first = next((r for r in runs if r.get("params") is not None), {})
     trained = {k: int(first[k]) for k in ("params", "madds") if first.get(k) is not None}
     line = Line(row, spec.network(row), status, reason, result, samples, values,
@@ -249,7 +246,7 @@ def build_lines(spec: TableSpec, results: Results) -> list[Line]:
 
 
 def _flag_chance(spec: TableSpec, meta: dict[str, Any], lines: list[Line]) -> None:
-    """A note on every trained row whose top-1 is not above the dataset's chance level (`chance_line`)."""
+    """A note on every trained row whose top-1 is not above the dataset's chance level (`evidence_lines`)."""
     chance = meta.get("chance") or {}
     if chance.get("top1") is None or not chance.get("images"):
         return
@@ -406,7 +403,7 @@ def scale_lines(meta: dict[str, Any], error: str | None, timing: bool = False) -
     return out
 
 
-def evidence_lines(spec: TableSpec, meta: dict[str, Any]) -> list[str]:
+def evidence_lines(meta: dict[str, Any]) -> list[str]:
     """What the measured values can show: the dataset's chance level and the seeds behind every row."""
     chance, seeds = meta.get("chance") or {}, meta.get("seeds") or []
     out = []
@@ -437,7 +434,7 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     for m in spec.metrics:
         header += [m.label, f"{m.label} paper"] if m.paper else [m.label]
     scale = scale_lines(results.meta, results.error, timing=not spec.seeded)
-    evidence = evidence_lines(spec, results.meta) if spec.seeded and not results.error else []
+    evidence = evidence_lines(results.meta) if spec.seeded and not results.error else []
     out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale, *([""] + evidence if evidence
                                                                                    else []),
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

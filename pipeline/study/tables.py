@@ -27,10 +27,6 @@ class RowTrials:
     row: TableRow
     trials: dict[tuple[str, int], Trial]
 
-    @property
-    def seeds(self) -> list[int]:
-        return list(dict.fromkeys(seed for _, seed in self.trials))
-
 
 @functools.cache
 def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
