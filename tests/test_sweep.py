@@ -40,6 +40,10 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
     first = run_study(params, ["ta"], out)["ta"]
     assert [r["status"] for r in _first(first)] == ["FINISHED", "FINISHED"]
     assert len(_trial_runs(uri)) == 2
+    folders = sorted(p for p in Path(params.train.checkpoint_root).iterdir() if p.is_dir())
+    assert len(folders) == 2, "one checkpoint folder per trial"
+    assert all(not (f / "last.pt").exists() and (f / "result.json").is_file() for f in folders), \
+        "no table fine-tunes from these trials: the study keeps their result, not their weights"
 
     second = run_study(params, ["tb"], out)["tb"]
     runs = _trial_runs(uri)

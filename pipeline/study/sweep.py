@@ -39,6 +39,8 @@ from ..training.trial import resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
+from .clean import apply as apply_clean
+from .clean import needed_sources, plan_clean
 from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
 from .schedule import Job, order
@@ -280,10 +282,23 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
         finally:
             for parent in parents.values():
                 _close_sweep(mlflow_client, parent, ended)
+        _free_checkpoints(params, uri, {t.key for t in todo})
     errors = {k: t.reason for k, t in trials.items() if t.reason}
     results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
     _summary(trials, results)
     return results
+
+
+def _free_checkpoints(params: Params, uri: str, ran: set[str]) -> None:
+    """Apply `clean`'s rules to the checkpoints of the trials this study ran: a finished trial keeps its weights
+    only while a fine-tuning trial of a configured table starts from it (checkpoints of other studies sharing
+    the root are left to `python -m pipeline clean`)."""
+    root = checkpoint_root(params.train.checkpoint_root)
+    removals = plan_clean(root, uri, needed_sources(params), only=ran)
+    apply_clean(removals)
+    if removals:
+        _say(f"study: freed {sum(r.bytes for r in removals) / 1e6:.0f} MB of checkpoints no resume or fine-tuning "
+             f"needs ({len(removals)} files under {root})")
 
 
 def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, errors: dict[str, str],
