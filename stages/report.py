@@ -2,6 +2,8 @@
 the MLflow store and the trainer's checkpoints (for the attention maps). Never trains; runs in seconds."""
 import sys
 
+import workspace  # noqa: F401 - first: this checkout's `pipeline`, not the installed one
+
 from pipeline.config import REPORTS, RESULTS
 from pipeline.report import build_reports
 from pipeline.utils.stage import run_stage

@@ -189,7 +189,11 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
     jobs = [Job(k, trial_hours(params, t.trial, measured) or 0.0, t.after) for k, t in todo.items()]
     quiet = params.ray.verbose == 0
-    train = to_dict(dataclasses.replace(params.train, progress="off") if quiet else params.train)
+    # the store and checkpoint root as the driver resolves them (`SHARED_ROOT`), whatever a worker's environment
+    root = str(checkpoint_root(params.train.checkpoint_root))
+    train = to_dict(dataclasses.replace(params.train, checkpoint_root=root,
+                                        progress="off" if quiet else params.train.progress))
+    tracking = to_dict(dataclasses.replace(params.mlflow, tracking_uri=resolve_uri(params.mlflow.tracking_uri)))
     space = {k: {"experiment": t.tables[0], "parent_run_id": parents[t.tables[0]]} for k, t in todo.items()}
     where = connect(params.ray.address, params.ray.num_cpus, quiet=quiet)
     _say(f"study: {len(todo)} trial(s) to train on Ray ({where}), at most {params.ray.max_concurrent} at a time, "
@@ -197,7 +201,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     storage = Path(params.ray.storage_path)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, _resources(params)),
-        param_space={"train": train, "mlflow": to_dict(params.mlflow)},
+        param_space={"train": train, "mlflow": tracking},
         tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, order(jobs), space), num_samples=-1,
                                     max_concurrent_trials=params.ray.max_concurrent, reuse_actors=False,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),

@@ -45,6 +45,7 @@ from .record import (
     reject_bad_checkpoint,
     save_checkpoint,
     trial_folder,
+    trial_lock,
     write_config,
     write_result,
 )
@@ -310,16 +311,25 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     A trial whose identity already has a FINISHED run is not trained again. Otherwise it resumes from
     the last checkpoint in `checkpoint_dir` (default `<checkpoint_root>/<trial_id>`) and the same MLflow
     run, if they are this trial's (a damaged or foreign checkpoint is set aside and noted in the new run's
-    `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. Any error
-    ends the run FAILED with the error text as its `failure_reason` tag; SIGTERM or SIGINT ends it KILLED
-    (in the main thread; raises `Interrupted`).
+    `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. While another
+    process trains the same trial into the same folder (another experiment of the repository), this one waits
+    for it, then reuses its run. Any error ends the run FAILED with the error text as its `failure_reason` tag;
+    SIGTERM or SIGINT ends it KILLED (in the main thread; raises `Interrupted`).
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune.
     """
-    classes, stats = read_meta(trial.data_dir)
-    task = task_of(stats)
     if trial.recipe.mixup > 0 or trial.recipe.cutmix > 0:
         if trial.batch_size // train.num_workers % 2:
             raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
+    folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, trial_id(trial))
+    with trial_lock(folder, trial.label):  # another process training this trial finishes it first
+        return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, reuse, on_epoch)
+
+
+def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowConfig, experiment: str,
+               parent_run_id: str | None, reuse: bool, on_epoch: EpochCallback | None) -> dict[str, Any]:
+    """`run_trial` under the lock of the trial's folder."""
+    classes, stats = read_meta(trial.data_dir)
+    task = task_of(stats)
     tid = trial_id(trial)
     uri = resolve_uri(tracking.tracking_uri)
     if reuse and (done := find_finished(tid, uri)) is not None:
@@ -331,8 +341,6 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     if source_id is not None and not (source := checkpoint_of(train.checkpoint_root, source_id)).is_file():
         raise ConfigError("init_from", source_id, f"a trained classification trial (no checkpoint at {source}; "
                           "run that trial first)")
-    folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, tid)
-    folder.mkdir(parents=True, exist_ok=True)
     rejected = reject_bad_checkpoint(folder, tid)  # before --retrain deletes: only this trial's own goes
     if not reuse:
         clear(folder)
