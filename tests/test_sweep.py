@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
@@ -79,9 +80,17 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
     assert len({run["trial_id"] for run in runs}) == 6 and len(_trial_runs(params.mlflow.tracking_uri)) == 6
     assert results["meta"]["seeds"] == [0, 1] and results["meta"]["chance"]["top1"] == 25.0
 
-    build_reports(out, tmp_path / "reports")
+    build_reports(out, tmp_path / "reports", params.mlflow.tracking_uri)
     records = list(csv.DictReader(open(tmp_path / "reports" / "table6.csv", newline="")))
     assert [r["n"] for r in records] == ["2", "2", "2"] and all(r["top1_std"] for r in records)
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "table6.json").read_text())  # what DVC shows
+    assert list(metrics) == [r["name"] for r in records] == ["baseline", "spatial", "channel"]
+    assert all(m["n"] == 2 and m["top1_std"] == pytest.approx(float(r["top1_std"]), abs=1e-4)
+               for m, r in zip(metrics.values(), records))
+    curves = list(csv.DictReader(open(tmp_path / "reports" / "plots" / "curves" / "table6.csv", newline="")))
+    assert [(c["row"], c["epoch"]) for c in curves] == [(name, "1") for name in metrics]  # one epoch, from MLflow
+    for c in curves:  # the mean over the seeds of its last (here also its best) validation top-1
+        assert float(c["val_top1"]) == pytest.approx(metrics[c["row"]]["top1"], abs=1e-3)
     table = [line.strip("|").split(" | ") for line in (tmp_path / "reports" / "table6.md").read_text().splitlines()
              if line.startswith("| ")]
     top1 = [row[table[0].index("Top-1 (%)")] for row in table[1:]]
