@@ -267,7 +267,7 @@ def test_dvc_metrics_and_plot_data_are_keyed_by_row_name(built: Path) -> None:
     """What `dvc metrics show` and `dvc plots show` read: per row name the values the report shows (with n and std:
     Table 4 has two seeds), Table 9's four metrics, Table 10's overheads per backbone; top-1 beside the paper's,
     none for a row that ran with other settings; no file for a table without results or with unreadable ones."""
-    metrics = {p.stem: json.loads(p.read_text()) for p in (built / "metrics").glob("*.json")}
+    metrics = {p.stem: json.loads(p.read_text())[p.stem] for p in (built / "metrics").glob("*.json")}
     assert set(metrics) == {"table4", "table9", "table10"}
     records = {r["name"]: r for r in read_csv(built / "table4.csv") if r["name"]}
     assert list(metrics["table4"]) == list(records) == ["baseline", "r1_2", "r1_4", "r1_8", "n2", "n4", "n8"]

@@ -83,7 +83,7 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
     build_reports(out, tmp_path / "reports", params.mlflow.tracking_uri)
     records = list(csv.DictReader(open(tmp_path / "reports" / "table6.csv", newline="")))
     assert [r["n"] for r in records] == ["2", "2", "2"] and all(r["top1_std"] for r in records)
-    metrics = json.loads((tmp_path / "reports" / "metrics" / "table6.json").read_text())  # what DVC shows
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "table6.json").read_text())["table6"]  # what DVC shows
     assert list(metrics) == [r["name"] for r in records] == ["baseline", "spatial", "channel"]
     assert all(m["n"] == 2 and m["top1_std"] == pytest.approx(float(r["top1_std"]), abs=1e-4)
                for m, r in zip(metrics.values(), records))

@@ -1,7 +1,8 @@
 """The small files DVC compares across commits and experiments, keyed by each row's name in params.yaml
 (`tables.<table>.rows.<name>`; Table 10's rows are its backbones):
 
-- `metrics/<table>.json` for `dvc metrics show/diff` and `dvc exp show`: per row, the trained metrics the
+- `metrics/<table>.json` for `dvc metrics show/diff` and `dvc exp show`: under the table's name (so that DVC's
+  columns read `table7.max.top1`, not `reports/metrics/table7.json:max.top1`), per row, the trained metrics the
   paper prints (top-1 and top-5; Table 9 its scratch and fine-tuned top-1 and mAP) as the report shows them,
   and once the study has several seeds, `n` (finished seeds) and each metric's sample std; Table 10 per
   backbone, NOAH's overhead (%) on each device timed.
@@ -97,7 +98,7 @@ def write_summaries(built: dict[str, tuple[Results, list[Line]]], out_dir: Path,
         spec = TABLES[name]
         metrics = table_metrics(spec, results, lines)
         if metrics:
-            atomic_write_text(out_dir / METRICS / f"{name}.json", json.dumps(metrics, indent=1) + "\n")
+            atomic_write_text(out_dir / METRICS / f"{name}.json", json.dumps({name: metrics}, indent=1) + "\n")
             written[METRICS].add(f"{name}.json")
         points = top1_points(spec, lines)
         if points:
