@@ -6,6 +6,7 @@ views work: `dvc metrics show` lists every table's rows by name, `dvc exp show -
 that row in `dvc params diff`."""
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -48,7 +49,8 @@ def _shrink(params: dict, tmp: Path) -> dict:
     params["benchmark"] = {**params.get("benchmark", {}), "backbones": ["resnet18"], "cpu_repeats": 2,
                            "cpu_warmup": 0, "img_size": 32}
     for name, table in params["tables"].items():
-        table["rows"] = {"baseline": BASELINE, **({"noah": NOAH} if name in ("table4", "table11") else {})}
+        rows = {"baseline": BASELINE, **({"noah": NOAH} if name in ("table4", "table11") else {})}
+        table["rows"] = copy.deepcopy(rows)  # one object per table: YAML anchors and aliases would tie them for -S
     return params
 
 
