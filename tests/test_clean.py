@@ -81,8 +81,8 @@ def _params_file(tmp_path: Path, tiny_params: Any) -> Path:
     path = tiny_params(mlflow={"tracking_uri": _tracking(tmp_path).tracking_uri},
                        train={"checkpoint_root": str(tmp_path / "ckpt")})
     data = yaml.safe_load(path.read_text())
-    data["tables"] = {"table4": {"recipe": "resnet", "rows": [{"row": 1, "backbone": "resnet18",
-                                                               "head": {"kind": "baseline"}}]}}
+    data["tables"] = {"table4": {"recipe": "resnet", "rows": {"baseline": {"row": 1, "backbone": "resnet18",
+                                                                            "head": {"kind": "baseline"}}}}}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

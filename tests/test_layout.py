@@ -166,7 +166,8 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     stages = _stages()
     for body in stages.values():  # only the code and params matter here
-        for out in [*body["outs"], *[d for d in body["deps"] if d.startswith(("data/", "results/"))]]:
+        outs = [*body.get("outs", []), *body.get("metrics", []), *body.get("plots", [])]
+        for out in [*outs, *[d for d in body["deps"] if d.startswith(("data/", "results/"))]]:
             target = work / (next(iter(out)) if isinstance(out, dict) else out)
             if target.exists():
                 continue

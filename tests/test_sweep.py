@@ -7,17 +7,19 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.report import build_reports
 from pipeline.study.sweep import run_study
 
-ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
-          {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]
-ROWS_B = [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},  # = A's row 2
-          {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}},
-          {"row": 3, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}}]
+ROWS_A = {"baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
+          "noah": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}}
+ROWS_B = {"sum": {"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},  # = A's noah
+          "avg": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}},
+          "avg_again": {"row": 3, "backbone": "resnet18",
+                        "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}}}
 
 
 def _trial_runs(uri: str) -> list:
@@ -61,18 +63,19 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
 
     saved = json.loads((out / "tb.json").read_text())
     assert saved["meta"]["img_size"] == 32 and saved["meta"]["num_classes"] == 4
-    assert [r["row"] for r in saved["rows"]] == [1, 2, 3]
+    assert [(r["row"], r["name"]) for r in saved["rows"]] == [(1, "sum"), (2, "avg"), (3, "avg_again")]
     assert all(0 <= r["top1"] <= 100 and r["params"] > 0 and r["madds"] > 0 for r in _first(saved))
     csv_lines = (out / "tb.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and csv_lines[0].startswith("row,")
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("row,name,") and csv_lines[3].startswith("3,avg_again,")
 
 
 def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     """`seeds: [0, 1]` trains every row twice (a seed is part of the identity); the report of the real runs has
     n = 2, a sample std and a paired 95% interval on every row, and an arrow exactly where it excludes zero."""
-    rows = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
-            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},
-            {"row": 3, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "softmax_axis": "channel"}}]
+    rows = {"baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
+            "spatial": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},
+            "channel": {"row": 3, "backbone": "resnet18",
+                        "head": {"kind": "noah", "N": 4, "r": 0.5, "softmax_axis": "channel"}}}
     params = load_params(tiny_params(seeds=[0, 1], tables={"table6": {"recipe": "resnet", "rows": rows}}))
     out = tmp_path / "results"
     results = run_study(params, ["table6"], out)["table6"]
@@ -81,9 +84,17 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
     assert len({run["trial_id"] for run in runs}) == 6 and len(_trial_runs(params.mlflow.tracking_uri)) == 6
     assert results["meta"]["seeds"] == [0, 1] and results["meta"]["chance"]["top1"] == 25.0
 
-    build_reports(out, tmp_path / "reports")
+    build_reports(out, tmp_path / "reports", params.mlflow.tracking_uri)
     records = list(csv.DictReader(open(tmp_path / "reports" / "table6.csv", newline="")))
     assert [r["n"] for r in records] == ["2", "2", "2"] and all(r["top1_std"] for r in records)
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "table6.json").read_text())["table6"]  # what DVC shows
+    assert list(metrics) == [r["name"] for r in records] == ["baseline", "spatial", "channel"]
+    assert all(m["n"] == 2 and m["top1_std"] == pytest.approx(float(r["top1_std"]), abs=1e-4)
+               for m, r in zip(metrics.values(), records))
+    curves = list(csv.DictReader(open(tmp_path / "reports" / "plots" / "curves" / "table6.csv", newline="")))
+    assert [(c["row"], c["epoch"]) for c in curves] == [(name, "1") for name in metrics]  # one epoch, from MLflow
+    for c in curves:  # the mean over the seeds of its last (here also its best) validation top-1
+        assert float(c["val_top1"]) == pytest.approx(metrics[c["row"]]["top1"], abs=1e-3)
     table = [line.strip("|").split(" | ") for line in (tmp_path / "reports" / "table6.md").read_text().splitlines()
              if line.startswith("| ")]
     top1 = [row[table[0].index("Top-1 (%)")] for row in table[1:]]

@@ -48,8 +48,8 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
         raise ConfigError(f"profiles.{params.profile}.reid_dataset", None, f"a dataset for {table} (a reid table)")
     img_size = (prof.reid_img_size or prof.img_size) if reid else prof.img_size
     rows = []
-    for i, row in enumerate(spec.rows):
-        where = f"tables.{table}.rows[{i}]"
+    for row in spec.rows.values():
+        where = f"tables.{table}.rows.{row.name}"
         try:
             head = _checked_head(row.backbone, row.head, img_size)
         except ConfigError as err:
