@@ -491,7 +491,8 @@ class TrainConfig:
     checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
     deterministic: bool = False
-    compile: bool | None = None
+    compile: bool | None = checked(lambda c: isinstance(c, bool), "true, false or null (null: compile on a GPU, "
+                                   "not on a CPU)", default=None)
 
 
 # ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
