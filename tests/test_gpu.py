@@ -32,14 +32,14 @@ from pipeline.training.record import CHECKPOINT, load_checkpoint
 from pipeline.training.run import Job, _fit_ray, run_trial
 from pipeline.training.tasks import task_of
 from pipeline.training.tracking import TrialRun
-from pipeline.training.trial import resolve_trial, trial_id
+from pipeline.training.trial import Trial, resolve_trial, trial_id
 
 GPU = pytest.mark.gpu
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 RECIPES = load_params().recipes
 
 
-def _tiny_trial(data: Path, **changes: object):
+def _tiny_trial(data: Path, **changes: object) -> Trial:
     spec = {"backbone": "resnet18", "data_dir": str(data), "head": {"kind": "noah"}, "recipe": "resnet",
             "img_size": 32, "epochs": 2, "batch_size": 16}
     return resolve_trial({**spec, **changes}, RECIPES)
