@@ -207,6 +207,7 @@ def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(stand_in:
 DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "profiles.smoke.gpu_tflops": 1.0,
                 "profiles.imagenet.epochs": 3, "train.num_workers": 2, "train.use_gpu": False,
                 "train.loader_workers": 0, "train.decode": "cpu", "train.deterministic": True,
+                "train.compile": True,
                 "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2}
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),

@@ -107,6 +107,15 @@ def test_train_deterministic_takes_true_or_false_and_a_bad_value_stops_train_bef
     assert not db.exists() and not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("value", ["auto", "yes", 1])
+def test_train_compile_takes_true_false_or_null(tmp_path: Path, value: object) -> None:
+    train = yaml.safe_load(PARAMS.read_text())["train"]
+    assert load_params(_repo_params(tmp_path, train=train)).train.compile is None  # the repository's: auto
+    assert load_params(_repo_params(tmp_path, train={**train, "compile": False})).train.compile is False
+    with pytest.raises(ConfigError, match=r"train.compile: got .*; allowed: true, false or null \(null: compile on"):
+        load_params(_repo_params(tmp_path, train={**train, "compile": value}))
+
+
 def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
     datasets = {"builtin": {"source": "builtin", "out": str(out), "builtin": {"seed": -1}}}

@@ -497,7 +497,10 @@ class TrainConfig:
     false by default: the paper-scale GPU runs want cuDNN's autotuned kernels, and even bit-exact they
     repeat only on the same GPU model and CUDA/cuDNN; on CPU, where the embedded study runs, it changes
     nothing (a CPU trial repeats bit for bit for a fixed thread count either way). Every run records the
-    mode it used (the `machine.deterministic` tag).
+    mode it used (the `machine.deterministic` tag). `compile` runs the training and evaluation passes through
+    `torch.compile` (inductor); null means on a GPU, where its fused kernels pay off, and not on a CPU, where
+    compiling takes longer than a smoke trial trains. Every run records whether it compiled (the `compiled`
+    tag); compiled or not is the same computation, so it is not part of the trial identity either.
     """
 
     num_workers: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
@@ -508,6 +511,8 @@ class TrainConfig:
     checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
     deterministic: bool = False
+    compile: bool | None = checked(lambda c: isinstance(c, bool), "true, false or null (null: compile on a GPU, "
+                                   "not on a CPU)", default=None)
 
 
 # ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml

@@ -31,7 +31,7 @@ from ..utils.interrupt import Interrupted, interruptible
 from ..utils.machine import fixed_threads, machine_facts
 from ..utils.progress import resolve_mode, steps, ticker
 from ..utils.seeds import mix_seed, seed_everything
-from .engine import Step, World, precision, set_determinism, train_one_epoch, unwrap
+from .engine import Step, World, compiled, compiles, precision, set_determinism, train_one_epoch, unwrap
 from .recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, unapplied
 from .record import (
     CHECKPOINT,
@@ -172,7 +172,8 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
         task.initialise(model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
     train_loader, *eval_loaders = _loaders(job, world)
     mixup = build_mixup(recipe, job.num_classes)
-    step = Step(model=wrap(model) if wrap else model, optimizer=optimizer,
+    compiling = compiles(job.train.compile, world.device)
+    step = Step(model=compiled(wrap(model) if wrap else model, compiling), optimizer=optimizer,
                 scheduler=build_scheduler(optimizer, trial.scaled, len(train_loader)),
                 criterion=build_criterion(recipe, mixup), device=world.device, mixup=mixup, ema=ema,
                 clip_grad=recipe.clip_grad, updates=start_epoch * len(train_loader))
@@ -181,6 +182,7 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
     if run is not None:
         device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
         run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32",
+                      "compiled": str(compiling).lower(),
                       "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
                       "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
         run.set_machine(machine_facts(world.device, job.train.deterministic, world.size))
