@@ -212,7 +212,7 @@ def test_a_trial_failing_inside_ray_is_a_row_without_result_and_listed_at_the_en
     assert row["status"] == "MISSING"
     assert row["reason"].startswith("ConfigError: batch_size: got 15; allowed: an even batch"), row["reason"]
     summary = capsys.readouterr().err.split("study summary:")[-1]
-    assert "FAILED" in summary and "tmix row 1 seed 0: ConfigError: batch_size" in summary, summary
+    assert "FAILED" in summary and "tmix row 1 (baseline) seed 0: ConfigError: batch_size" in summary, summary
 
 
 # ---- Ray listens on loopback only
