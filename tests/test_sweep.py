@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
@@ -87,3 +88,48 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
         low, high = float(record["top1_delta_low"]), float(record["top1_delta_high"])
         assert low <= float(record["top1_delta"]) <= high and cell.startswith(f"{float(record['top1']):.2f} ±")
         assert ("↑" in cell or "↓" in cell) == (low > 0 or high < 0), cell
+
+
+def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
+        tiny_params: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial run is tagged with its tables, rows, profile, seed and DVC experiment; `tb`'s experiment has
+    a row run for each of its three rows with the row's metrics, its row 1 linking the run `ta` trained; running
+    the study again reuses each table's parent and rewrites the row runs in place."""
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-rows")
+    params = load_params(tiny_params(tables={"ta": {"recipe": "resnet", "rows": ROWS_A},
+                                             "tb": {"recipe": "resnet", "rows": ROWS_B}}))
+    uri, out = params.mlflow.tracking_uri, tmp_path / "results"
+    client = MlflowClient(uri)
+    ta = _first(run_study(params, ["ta"], out)["ta"])
+    tb = _first(run_study(params, ["tb"], out)["tb"])
+    shared = client.get_run(ta[1]["run_id"])
+    assert client.get_experiment(shared.info.experiment_id).name == "ta"
+    assert {k: shared.data.tags.get(k) for k in ("tables", "rows", "profile", "seed", "dvc_experiment")} == {
+        "tables": "ta, tb", "rows": "ta:2, tb:1", "profile": "smoke", "seed": "0", "dvc_experiment": "exp-rows"}
+    assert client.get_run(tb[1]["run_id"]).data.tags["rows"] == "tb:2, tb:3"
+
+    def view(table: str) -> tuple[list, list]:
+        exp = client.get_experiment_by_name(table).experiment_id
+        parents = client.search_runs([exp], f"tags.sweep = '{table}'")
+        return parents, client.search_runs([exp], f"tags.table = '{table}'", order_by=["tags.row"])
+
+    parents, rows = view("tb")
+    assert [r.info.run_name for r in rows] == [f"row {i}: resnet18 {h} seed 0" for i, h in (
+        (1, "noah(N=4,r=0.5)"), (2, "noah(N=4,r=0.5,aggregation=avg)"), (3, "noah(N=4,r=0.5,aggregation=avg)"))]
+    assert [r.data.tags["trial_run"] for r in rows] == [t["run_id"] for t in tb]
+    assert [(r.data.metrics["top1"], r.data.metrics["top5"]) for r in rows] == [(t["top1"], t["top5"]) for t in tb]
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               and r.data.tags["dvc_experiment"] == "exp-rows" for r in rows)
+    assert f"#/experiments/{shared.info.experiment_id}/runs/{shared.info.run_id}" in rows[0].data.tags[
+        "mlflow.note.content"]
+    assert "trial_id" not in rows[0].data.tags, "a row run must not pass for a trial run"
+
+    run_study(params, ["tb"], out)
+    run_study(params, ["ta", "tb"], out)
+    for table, n in (("ta", 2), ("tb", 3)):
+        again, rows_again = view(table)
+        assert len(again) == 1 and again[0].info.status == "FINISHED", table
+        assert len(rows_again) == n and {r.data.tags["row"] for r in rows_again} == {str(i + 1) for i in range(n)}
+    assert [r.info.run_id for r in view("tb")[1]] == [r.info.run_id for r in rows]
+    assert len(client.get_metric_history(rows[0].info.run_id, "top1")) == 1
+    assert len(_trial_runs(uri)) == 3
