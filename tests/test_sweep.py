@@ -123,6 +123,11 @@ def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
     assert f"#/experiments/{shared.info.experiment_id}/runs/{shared.info.run_id}" in rows[0].data.tags[
         "mlflow.note.content"]
     assert "trial_id" not in rows[0].data.tags, "a row run must not pass for a trial run"
+    shared_view = json.loads(client.get_experiment_by_name("tb").tags["mlflow.sharedViewState.rows"])
+    assert {"metrics.`top1`", "metrics.`top5`"} <= set(shared_view["selectedColumns"])
+    exp = client.get_experiment_by_name("tb").experiment_id
+    assert [r.info.run_id for r in client.search_runs([exp], shared_view["searchFilter"], order_by=["tags.row"])] == [
+        r.info.run_id for r in rows], "the UI view's search is the table's row runs"
 
     run_study(params, ["tb"], out)
     run_study(params, ["ta", "tb"], out)

@@ -7,9 +7,11 @@ profile and DVC experiment) is found again on every re-run; under it each row an
 `profile`, linking the trial runs it reads from (`trial_run`, or `scratch_trial_run`/`finetune_trial_run`,
 and a note with links), wherever they were trained. Row runs are rewritten in place when results are
 written, so a re-run adds none. Trial runs in turn carry the tables and rows (`table:row`) that use them.
+The experiment also holds a view of the MLflow UI (`ROWS_VIEW`) that lists the row runs with their metrics.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -39,6 +41,10 @@ TABLE_TAG, ROW_TAG = "table", "row"  # on a row run: its table and row (trial ru
 TRIAL_RUN_TAG = "trial_run"  # on a row run: the id of its trial's run, `<kind>_trial_run` for a reid row's two
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 PARENT_TAG = "mlflow.parentRunId"
+ROWS_VIEW = "rows"
+"""The MLflow UI view each table's experiment opens with `…/#/experiments/<id>/runs?viewStateShareKey=rows`:
+its row runs, by row, with their metrics as columns (the UI's shared views live in experiment tags)."""
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
 
 
 def _study_tags(profile: str) -> dict[str, str]:
@@ -113,20 +119,25 @@ def write_row_runs(mlflow_client: MlflowClient, parent: RunInfo, rows: list[RowT
     results rows (`results.row_result`); row runs of rows or seeds the table no longer has are deleted."""
     held = {(r.data.tags[ROW_TAG], r.data.tags[SEED_TAG]): r for r in mlflow_client.search_runs(
         [parent.experiment_id], f"tags.{PARENT_TAG} = '{parent.run_id}' and tags.{TABLE_TAG} = '{rows[0].table}'")}
+    study, metrics = _study_tags(profile), set()
     for rt, result in zip(rows, results):
         for outcome in result["runs"]:
             name, seed = row_name(rt.row), str(outcome["seed"])
             kinds = [kind for kind, s in rt.trials if s == outcome["seed"]]
-            _write_row_run(mlflow_client, parent, held.pop((name, seed), None), rt, outcome, kinds,
-                           {TABLE_TAG: rt.table, ROW_TAG: name, SEED_TAG: seed, **_study_tags(profile)})
+            metrics |= _write_row_run(mlflow_client, parent, held.pop((name, seed), None), rt, outcome, kinds,
+                                      {TABLE_TAG: rt.table, ROW_TAG: name, SEED_TAG: seed, **study})
     for stale in held.values():
         mlflow_client.delete_run(stale.info.run_id)
+    where = " and ".join(f"tags.{k} = '{v}'" for k, v in {TABLE_TAG: rows[0].table, **study}.items())
+    view = {"searchFilter": where, "orderByKey": f"tags.`{ROW_TAG}`", "orderByAsc": True,
+            "selectedColumns": [f"metrics.`{k}`" for k in sorted(metrics)]}
+    mlflow_client.set_experiment_tag(parent.experiment_id, SHARED_VIEW_TAG + ROWS_VIEW, json.dumps(view))
 
 
 def _write_row_run(mlflow_client: MlflowClient, parent: RunInfo, held: Run | None, rt: RowTrials,
-                   outcome: dict[str, Any], kinds: list[str], tags: dict[str, str]) -> None:
+                   outcome: dict[str, Any], kinds: list[str], tags: dict[str, str]) -> set[str]:
     """One row run: the row's final metrics, the ids of its trials' runs and a note linking them; FINISHED
-    when all its trials finished, else FAILED with their reasons."""
+    when all its trials finished, else FAILED with their reasons. Returns the names of its metrics."""
     metrics, links, reasons = {}, [], []
     for kind in kinds:
         prefix = kind_prefix(kind)
@@ -154,6 +165,7 @@ def _write_row_run(mlflow_client: MlflowClient, parent: RunInfo, held: Run | Non
     mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if held_tags.get(k) != v],
                             metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if held_metrics.get(k) != v])
     mlflow_client.set_terminated(run_id, "FAILED" if reasons else "FINISHED")
+    return set(metrics)
 
 
 def _link(mlflow_client: MlflowClient, kind: str, run_id: str) -> str:
