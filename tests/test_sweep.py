@@ -12,7 +12,13 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.report import build_reports
+from pipeline.study.results import row_result
 from pipeline.study.sweep import run_study
+from pipeline.study.table_runs import sweep_parents, write_row_runs
+from pipeline.study.tables import table_rows
+from pipeline.training.tracking import client as tracking_client
+from pipeline.training.tracking import resolve_uri
+from pipeline.training.trial import trial_key
 
 ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
           {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]
@@ -124,7 +130,8 @@ def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
         "mlflow.note.content"]
     assert "trial_id" not in rows[0].data.tags, "a row run must not pass for a trial run"
     shared_view = json.loads(client.get_experiment_by_name("tb").tags["mlflow.sharedViewState.rows"])
-    assert {"metrics.`top1`", "metrics.`top5`"} <= set(shared_view["selectedColumns"])
+    columns = ("best_top1", "madds", "params", "top1", "top5")  # the results a table compares, not the speeds
+    assert shared_view["selectedColumns"] == [f"metrics.`{k}`" for k in columns]
     exp = client.get_experiment_by_name("tb").experiment_id
     assert [r.info.run_id for r in client.search_runs([exp], shared_view["searchFilter"], order_by=["tags.row"])] == [
         r.info.run_id for r in rows], "the UI view's search is the table's row runs"
@@ -138,3 +145,20 @@ def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
     assert [r.info.run_id for r in view("tb")[1]] == [r.info.run_id for r in rows]
     assert len(client.get_metric_history(rows[0].info.run_id, "top1")) == 1
     assert len(_trial_runs(uri)) == 3
+
+
+def test_a_row_without_a_run_is_a_failed_row_run_with_the_reason(tiny_params: Callable[..., Path]) -> None:
+    """Before any trial ran (or after all failed) each row still has its row run, FAILED with the reason and
+    no metrics; the table's parent is found again, not made twice."""
+    params = load_params(tiny_params(tables={"ta": {"recipe": "resnet", "rows": ROWS_A}}))
+    uri = resolve_uri(params.mlflow.tracking_uri)
+    client = tracking_client(uri)
+    rows = table_rows(params, "ta")
+    results = [row_result(rt, {k: trial_key(t) for k, t in rt.trials.items()}, uri, {}) for rt in rows]
+    parent = sweep_parents(client, ["ta"], params.profile)["ta"]
+    assert sweep_parents(client, ["ta"], params.profile)["ta"].run_id == parent.run_id
+    write_row_runs(client, parent, rows, results, params.profile)
+    runs = client.search_runs([parent.experiment_id], "tags.table = 'ta'", order_by=["tags.row"])
+    assert [(r.data.tags["row"], r.info.status, r.data.metrics) for r in runs] == [("1", "FAILED", {}),
+                                                                                   ("2", "FAILED", {})]
+    assert runs[0].data.tags["failure_reason"] == "classify: no run was recorded for this trial"

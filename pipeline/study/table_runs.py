@@ -45,6 +45,7 @@ ROWS_VIEW = "rows"
 """The MLflow UI view each table's experiment opens with `…/#/experiments/<id>/runs?viewStateShareKey=rows`:
 its row runs, by row, with their metrics as columns (the UI's shared views live in experiment tags)."""
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
+SPEEDS = ("images_per_s", "train_seconds")  # on a row run, but not columns of its view: how fast, not how good
 
 
 def _study_tags(profile: str) -> dict[str, str]:
@@ -130,14 +131,15 @@ def write_row_runs(mlflow_client: MlflowClient, parent: RunInfo, rows: list[RowT
         mlflow_client.delete_run(stale.info.run_id)
     where = " and ".join(f"tags.{k} = '{v}'" for k, v in {TABLE_TAG: rows[0].table, **study}.items())
     view = {"searchFilter": where, "orderByKey": f"tags.`{ROW_TAG}`", "orderByAsc": True,
-            "selectedColumns": [f"metrics.`{k}`" for k in sorted(metrics)]}
+            "selectedColumns": [f"metrics.`{k}`" for k in sorted(metrics) if not k.endswith(SPEEDS)]}
     mlflow_client.set_experiment_tag(parent.experiment_id, SHARED_VIEW_TAG + ROWS_VIEW, json.dumps(view))
 
 
 def _write_row_run(mlflow_client: MlflowClient, parent: RunInfo, held: Run | None, rt: RowTrials,
                    outcome: dict[str, Any], kinds: list[str], tags: dict[str, str]) -> set[str]:
     """One row run: the row's final metrics, the ids of its trials' runs and a note linking them; FINISHED
-    when all its trials finished, else FAILED with their reasons. Returns the names of its metrics."""
+    when all its trials finished, else FAILED with their reasons. Rewritten in place, unless it held a metric
+    the row no longer has (its trial failed after an edit): then it is replaced. Returns its metrics' names."""
     metrics, links, reasons = {}, [], []
     for kind in kinds:
         prefix = kind_prefix(kind)
@@ -152,6 +154,9 @@ def _write_row_run(mlflow_client: MlflowClient, parent: RunInfo, held: Run | Non
     tags |= {REASON_TAG: "; ".join(reasons)} if reasons else {}
     head = rt.row.head.name
     name = f"row {tags[ROW_TAG]}: {rt.row.backbone} {head} seed {tags[SEED_TAG]}"
+    if held is not None and not held.data.metrics.keys() <= metrics.keys():  # MLflow keeps a metric once logged
+        mlflow_client.delete_run(held.info.run_id)
+        held = None
     if held is None:
         run_id = mlflow_client.create_run(parent.experiment_id, run_name=name,
                                           tags={PARENT_TAG: parent.run_id, **tags}).info.run_id
@@ -164,7 +169,9 @@ def _write_row_run(mlflow_client: MlflowClient, parent: RunInfo, held: Run | Non
     now = int(time.time() * 1000)
     mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if held_tags.get(k) != v],
                             metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if held_metrics.get(k) != v])
-    mlflow_client.set_terminated(run_id, "FAILED" if reasons else "FINISHED")
+    status = "FAILED" if reasons else "FINISHED"
+    if held is None or held.info.status != status:  # a rewrite that changes nothing keeps the run's end time
+        mlflow_client.set_terminated(run_id, status)
     return set(metrics)
 
 
