@@ -7,8 +7,9 @@ Ray, or the cluster at `ray.address` / `RAY_ADDRESS`), handed out by `TrialQueue
 from has finished. A trial resumes from the checkpoint folder named by its identity, so Ray's retries
 (`max_failures`) and a re-run of an interrupted study pick up where they stopped; on a multi-node cluster
 `train.checkpoint_root` and the MLflow store must be shared storage. Each table's results are then read
-back from MLflow into `results/<table>.json|csv`; a trial that failed is a row without a result (and is
-listed at the end), not a failed study.
+back from MLflow into `results/<table>.json|csv` and into each table's row runs (`study.table_runs`), under
+the table's one parent run; a trial that failed is a row without a result (and is listed at the end), not a
+failed study.
 """
 from __future__ import annotations
 
