@@ -77,6 +77,8 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on a GPU (default: params.yaml train.use_gpu)")
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="decoding processes (default: params.yaml train.loader_workers; null there: CPUs - 1)")
+    parser.add_argument("--compile", choices=("auto", "yes", "no"), default=None,
+                        help="torch.compile the model; auto: on a GPU (default: params.yaml train.compile)")
     parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default=None,
                         help="where JPEGs are decoded (default: params.yaml train.decode)")
     parser.add_argument("--checkpoint-dir", default=None, help="default: checkpoints/<trial_id>")
@@ -147,6 +149,8 @@ def bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=8, help="timed passes of each loop, alternating")
     parser.add_argument("--num-classes", type=int, default=100, help="outputs of the model")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="also time both trainers through torch.compile (auto: on CUDA)")
     parser.add_argument("--data", default=None, help="a prepared dataset: also time the trainer on its loader")
     parser.add_argument("--loader-workers", type=int, default=0, help="decoding processes with --data")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -2,6 +2,8 @@
 results/table10.csv|json and MLflow, as params.yaml's `benchmark` section says."""
 import sys
 
+import workspace  # noqa: F401 - first: this checkout's `pipeline`, not the installed one
+
 from pipeline.bench.speed import run_benchmark
 from pipeline.utils.stage import run_stage
 

@@ -1,6 +1,9 @@
-"""DVC stage `report`: Tables 4-11 (Markdown and CSV), the figures and reports/README.md from results/,
-the MLflow store and the trainer's checkpoints (for the attention maps). Never trains; runs in seconds."""
+"""DVC stage `report`: Tables 4-11 (Markdown and CSV), the figures, reports/README.md and the metrics and plot
+data DVC reads (reports/metrics, reports/plots) from results/, the MLflow store and the trainer's checkpoints (for
+the attention maps). Never trains; runs in seconds."""
 import sys
+
+import workspace  # noqa: F401 - first: this checkout's `pipeline`, not the installed one
 
 from pipeline.config import REPORTS, RESULTS
 from pipeline.report import build_reports

@@ -2,6 +2,8 @@
 results/<table>.json|csv (pipeline/study/sweep.py). `python stages/study.py table1 table2 table3` runs Tables 1-3."""
 import sys
 
+import workspace  # noqa: F401 - first: this checkout's `pipeline`, not the installed one
+
 from pipeline.study.sweep import study_stage
 from pipeline.utils.stage import run_stage
 

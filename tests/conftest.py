@@ -23,11 +23,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` skip cleanly on a machine without CUDA."""
+    """Tests marked `gpu` (the GPU suite, `python -m pytest -m gpu`) skip, saying why, without CUDA."""
     if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=f"needs a CUDA GPU (torch {torch.__version__} sees none here); "
+                                       "the GPU suite: python -m pytest -m gpu")
         for item in items:
             if "gpu" in item.keywords:
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+                item.add_marker(skip)
 
 
 TINY_BUILTIN = {"num_classes": 4, "train_per_class": 12, "val_per_class": 4, "image_size": 48}

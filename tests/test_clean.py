@@ -17,7 +17,7 @@ from pipeline.__main__ import main
 from pipeline.config import BuiltinDataConfig, MlflowConfig, PrepareConfig, TrainConfig, load_params
 from pipeline.data.prepare import prepare
 from pipeline.study.clean import apply, plan_clean
-from pipeline.training.record import CHECKPOINT, load_checkpoint, save_checkpoint
+from pipeline.training.record import CHECKPOINT, LOCK, load_checkpoint, save_checkpoint
 from pipeline.training.run import run_trial
 from pipeline.training.trial import Trial, resolve_trial
 
@@ -66,7 +66,8 @@ def test_a_finished_trial_keeps_its_weights_only_and_fine_tuning_starts_from_the
     assert set(state) == {"epoch", "history", "trial_id", "model"} and state["epoch"] == 2
     finished = (folder / CHECKPOINT).stat().st_size
     assert finished < 1.05 * _weights_bytes(state["model"]) and finished < 0.6 * unfinished
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "last.pt", "mlflow_run_id", "result.json"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.yaml", "last.pt", LOCK, "mlflow_run_id",
+                                                               "result.json"])
 
     reid = tmp_path / "reid"
     prepare(PrepareConfig(source="builtin_reid", out=str(reid), resize=32, builtin=BuiltinDataConfig(
@@ -80,8 +81,8 @@ def _params_file(tmp_path: Path, tiny_params: Any) -> Path:
     path = tiny_params(mlflow={"tracking_uri": _tracking(tmp_path).tracking_uri},
                        train={"checkpoint_root": str(tmp_path / "ckpt")})
     data = yaml.safe_load(path.read_text())
-    data["tables"] = {"table4": {"recipe": "resnet", "rows": [{"row": 1, "backbone": "resnet18",
-                                                               "head": {"kind": "baseline"}}]}}
+    data["tables"] = {"table4": {"recipe": "resnet", "rows": {"baseline": {"row": 1, "backbone": "resnet18",
+                                                                            "head": {"kind": "baseline"}}}}}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

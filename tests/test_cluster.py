@@ -22,7 +22,8 @@ def test_one_study_runs_trials_of_two_tables_side_by_side_on_both_nodes(
     params = load_params(tiny_params(
         profiles={"smoke": {"epochs": 2, "batch_size": 16}},
         ray={"address": cluster, "cpus_per_trial": 1, "max_concurrent": 2},
-        tables={"tc1": {"recipe": "resnet", "rows": [BASELINE]}, "tc2": {"recipe": "resnet", "rows": [NOAH]}}))
+        tables={"tc1": {"recipe": "resnet", "rows": {"baseline": BASELINE}},
+                "tc2": {"recipe": "resnet", "rows": {"noah": NOAH}}}))
     results = run_study(params, ["tc1", "tc2"], tmp_path / "results")
     rows = [results[t]["rows"][0]["runs"][0] for t in ("tc1", "tc2")]
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]

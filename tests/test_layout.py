@@ -65,7 +65,10 @@ def test_ruff_is_clean() -> None:
 
 
 def _module_file(name: str) -> Path | None:
-    """The file of module `pipeline.…` (a package's __init__.py), None when it is not one of ours."""
+    """The file of module `pipeline.…` (a package's __init__.py) or of a stage script's sibling module
+    (`stages/workspace.py`), None when it is not one of ours."""
+    if (REPO / "stages" / f"{name}.py").is_file():
+        return REPO / "stages" / f"{name}.py"
     if name != "pipeline" and not name.startswith("pipeline."):
         return None
     base = REPO.joinpath(*name.split("."))
@@ -146,7 +149,8 @@ def _dvc(cwd: Path, *args: str) -> str:
 
 
 CHANGED = ("pipeline/config/schema.py", "pipeline/utils/io.py", "pipeline/paper/__init__.py",
-           "pipeline/data/prepared.py", "pipeline/training/tracking.py", "pipeline/bench/timing.py")
+           "pipeline/data/prepared.py", "pipeline/training/tracking.py", "pipeline/bench/timing.py",
+           "stages/workspace.py")
 """Modules changed one at a time: several stages reach each only through other modules."""
 
 
@@ -162,7 +166,8 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     stages = _stages()
     for body in stages.values():  # only the code and params matter here
-        for out in [*body["outs"], *[d for d in body["deps"] if d.startswith(("data/", "results/"))]]:
+        outs = [*body.get("outs", []), *body.get("metrics", []), *body.get("plots", [])]
+        for out in [*outs, *[d for d in body["deps"] if d.startswith(("data/", "results/"))]]:
             target = work / (next(iter(out)) if isinstance(out, dict) else out)
             if target.exists():
                 continue
@@ -202,6 +207,7 @@ def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(stand_in:
 DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "profiles.smoke.gpu_tflops": 1.0,
                 "profiles.imagenet.epochs": 3, "train.num_workers": 2, "train.use_gpu": False,
                 "train.loader_workers": 0, "train.decode": "cpu", "train.deterministic": True,
+                "train.compile": True,
                 "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2}
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),

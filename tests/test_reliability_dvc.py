@@ -1,17 +1,26 @@
 """`dvc repro` killed mid-sweep and run again, in a clone of the repository (committed files only) with a
 shrunken params.yaml: trials that had FINISHED are reused (same MLflow run, never trained again), the
-killed trial resumes its own run, and reports/ holds every table."""
+killed trial resumes its own run, and reports/ holds every table. In the repository that leaves, DVC's own
+views work: `dvc metrics show` lists every table's rows by name, `dvc exp show --csv` has their top-1,
+`dvc plots show` draws the learning curves, and an experiment that sets one row's option with `-S` is named by
+that row in `dvc params diff`."""
 from __future__ import annotations
 
+import copy
+import csv
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -40,7 +49,8 @@ def _shrink(params: dict, tmp: Path) -> dict:
     params["benchmark"] = {**params.get("benchmark", {}), "backbones": ["resnet18"], "cpu_repeats": 2,
                            "cpu_warmup": 0, "img_size": 32}
     for name, table in params["tables"].items():
-        table["rows"] = [BASELINE, NOAH] if name in ("table4", "table11") else [BASELINE]
+        rows = {"baseline": BASELINE, **({"noah": NOAH} if name in ("table4", "table11") else {})}
+        table["rows"] = copy.deepcopy(rows)  # one object per table: YAML anchors and aliases would tie them for -S
     return params
 
 
@@ -60,7 +70,20 @@ def _kill_tagged(tag: str) -> None:
             continue
 
 
-def test_interrupted_dvc_repro_reuses_finished_trials(tmp_path: Path) -> None:
+@dataclass
+class Reproduced:
+    """The clone after a `dvc repro` killed once a trial had finished, and a second one run to the end."""
+
+    repo: Path
+    env: dict[str, str]
+    uri: str
+    before: dict  # trial id -> its MLflow run when the first `dvc repro` was killed
+    second: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    tmp_path = tmp_path_factory.mktemp("dvc")
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True, timeout=120)
     for committed in (repo / "reports").glob("table*"):  # the clone's reports must come from this study
@@ -70,7 +93,9 @@ def test_interrupted_dvc_repro_reuses_finished_trials(tmp_path: Path) -> None:
     uri = params["mlflow"]["tracking_uri"]
     tag = uuid.uuid4().hex
     env = {**os.environ, TAG: tag, "PYTHONPATH": str(repo),  # the clone's package, not the installed one
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           **{f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+              for what, value in (("NAME", "test"), ("EMAIL", "test@localhost"))}}
     env.pop("RAY_ADDRESS", None)
 
     log = open(tmp_path / "first.log", "w")
@@ -87,11 +112,17 @@ def test_interrupted_dvc_repro_reuses_finished_trials(tmp_path: Path) -> None:
         first.wait()
         _kill_tagged(tag)
     before = {r.data.tags["trial_id"]: r for r in _trial_runs(uri)}
-    done = {k: r for k, r in before.items() if r.info.status == "FINISHED"}
-    assert done and not (repo / "reports" / "table4.md").exists(), "killed mid-study"
-
+    assert not (repo / "reports" / "table4.md").exists(), "killed mid-study"
     second = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     _kill_tagged(tag)
+    return Reproduced(repo, env, uri, before, second)
+
+
+def test_interrupted_dvc_repro_reuses_finished_trials(reproduced: Reproduced) -> None:
+    repo, env, uri, before, second = (reproduced.repo, reproduced.env, reproduced.uri, reproduced.before,
+                                      reproduced.second)
+    done = {k: r for k, r in before.items() if r.info.status == "FINISHED"}
+    assert done, "a trial had finished when the first `dvc repro` was killed"
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     after = _trial_runs(uri)
     ids = [r.data.tags["trial_id"] for r in after]
@@ -111,3 +142,48 @@ def test_interrupted_dvc_repro_reuses_finished_trials(tmp_path: Path) -> None:
     assert (repo / "reports" / "README.md").is_file()
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert "up to date" in status.stdout, status.stdout
+
+
+def _dvc(reproduced: Reproduced, *args: str) -> str:
+    proc = subprocess.run(["dvc", *args], cwd=reproduced.repo, env=reproduced.env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "failed" not in proc.stderr.lower(), f"dvc {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def test_dvc_metrics_plots_and_experiments_show_every_row_by_name(reproduced: Reproduced, tmp_path: Path) -> None:
+    assert reproduced.second.returncode == 0, reproduced.second.stderr[-4000:]
+    repo, env = reproduced.repo, reproduced.env
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    rows = {t: list(params["tables"][t]["rows"]) for t in TABLES} | {"table10": params["benchmark"]["backbones"]}
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True, timeout=60)
+    subprocess.run(["git", "commit", "-qm", "the study"], cwd=repo, env=env, check=True, timeout=60)
+
+    files = json.loads(_dvc(reproduced, "metrics", "show", "--json"))[""]["data"]  # the workspace's, per file
+    metrics = {table: by_row for file in files.values() for table, by_row in file["data"].items()}
+    assert {table: list(by_row) for table, by_row in metrics.items()} == rows, "every table's rows, by name"
+    for table, by_row in metrics.items():
+        wanted = {"table9": {"scratch_top1", "scratch_map", "finetune_top1", "finetune_map"},
+                  "table10": {"cpu_overhead_pct"}}.get(table, {"top1", "top5"})
+        assert all(set(values) == wanted for values in by_row.values()), (table, by_row)
+
+    shown = list(csv.DictReader(io.StringIO(_dvc(reproduced, "exp", "show", "--csv"))))
+    top1 = {c for c in shown[0] if c.endswith(".top1")}
+    assert top1 == {f"{t}.{n}.top1" for t in TABLES if t != "table9" for n in rows[t]}
+    assert all(0 <= float(r[c]) <= 100 for r in shown for c in top1), "the workspace's and HEAD's top-1 of every row"
+
+    _dvc(reproduced, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert all(f"reports/plots/curves/{t}.csv" in html and "val_top1" in html for t in TABLES)
+    plots = json.loads(_dvc(reproduced, "plots", "show", "--json"))["data"]
+    lines = {t: {p["row"] for p in plots[f"reports/plots/curves/{t}.csv"][0]["content"]["data"]["values"]}
+             for t in ("table4", "table9")}
+    assert lines == {"table4": {"baseline", "noah"}, "table9": {"baseline scratch", "baseline finetune"}}
+
+    _dvc(reproduced, "exp", "run", "-S", "tables.table4.rows.noah.head.r=0.25")  # one row's option, by its name
+    diff = json.loads(_dvc(reproduced, "params", "diff", "--json"))
+    assert {key: (d["old"], d["new"]) for key, d in diff["params.yaml"].items()} == \
+        {"tables.table4.rows.noah.head.r": (0.5, 0.25)} and list(diff) == ["params.yaml"]
+    shown = list(csv.DictReader(io.StringIO(_dvc(reproduced, "exp", "show", "--csv"))))
+    assert [r["Experiment"] != "" for r in shown] == [False, False, True], "workspace, HEAD, the experiment"
+    assert 0 <= float(shown[2]["table4.noah.top1"]) <= 100

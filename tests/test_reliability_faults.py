@@ -23,6 +23,7 @@ from pipeline.training.trial import trial_key
 
 EPOCHS = 5
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
+ROWS = {"baseline": ROW}  # a table of that one row
 TAG = "NOAH_RELIABILITY_TAG"
 
 
@@ -92,7 +93,7 @@ def test_sigkilled_trial_is_retried_and_resumes_from_its_checkpoint(
     params = load_params(tiny_params(
         profiles={"smoke": {"epochs": EPOCHS, "batch_size": 8}},
         ray={"max_failures": 2, "max_concurrent": 1},
-        tables={"tk": {"recipe": "resnet", "rows": [ROW]}}))
+        tables={"tk": {"recipe": "resnet", "rows": ROWS}}))
     with Killer(Path(params.train.checkpoint_root), lambda: _tagged_trial_workers(tag)) as killer:
         results = run_study(params, ["tk"], tmp_path / "results")["tk"]
     assert killer.killed, "the trial process was killed mid-training"
@@ -121,7 +122,7 @@ def test_nan_trial_fails_quickly_with_its_reason_and_the_study_goes_on(
     params = load_params(tiny_params(
         recipes={"boom": {"schedule": "step", "optimizer": "sgd", "lr": 1.0e30, "batch_size": 256, "epochs": 100}},
         ray={"max_failures": 2},
-        tables={"tboom": {"recipe": "boom", "rows": [ROW]}, "tok": {"recipe": "resnet", "rows": [ROW]}}))
+        tables={"tboom": {"recipe": "boom", "rows": ROWS}, "tok": {"recipe": "resnet", "rows": ROWS}}))
     boom, ok = (trial_key(table_rows(params, t)[0].trials["classify", 0]) for t in ("tboom", "tok"))
     client = MlflowClient(params.mlflow.tracking_uri)
     start = time.monotonic()
@@ -166,8 +167,8 @@ def test_trials_of_a_killed_node_finish_on_the_other(ray_cluster: tuple[str, str
     params = load_params(tiny_params(
         profiles={"smoke": {"epochs": 3, "batch_size": 8}},
         ray={"address": address, "cpus_per_trial": 1, "max_concurrent": 2, "max_failures": 2},
-        tables={"tn": {"recipe": "resnet", "rows": [
-            ROW, {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]}}))
+        tables={"tn": {"recipe": "resnet", "rows": {
+            "baseline": ROW, "noah": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}}}}))
     with Killer(Path(params.train.checkpoint_root), lambda: _second_node(temp)) as killer:
         results = run_study(params, ["tn"], tmp_path / "results")["tn"]
     assert killer.killed, "the second node was killed while it trained a trial"

@@ -148,8 +148,8 @@ def test_prepare_stage_names_a_missing_data_root_at_once(tmp_path: Path) -> None
 def test_unwritable_results_folder_fails_before_training_and_names_it(tiny_params: Callable[..., Path],
                                                                       tmp_path: Path) -> None:
     """Runs as root in CI, where permissions do not stop writes: the results folder lies under a file."""
-    params = load_params(tiny_params(tables={"tw": {"recipe": "resnet", "rows": [
-        {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}]}}))
+    params = load_params(tiny_params(tables={"tw": {"recipe": "resnet", "rows": {
+        "baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}}}}))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     start = time.monotonic()

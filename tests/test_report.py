@@ -195,8 +195,8 @@ def test_a_row_edited_in_params_is_labelled_with_its_setting_and_not_compared(
     from pipeline.study.tables import table_rows
 
     data = yaml.safe_load(PARAMS.read_text())
-    data["tables"]["table7"]["rows"][3]["head"]["dropout"] = dropout
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    data["tables"]["table7"]["rows"]["avg"]["head"]["dropout"] = dropout
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     rows = [row_result(rt, {}, f"sqlite:///{tmp_path / 'mlflow.db'}", {})
             for rt in table_rows(load_params(tmp_path / "params.yaml"), "table7")]
     for i, row in enumerate(rows):
@@ -261,6 +261,30 @@ def test_table9_and_table10_layouts(built: Path) -> None:
     assert records["resnet18"]["paper_gpu_overhead_pct"] == "11.53" and records["resnet18"]["gpu_overhead_pct"] == ""
     assert (records["resnet18"]["cpu_overhead_low"], records["resnet18"]["cpu_resolved"]) == ("4", "1")
     assert (records["resnet152"]["cpu_rounds"], records["resnet152"]["cpu_resolved"]) == ("5", "0")
+
+
+def test_dvc_metrics_and_plot_data_are_keyed_by_row_name(built: Path) -> None:
+    """What `dvc metrics show` and `dvc plots show` read: per row name the values the report shows (with n and std:
+    Table 4 has two seeds), Table 9's four metrics, Table 10's overheads per backbone; top-1 beside the paper's,
+    none for a row that ran with other settings; no file for a table without results or with unreadable ones."""
+    metrics = {p.stem: json.loads(p.read_text())[p.stem] for p in (built / "metrics").glob("*.json")}
+    assert set(metrics) == {"table4", "table9", "table10"}
+    records = {r["name"]: r for r in read_csv(built / "table4.csv") if r["name"]}
+    assert list(metrics["table4"]) == list(records) == ["baseline", "r1_2", "r1_4", "r1_8", "n2", "n4", "n8"]
+    for name, values in metrics["table4"].items():
+        for key in ("top1", "top5", "top1_std", "top5_std", "n"):
+            assert (values.get(key) is None) == (records[name][key] == ""), (name, key)
+            if key in values:
+                assert values[key] == pytest.approx(float(records[name][key]), abs=1e-4), (name, key)
+    assert metrics["table4"]["r1_4"] == {"top1": 50.9, "top5": 80.0, "n": 1}  # one finished seed: no std
+    assert metrics["table9"] == {"baseline": {"scratch_top1": 40.0, "scratch_map": 20.0, "finetune_top1": 45.0,
+                                              "finetune_map": 25.0},
+                                 "noah": {"scratch_top1": 41.5, "scratch_map": 19.0}}  # fine-tuning FAILED
+    assert metrics["table10"]["resnet18"] == {"cpu_overhead_pct": 4.76}
+    bars = {r["row"]: float(r["top1"]) for r in read_csv(built / "plots" / "top1" / "table4.csv")}
+    assert bars["r1_2 (ours)"] == 51.31 and bars["r1_2 (paper)"] == 76.84
+    assert "n2 (ours)" in bars and "n2 (paper)" not in bars  # edited in params.yaml: not the paper's row
+    assert [p.name for p in (built / "plots").rglob("*.csv")] == ["table4.csv"]  # no MLflow store: no curves
 
 
 def test_each_report_opens_with_its_scale(built: Path) -> None:

@@ -21,6 +21,7 @@ from pipeline.config import MAX_SHOWN, PARAMS, ConfigError, load_params
 from pipeline.study.sweep import run_study
 
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
+ROWS = {"baseline": ROW}  # a table of that one row
 
 
 def _repo_params(tmp_path: Path, **changes: object) -> Path:
@@ -61,6 +62,16 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - start < 30
 
 
+def test_a_row_name_given_twice_is_refused(tmp_path: Path) -> None:
+    """Plain YAML keeps the last of two equal keys: a table's second `max:` row would replace the first unseen."""
+    text = PARAMS.read_text()
+    row = next(line for line in text.splitlines() if line.strip().startswith("max: {row: 3"))
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(row, f"{row}\n{row.replace('aggregation: max', 'aggregation: avg')}"))
+    line = _one_error_line(_stage("study", path, "table7", timeout=60), "params")
+    assert "found the key 'max' twice" in line, line
+
+
 def test_error_messages_show_a_long_value_cut(tmp_path: Path) -> None:
     proc = _stage("prepare", _repo_params(tmp_path, seed=list(range(5000))))
     line = _one_error_line(proc, "seed")
@@ -96,6 +107,15 @@ def test_train_deterministic_takes_true_or_false_and_a_bad_value_stops_train_bef
     assert not db.exists() and not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("value", ["auto", "yes", 1])
+def test_train_compile_takes_true_false_or_null(tmp_path: Path, value: object) -> None:
+    train = yaml.safe_load(PARAMS.read_text())["train"]
+    assert load_params(_repo_params(tmp_path, train=train)).train.compile is None  # the repository's: auto
+    assert load_params(_repo_params(tmp_path, train={**train, "compile": False})).train.compile is False
+    with pytest.raises(ConfigError, match=r"train.compile: got .*; allowed: true, false or null \(null: compile on"):
+        load_params(_repo_params(tmp_path, train={**train, "compile": value}))
+
+
 def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
     datasets = {"builtin": {"source": "builtin", "out": str(out), "builtin": {"seed": -1}}}
@@ -126,7 +146,7 @@ def test_dataset_out_cannot_climb_out_of_its_profile_folder(tmp_path: Path) -> N
 
 def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
     tables = yaml.safe_load(PARAMS.read_text())["tables"]
-    tables = {"extra": {"recipe": "resnet", "rows": [ROW]}, "table10b": {"recipe": "resnet", "rows": [ROW]},
+    tables = {"extra": {"recipe": "resnet", "rows": ROWS}, "table10b": {"recipe": "resnet", "rows": ROWS},
               **{k: tables[k] for k in ("table6", "table11")}}
     params = str(_repo_params(tmp_path, tables=tables))
     proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--params", params,
@@ -140,7 +160,7 @@ def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
 
 def test_study_stage_with_unprepared_data_fails_before_ray(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     path = tiny_params(datasets={"builtin": {"out": str(tmp_path / "not-prepared")}},
-                       tables={"tmiss": {"recipe": "resnet", "rows": [ROW]}})
+                       tables={"tmiss": {"recipe": "resnet", "rows": ROWS}})
     start = time.monotonic()
     proc = _stage("study", path, "tmiss")
     line = _one_error_line(proc, "datasets.builtin.out")
@@ -169,7 +189,7 @@ def test_read_only_outputs_fail_before_ray_and_name_the_key(tiny_params: Callabl
     folder = tmp_path / "ro"
     changes = {"checkpoints": {"train": {"checkpoint_root": str(folder)}},
                "mlflow": {"mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}}}.get(what, {})
-    params = load_params(tiny_params(tables={"tro": {"recipe": "resnet", "rows": [ROW]}}, **changes))
+    params = load_params(tiny_params(tables={"tro": {"recipe": "resnet", "rows": ROWS}}, **changes))
     key = {"results": "results", "checkpoints": "train.checkpoint_root", "mlflow": "mlflow.tracking_uri"}[what]
     with _read_only_mount(folder):
         start = time.monotonic()
@@ -186,7 +206,7 @@ def test_a_trial_failing_inside_ray_is_a_row_without_result_and_listed_at_the_en
     params = load_params(tiny_params(
         recipes={"mix": {"optimizer": "sgd", "lr": 0.1, "batch_size": 256, "epochs": 100, "mixup": 0.2}},
         profiles={"smoke": {"batch_size": 15}}, ray={"max_failures": 0},
-        tables={"tmix": {"recipe": "mix", "rows": [ROW]}}))
+        tables={"tmix": {"recipe": "mix", "rows": ROWS}}))
     run_study(params, ["tmix"], tmp_path / "results")
     ((row,),) = [r["runs"] for r in json.loads((tmp_path / "results" / "tmix.json").read_text())["rows"]]
     assert row["status"] == "MISSING"
@@ -231,7 +251,7 @@ def test_sigterm_ends_the_study_stage_and_its_runs_as_killed(tiny_params: Callab
 
     from pipeline.training.record import CHECKPOINT, load_checkpoint
 
-    path = tiny_params(profiles={"smoke": {"epochs": 200}}, tables={"tsigterm": {"recipe": "resnet", "rows": [ROW]}})
+    path = tiny_params(profiles={"smoke": {"epochs": 200}}, tables={"tsigterm": {"recipe": "resnet", "rows": ROWS}})
     params = load_params(path)
     client = MlflowClient(params.mlflow.tracking_uri)
     proc = subprocess.Popen([sys.executable, "stages/study.py", "--params", str(path), "tsigterm"], cwd=REPO_ROOT,

@@ -24,7 +24,15 @@ from pipeline import REPO_ROOT
 from pipeline.config import BuiltinDataConfig, MlflowConfig, PrepareConfig, TrainConfig, load_params
 from pipeline.data.prepare import prepare
 from pipeline.report import build_reports
-from pipeline.training.record import CHECKPOINT, RESULT, RUN_ID_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.training.record import (
+    CHECKPOINT,
+    LOCK,
+    RESULT,
+    RUN_ID_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.training.run import run_trial
 from pipeline.training.trial import Trial, resolve_trial
 
@@ -216,7 +224,7 @@ def test_a_full_disk_fails_the_trial_naming_the_checkpoint_and_the_cause(tiny_da
     reason = run.data.tags["failure_reason"]
     assert reason.startswith("OSError: ") and "No space left on device" in reason, reason
     assert str(small_disk / CHECKPOINT) in reason
-    assert sorted(p.name for p in small_disk.iterdir()) == [RUN_ID_FILE], "no temp file is left behind"
+    assert sorted(p.name for p in small_disk.iterdir()) == sorted([LOCK, RUN_ID_FILE]), "no temp file is left behind"
 
 
 # ---- SIGTERM

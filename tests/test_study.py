@@ -3,6 +3,7 @@ at once with one message naming the key, before Ray, MLflow or data are touched.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvc.utils.hydra import apply_overrides
 
 from pipeline import REPO_ROOT
 from pipeline.config import PARAMS, ConfigError, load_params, profile_datasets
@@ -34,6 +36,24 @@ def test_repository_params_cover_every_paper_row() -> None:
             for option in ("feature_split", "softmax_axis", "aggregation"):
                 if p.get(option):
                     assert getattr(rt.row.head, option) == p[option], (table, p["row"])
+
+
+def test_dvc_set_param_addresses_every_row_by_its_name(tmp_path: Path) -> None:
+    """`dvc exp run -S` (DVC's Hydra overrides) sets one option of any row of the repository's tables by name,
+    an option the row states (`=`) or leaves to its default (`++`), and touches no other row."""
+    path = tmp_path / "params.yaml"
+    shutil.copy(PARAMS, path)
+    before = load_params(path)
+    names = [(table, name) for table, spec in before.tables.items() for name in spec.rows]
+    apply_overrides(path, [f"++tables.{t}.rows.{n}.head.dropout=0.05" for t, n in names] +
+                    ["tables.table7.rows.max.head.aggregation=avg", "tables.table4.rows.n2.head.N=1"])
+    after = load_params(path)
+    for table, name in names:
+        old, new = before.tables[table].rows[name], after.tables[table].rows[name]
+        assert new.head.dropout == 0.05 and (new.row, new.backbone, new.name) == (old.row, old.backbone, name)
+    assert after.tables["table7"].rows["max"].head.aggregation == "avg"
+    assert after.tables["table4"].rows["n2"].head.N == 1
+    assert after.tables["table7"].rows["sum"].head.aggregation == "sum"
 
 
 def test_the_study_stage_names_the_same_tables_in_its_command_params_and_outs() -> None:
@@ -65,14 +85,18 @@ BAD = [
     ({"seeds": []}, "seeds", "a non-empty list"),
     ({"seed": 0}, "seed", "`seeds:`, a list"),
     ({"profile": "huge"}, "profile", "a key of `profiles`"),
-    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 3}}]}}},
-     "tables.table6.rows[0].head.N", "a divisor of the 512 feature channels"),
-    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "r": 0.001}}]}}},
-     "tables.table6.rows[0].head.r", "key channels"),
-    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet19", "head": {"kind": "baseline"}}]}}},
-     "tables.table6.rows[0].backbone", "resnet18"),
-    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "axis": 1}}]}}},
-     "tables.table6.rows[0].head.axis", "a known key"),
+    ({"tables": {"table6": {"rows": {"spatial": {"head": {"N": 3}}}}}},
+     "tables.table6.rows.spatial.head.N", "a divisor of the 512 feature channels"),
+    ({"tables": {"table6": {"rows": {"spatial": {"head": {"r": 0.001}}}}}},
+     "tables.table6.rows.spatial.head.r", "key channels"),
+    ({"tables": {"table6": {"rows": {"baseline": {"backbone": "resnet19"}}}}},
+     "tables.table6.rows.baseline.backbone", "resnet18"),
+    ({"tables": {"table6": {"rows": {"channel": {"head": {"axis": 1}}}}}},
+     "tables.table6.rows.channel.head.axis", "a known key"),
+    ({"tables": {"table6": {"rows": {"Spatial": {"row": 2, "backbone": "resnet18"}}}}},
+     "tables.table6.rows.Spatial", "lowercase letters, digits and underscores"),
+    ({"tables": {"table6": {"rows": [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}]}}},
+     "tables.table6.rows", "a non-empty mapping of row name to row, e.g. `rows: {baseline: {row: 1"),
     ({"tables": {"table6": {"recipe": "fast"}}}, "tables.table6.recipe", "a key of `recipes`"),
     ({"datasets": {"builtin": {"source": "imagefolder", "out": "data/smoke/builtin"}}}, "datasets.builtin.root",
      "a folder path"),
@@ -102,7 +126,7 @@ def test_bad_params_name_the_key(tmp_path: Path, changes: dict, key: str, allowe
 def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> None:
     """The stage exits 2 with one line naming the key, in seconds, and starts no Ray or MLflow."""
     params = yaml.safe_load(PARAMS.read_text())
-    params["tables"]["table6"]["rows"][1]["head"]["N"] = 5
+    params["tables"]["table6"]["rows"]["spatial"]["head"]["N"] = 5
     params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -112,7 +136,7 @@ def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: tables.table6.rows[1].head.N: got 5; allowed: a divisor of the 512 feature channels, "
+        "error: tables.table6.rows.spatial.head.N: got 5; allowed: a divisor of the 512 feature channels, "
         "e.g. [1, 2, 4, 8, 16, 32, 64]"]
     assert not (tmp_path / "mlflow.db").exists()
     assert elapsed < 30, elapsed  # generous: shared CI machine; typically ~5 s, mostly imports

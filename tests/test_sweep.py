@@ -20,11 +20,12 @@ from pipeline.training.tracking import client as tracking_client
 from pipeline.training.tracking import resolve_uri
 from pipeline.training.trial import trial_key
 
-ROWS_A = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
-          {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}]
-ROWS_B = [{"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},  # = A's row 2
-          {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}},
-          {"row": 3, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}}]
+ROWS_A = {"baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
+          "noah": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}}
+ROWS_B = {"sum": {"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},  # = A's noah
+          "avg": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}},
+          "avg_again": {"row": 3, "backbone": "resnet18",
+                        "head": {"kind": "noah", "N": 4, "r": 0.5, "aggregation": "avg"}}}
 
 
 def _trial_runs(uri: str) -> list:
@@ -47,6 +48,10 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
     first = run_study(params, ["ta"], out)["ta"]
     assert [r["status"] for r in _first(first)] == ["FINISHED", "FINISHED"]
     assert len(_trial_runs(uri)) == 2
+    folders = sorted(p for p in Path(params.train.checkpoint_root).iterdir() if p.is_dir())
+    assert len(folders) == 2, "one checkpoint folder per trial"
+    assert all(not (f / "last.pt").exists() and (f / "result.json").is_file() for f in folders), \
+        "no table fine-tunes from these trials: the study keeps their result, not their weights"
 
     second = run_study(params, ["tb"], out)["tb"]
     runs = _trial_runs(uri)
@@ -64,18 +69,19 @@ def test_tables_share_trials_and_rerun_trains_nothing(tiny_params: Callable[...,
 
     saved = json.loads((out / "tb.json").read_text())
     assert saved["meta"]["img_size"] == 32 and saved["meta"]["num_classes"] == 4
-    assert [r["row"] for r in saved["rows"]] == [1, 2, 3]
+    assert [(r["row"], r["name"]) for r in saved["rows"]] == [(1, "sum"), (2, "avg"), (3, "avg_again")]
     assert all(0 <= r["top1"] <= 100 and r["params"] > 0 and r["madds"] > 0 for r in _first(saved))
     csv_lines = (out / "tb.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and csv_lines[0].startswith("row,")
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("row,name,") and csv_lines[3].startswith("3,avg_again,")
 
 
 def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     """`seeds: [0, 1]` trains every row twice (a seed is part of the identity); the report of the real runs has
     n = 2, a sample std and a paired 95% interval on every row, and an arrow exactly where it excludes zero."""
-    rows = [{"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
-            {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},
-            {"row": 3, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5, "softmax_axis": "channel"}}]
+    rows = {"baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
+            "spatial": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},
+            "channel": {"row": 3, "backbone": "resnet18",
+                        "head": {"kind": "noah", "N": 4, "r": 0.5, "softmax_axis": "channel"}}}
     params = load_params(tiny_params(seeds=[0, 1], tables={"table6": {"recipe": "resnet", "rows": rows}}))
     out = tmp_path / "results"
     results = run_study(params, ["table6"], out)["table6"]
@@ -84,9 +90,17 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
     assert len({run["trial_id"] for run in runs}) == 6 and len(_trial_runs(params.mlflow.tracking_uri)) == 6
     assert results["meta"]["seeds"] == [0, 1] and results["meta"]["chance"]["top1"] == 25.0
 
-    build_reports(out, tmp_path / "reports")
+    build_reports(out, tmp_path / "reports", params.mlflow.tracking_uri)
     records = list(csv.DictReader(open(tmp_path / "reports" / "table6.csv", newline="")))
     assert [r["n"] for r in records] == ["2", "2", "2"] and all(r["top1_std"] for r in records)
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "table6.json").read_text())["table6"]  # what DVC shows
+    assert list(metrics) == [r["name"] for r in records] == ["baseline", "spatial", "channel"]
+    assert all(m["n"] == 2 and m["top1_std"] == pytest.approx(float(r["top1_std"]), abs=1e-4)
+               for m, r in zip(metrics.values(), records))
+    curves = list(csv.DictReader(open(tmp_path / "reports" / "plots" / "curves" / "table6.csv", newline="")))
+    assert [(c["row"], c["epoch"]) for c in curves] == [(name, "1") for name in metrics]  # one epoch, from MLflow
+    for c in curves:  # the mean over the seeds of its last (here also its best) validation top-1
+        assert float(c["val_top1"]) == pytest.approx(metrics[c["row"]]["top1"], abs=1e-3)
     table = [line.strip("|").split(" | ") for line in (tmp_path / "reports" / "table6.md").read_text().splitlines()
              if line.startswith("| ")]
     top1 = [row[table[0].index("Top-1 (%)")] for row in table[1:]]
@@ -99,7 +113,7 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
 def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
         tiny_params: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every trial run is tagged with its tables, rows, profile, seed and DVC experiment; `tb`'s experiment has
-    a row run for each of its three rows with the row's metrics, its row 1 linking the run `ta` trained; running
+    a row run for each of its three rows with the row's metrics, its row `sum` linking the run `ta` trained; running
     the study again reuses each table's parent and rewrites the row runs in place."""
     monkeypatch.setenv("DVC_EXP_NAME", "exp-rows")
     params = load_params(tiny_params(tables={"ta": {"recipe": "resnet", "rows": ROWS_A},
@@ -111,17 +125,20 @@ def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
     shared = client.get_run(ta[1]["run_id"])
     assert client.get_experiment(shared.info.experiment_id).name == "ta"
     assert {k: shared.data.tags.get(k) for k in ("tables", "rows", "profile", "seed", "dvc_experiment")} == {
-        "tables": "ta, tb", "rows": "ta:2, tb:1", "profile": "smoke", "seed": "0", "dvc_experiment": "exp-rows"}
-    assert client.get_run(tb[1]["run_id"]).data.tags["rows"] == "tb:2, tb:3"
+        "tables": "ta, tb", "rows": "ta:noah, tb:sum", "profile": "smoke", "seed": "0", "dvc_experiment": "exp-rows"}
+    assert client.get_run(tb[1]["run_id"]).data.tags["rows"] == "tb:avg, tb:avg_again"
 
     def view(table: str) -> tuple[list, list]:
         exp = client.get_experiment_by_name(table).experiment_id
         parents = client.search_runs([exp], f"tags.sweep = '{table}'")
-        return parents, client.search_runs([exp], f"tags.table = '{table}'", order_by=["tags.row"])
+        order = list({"ta": ROWS_A, "tb": ROWS_B}[table])  # the table's order
+        runs = client.search_runs([exp], f"tags.table = '{table}'")
+        return parents, sorted(runs, key=lambda r: order.index(r.data.tags["row"]))
 
     parents, rows = view("tb")
-    assert [r.info.run_name for r in rows] == [f"row {i}: resnet18 {h} seed 0" for i, h in (
-        (1, "noah(N=4,r=0.5)"), (2, "noah(N=4,r=0.5,aggregation=avg)"), (3, "noah(N=4,r=0.5,aggregation=avg)"))]
+    assert [r.info.run_name for r in rows] == [f"row {name}: resnet18 {h} seed 0" for name, h in (
+        ("sum", "noah(N=4,r=0.5)"), ("avg", "noah(N=4,r=0.5,aggregation=avg)"),
+        ("avg_again", "noah(N=4,r=0.5,aggregation=avg)"))]
     assert [r.data.tags["trial_run"] for r in rows] == [t["run_id"] for t in tb]
     assert [(r.data.metrics["top1"], r.data.metrics["top5"]) for r in rows] == [(t["top1"], t["top5"]) for t in tb]
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -133,15 +150,15 @@ def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
     columns = ("best_top1", "madds", "params", "top1", "top5")  # the results a table compares, not the speeds
     assert shared_view["selectedColumns"] == [f"metrics.`{k}`" for k in columns]
     exp = client.get_experiment_by_name("tb").experiment_id
-    assert [r.info.run_id for r in client.search_runs([exp], shared_view["searchFilter"], order_by=["tags.row"])] == [
-        r.info.run_id for r in rows], "the UI view's search is the table's row runs"
+    assert {r.info.run_id for r in client.search_runs([exp], shared_view["searchFilter"])} == {
+        r.info.run_id for r in rows}, "the UI view's search is the table's row runs"
 
     run_study(params, ["tb"], out)
     run_study(params, ["ta", "tb"], out)
-    for table, n in (("ta", 2), ("tb", 3)):
+    for table in ("ta", "tb"):
         again, rows_again = view(table)
         assert len(again) == 1 and again[0].info.status == "FINISHED", table
-        assert len(rows_again) == n and {r.data.tags["row"] for r in rows_again} == {str(i + 1) for i in range(n)}
+        assert [r.data.tags["row"] for r in rows_again] == list({"ta": ROWS_A, "tb": ROWS_B}[table])
     assert [r.info.run_id for r in view("tb")[1]] == [r.info.run_id for r in rows]
     assert len(client.get_metric_history(rows[0].info.run_id, "top1")) == 1
     assert len(_trial_runs(uri)) == 3
@@ -159,6 +176,6 @@ def test_a_row_without_a_run_is_a_failed_row_run_with_the_reason(tiny_params: Ca
     assert sweep_parents(client, ["ta"], params.profile)["ta"].run_id == parent.run_id
     write_row_runs(client, parent, rows, results, params.profile)
     runs = client.search_runs([parent.experiment_id], "tags.table = 'ta'", order_by=["tags.row"])
-    assert [(r.data.tags["row"], r.info.status, r.data.metrics) for r in runs] == [("1", "FAILED", {}),
-                                                                                   ("2", "FAILED", {})]
+    assert [(r.data.tags["row"], r.info.status, r.data.metrics) for r in runs] == [("baseline", "FAILED", {}),
+                                                                                   ("noah", "FAILED", {})]
     assert runs[0].data.tags["failure_reason"] == "classify: no run was recorded for this trial"

@@ -105,6 +105,7 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
     assert metrics["images_per_s"] > 0 and result["params"] > 11_000_000 and result["madds"] > 0
     tags = run.data.tags
     assert tags["trial_id"] == trial_id(trial) == result["trial_id"]
+    assert tags["compiled"] == "false" and params["train.compile"] == "None"  # null: off on a CPU
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", tags["git_commit"])
     assert len(tags["data_manifest_hash"]) == 64
     artifacts = _logged(client, run.info.run_id)["artifacts"]
@@ -119,7 +120,9 @@ def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_pa
     model = build_model("resnet18", {"kind": "noah"}, 4, IMG)
     model.load_state_dict(state["model"])
 
-    again = run_trial(trial, train=QUIET, tracking=tracking, checkpoint_dir=tmp_path / "other")
+    # how it runs is not what it computes: a compiled trial is the same trial (and would compile, not reuse)
+    again = run_trial(trial, train=dataclasses.replace(QUIET, compile=True), tracking=tracking,
+                      checkpoint_dir=tmp_path / "other")
     assert again["run_id"] == result["run_id"] and again["top1"] == result["top1"]
     assert again["machine"] == result["machine"] == tags["machine.kind"]  # a results row says where it ran
     assert not (tmp_path / "other" / CHECKPOINT).exists()  # the FINISHED run was reused, not retrained
@@ -446,6 +449,8 @@ def test_bench_train_measures_both_loops_on_the_same_work(data_dir: Path) -> Non
     # the trainer side with Mixup, CutMix and EMA on, in memory and on the loader's batches
     assert out["head"] == "noah(N=4,r=0.5)" and out["bare_images_per_s"] > 0 and out["trainer_images_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["trainer_images_per_s"] / out["bare_images_per_s"])
+    assert out["head_ratio"] == pytest.approx(out["trainer_images_per_s"] / out["baseline_images_per_s"])
+    assert not out["compile"] and "trainer_compiled_images_per_s" not in out
     assert out["loader_ratio"] == pytest.approx(out["loader_images_per_s"] / out["trainer_images_per_s"])
 
 

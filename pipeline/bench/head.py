@@ -3,7 +3,9 @@
 For the head shapes of ResNet18, ResNet50, MobileNetV2 (0.5×) and DeiT-Tiny it prints, in one run,
 head-only inference latency (ours, straightforward grouped convolutions, one dense matmul with the same
 multiply-adds) at batch 1 and a larger batch, and the train-step time (forward + backward) and the bytes
-saved for backward of ours and the straightforward head. Contenders are timed in turns; medians shown.
+saved for backward of ours and the straightforward head; on CUDA also each train step's peak memory
+(`torch.cuda.max_memory_allocated` above what was allocated before it). Contenders are timed in turns;
+medians shown.
 """
 from __future__ import annotations
 
@@ -68,6 +70,16 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> 
     return sum(seen.values())
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak CUDA memory `fn` allocates on `device` beyond what was allocated before it."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each contender, timed in turns."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -97,8 +109,10 @@ def bench_shape(name: str, batches: tuple[int, ...], repeats: int, num_classes: 
         return run
 
     t = interleaved({"ours": step(ours), "plain": step(plain)}, repeats)
-    memory = {f"{k}_saved": saved_bytes(lambda: head(x), list(head.parameters()))
-              for k, head in (("ours", ours), ("plain", plain))}
+    heads = {"ours": ours, "plain": plain}
+    memory = {f"{k}_saved": saved_bytes(lambda: head(x), list(head.parameters())) for k, head in heads.items()}
+    if x.is_cuda:
+        memory |= {f"{k}_peak": peak_bytes(step(head), x.device) for k, head in heads.items()}
     rows.append({"shape": name, "batch": b, "mode": "train", **t, **memory, "input_bytes": x.nbytes})
     return rows
 
@@ -106,17 +120,20 @@ def bench_shape(name: str, batches: tuple[int, ...], repeats: int, num_classes: 
 def format_rows(rows: list[dict]) -> str:
     """The side-by-side table: times in ms, ratios ours/other, saved bytes in MiB."""
     lines = [f"{'shape':<16}{'batch':>6} {'mode':<10}{'ours ms':>9}{'plain ms':>10}{'matmul ms':>10}"
-             f"{'ours/plain':>11}{'ours/matmul':>12}{'saved ours MiB':>15}{'saved plain MiB':>16}{'ratio':>7}"]
+             f"{'ours/plain':>11}{'ours/matmul':>12}{'saved ours MiB':>15}{'saved plain MiB':>16}{'ratio':>7}"
+             f"{'peak ours MiB':>14}{'peak plain MiB':>15}{'ratio':>7}"]
     for row in rows:
         def ms(key: str) -> str:
             return f"{row[key] * 1e3:.3f}" if key in row else "-"
 
         ratio_mm = f"{row['ours'] / row['matmul']:.2f}" if "matmul" in row else "-"
-        if "ours_saved" in row:
-            mib = [f"{row[k] / 2**20:.2f}" for k in ("ours_saved", "plain_saved")]
-            mem = f"{mib[0]:>15}{mib[1]:>16}{row['ours_saved'] / row['plain_saved']:>7.3f}"
-        else:
-            mem = f"{'-':>15}{'-':>16}{'-':>7}"
+        mem = ""
+        for kind, width in (("saved", 15), ("peak", 14)):
+            if f"ours_{kind}" in row:
+                mib = [f"{row[f'{k}_{kind}'] / 2**20:.2f}" for k in ("ours", "plain")]
+                mem += f"{mib[0]:>{width}}{mib[1]:>{width + 1}}{row[f'ours_{kind}'] / row[f'plain_{kind}']:>7.3f}"
+            else:
+                mem += f"{'-':>{width}}{'-':>{width + 1}}{'-':>7}"
         lines.append(f"{row['shape']:<16}{row['batch']:>6} {row['mode']:<10}{ms('ours'):>9}{ms('plain'):>10}"
                      f"{ms('matmul'):>10}{row['ours'] / row['plain']:>11.2f}{ratio_mm:>12}{mem}")
     return "\n".join(lines)

@@ -7,6 +7,9 @@ timm optimizer and per-update scheduler, loss checks and (if the recipe has them
 passes alternate and the best of `--repeats` counts (the median is shown too), so load from other
 processes on a shared machine hits both alike.
 
+Beside them: the trainer with the backbone's baseline head (what NOAH costs in training), and with
+`--compile` (auto: on CUDA) both trainers through `torch.compile`.
+
 With `--data DIR` (a prepared dataset) the trainer also runs on batches from the project's loader over
 its training split, decoded as a trial decodes them: beside the in-memory trainer this says whether a
 trial is loader-bound (the target: at least 90 % of the in-memory trainer's images/s).
@@ -29,8 +32,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..config import PARAMS, ConfigError, load_params, parse_head_spec
 from ..data.loaders import Loader, build_loader
 from ..models import build_model, resolve_head
-from ..training.engine import Step, precision, train_one_epoch
-from ..training.recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, get_recipe, scale
+from ..training.engine import Step, compiled, precision, train_one_epoch
+from ..training.recipes import (
+    ScaledRecipe,
+    build_criterion,
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+    get_recipe,
+    scale,
+)
 from .timing import timed_in_turns, walls
 
 TARGET = 0.90
@@ -63,75 +74,96 @@ class Take:
         return itertools.islice(self.loader, self.steps)
 
 
+def trainer(model: nn.Module, scaled: ScaledRecipe, steps: int, num_classes: int, device: torch.device) -> Step:
+    """A `train_one_epoch` step of `model` with the recipe's optimizer, schedule, Mixup and EMA."""
+    optimizer = build_optimizer(model, scaled)
+    mixup = build_mixup(scaled.recipe, num_classes)
+    ema = ModelEmaV3(model, decay=scaled.recipe.ema_decay) if scaled.recipe.ema_decay else None
+    return Step(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, scaled, steps),
+                criterion=build_criterion(scaled.recipe, mixup), device=device, mixup=mixup, ema=ema)
+
+
 def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size: int, steps: int,
           repeats: int, num_classes: int, device: torch.device, data_dir: str | None = None,
-          loader_workers: int = 0) -> dict[str, Any]:
-    """Best-of-`repeats` images/s of the bare loop and of the trainer (and of the trainer on the loader
-    over `data_dir`), alternating."""
+          loader_workers: int = 0, compile: bool = False) -> dict[str, Any]:
+    """Best-of-`repeats` images/s of the bare loop, of the trainer and of the trainer with the backbone's
+    baseline head (and with `compile` of both trainers through `torch.compile`, and of the trainer on the
+    loader over `data_dir`), alternating."""
     head = resolve_head(backbone, head)
     if steps < 2 or repeats < 1:
         raise ConfigError("--steps/--repeats", (steps, repeats), "steps >= 2 and repeats >= 1")
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    model = build_model(backbone, head, num_classes, img_size).to(device, memory_format=precision(device)[1])
-    twin = copy.deepcopy(model)
+    memory_format = precision(device)[1]
+    models = {name: build_model(backbone, h, num_classes, img_size).to(device, memory_format=memory_format)
+              for name, h in (("trainer", head), ("baseline", resolve_head(backbone, {"kind": "baseline"})))}
+    twin = copy.deepcopy(models["trainer"])
     data = TensorDataset(torch.randn(steps * batch_size, 3, img_size, img_size),
                          torch.randint(0, num_classes, (steps * batch_size,)))
     loader = DataLoader(data, batch_size=batch_size, pin_memory=cuda)
     scaled = scale(get_recipe(recipe_name, load_params(PARAMS).recipes), epochs=10, batch_size=batch_size)
     bare_opt = torch.optim.SGD(twin.parameters(), lr=scaled.lr, momentum=0.9, weight_decay=1e-4)
-    optimizer = build_optimizer(model, scaled)
-    mixup = build_mixup(scaled.recipe, num_classes)
-    ema = ModelEmaV3(model, decay=scaled.recipe.ema_decay) if scaled.recipe.ema_decay else None
-    step = Step(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, scaled, steps),
-                criterion=build_criterion(scaled.recipe, mixup), device=device, mixup=mixup, ema=ema)
+    if compile:
+        models |= {f"{name}_compiled": compiled(copy.deepcopy(model), True) for name, model in list(models.items())}
+    trainers = {name: trainer(model, scaled, steps, num_classes, device) for name, model in models.items()}
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     methods = {"bare": lambda: bare_epoch(twin, bare_opt, loader, device),
-               "trainer": lambda: train_one_epoch(step, loader)}
+               **{name: (lambda s=s: train_one_epoch(s, loader)) for name, s in trainers.items()}}
     if data_dir is not None:
         real = build_loader(data_dir, "train", img_size, batch_size, train=True, augment=scaled.recipe.augment,
                             workers=loader_workers, device=device, device_decode=cuda)
         if len(real) < steps:
             raise ConfigError("--data", data_dir, f"a prepared dataset with at least {steps} batches of {batch_size} "
                               f"training images (it has {len(real)})")
-        methods["loader"] = lambda: train_one_epoch(step, Take(real, steps))
+        methods["loader"] = lambda: train_one_epoch(trainers["trainer"], Take(real, steps))
     times = walls(timed_in_turns(methods, repeats, warmup=1, sync=sync))
     images = steps * batch_size
     best = {k: images / min(v) for k, v in times.items()}
     median = {k: images / statistics.median(v) for k, v in times.items()}
     out = {"backbone": backbone, "head": head.name, "recipe": recipe_name, "img_size": img_size,
            "batch_size": batch_size, "steps": steps, "repeats": repeats, "device": str(device),
-           "precision": "bf16 autocast, channels_last" if cuda else "fp32",
-           "bare_images_per_s": best["bare"], "trainer_images_per_s": best["trainer"],
-           "ratio": best["trainer"] / best["bare"], "bare_images_per_s_median": median["bare"],
-           "trainer_images_per_s_median": median["trainer"], "ratio_median": median["trainer"] / median["bare"],
-           "target": TARGET}
+           "precision": "bf16 autocast, channels_last" if cuda else "fp32", "compile": compile,
+           **{f"{k}_images_per_s": v for k, v in best.items()},
+           **{f"{k}_images_per_s_median": v for k, v in median.items()},
+           "ratio": best["trainer"] / best["bare"], "ratio_median": median["trainer"] / median["bare"],
+           "head_ratio": best["trainer"] / best["baseline"], "target": TARGET}
+    if compile:
+        out.update(compile_speedup=best["trainer_compiled"] / best["trainer"],
+                   head_ratio_compiled=best["trainer_compiled"] / best["baseline_compiled"])
     if data_dir is not None:
-        out.update(loader_workers=loader_workers, loader_images_per_s=best["loader"],
-                   loader_ratio=best["loader"] / best["trainer"])
+        out.update(loader_workers=loader_workers, loader_ratio=best["loader"] / best["trainer"])
     return out
+
+
+LABELS = {"bare": "bare PyTorch loop", "trainer": "trainer", "baseline": "trainer, baseline head",
+          "trainer_compiled": "trainer, compiled", "baseline_compiled": "baseline, compiled",
+          "loader": "trainer on loader"}
 
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda", "cpu or auto on a machine without a CUDA GPU")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    compile = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
     out = bench(args.backbone, parse_head_spec(args.head), args.recipe, args.img_size, args.batch_size,
-                args.steps, args.repeats, args.num_classes, device, args.data, args.loader_workers)
+                args.steps, args.repeats, args.num_classes, device, args.data, args.loader_workers, compile)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"bench-train {out['backbone']} + {out['head']}, recipe {out['recipe']}, batch {out['batch_size']}, "
           f"{out['img_size']} px, {out['device']} ({out['precision']}), {out['steps']} steps x {out['repeats']} "
           f"(alternating)")
-    print(f"  {'':18} {'best img/s':>12} {'median img/s':>14}")
-    print(f"  {'bare PyTorch loop':18} {out['bare_images_per_s']:12.1f} {out['bare_images_per_s_median']:14.1f}")
-    print(f"  {'trainer':18} {out['trainer_images_per_s']:12.1f} {out['trainer_images_per_s_median']:14.1f}")
-    print(f"  {'trainer / bare':18} {100 * out['ratio']:11.1f}% {100 * out['ratio_median']:13.1f}%   "
+    print(f"  {'':24} {'best img/s':>12} {'median img/s':>14}")
+    for key, label in LABELS.items():
+        if f"{key}_images_per_s" in out:
+            print(f"  {label:24} {out[f'{key}_images_per_s']:12.1f} {out[f'{key}_images_per_s_median']:14.1f}")
+    print(f"  {'trainer / bare':24} {100 * out['ratio']:11.1f}% {100 * out['ratio_median']:13.1f}%   "
           f"(target >= {100 * TARGET:.0f}% on best: {'met' if out['ratio'] >= TARGET else 'NOT met'})")
+    print(f"  {'trainer / baseline head':24} {100 * out['head_ratio']:11.1f}%")
+    if compile:
+        print(f"  {'compiled / eager':24} {100 * out['compile_speedup']:11.1f}%")
+        print(f"  {'same / baseline, compiled':24} {100 * out['head_ratio_compiled']:11.1f}%")
     if args.data is not None:
-        print(f"  {'trainer on loader':18} {out['loader_images_per_s']:12.1f} {'':>14}   "
-              f"({out['loader_workers']} loader workers)")
-        print(f"  {'loader / in-memory':18} {100 * out['loader_ratio']:11.1f}%   (target >= {100 * TARGET:.0f}%: "
-              f"{'met' if out['loader_ratio'] >= TARGET else 'NOT met, loader-bound'})")
+        print(f"  {'loader / in-memory':24} {100 * out['loader_ratio']:11.1f}%   ({out['loader_workers']} loader "
+              f"workers; target >= {100 * TARGET:.0f}%: {'met' if out['loader_ratio'] >= TARGET else 'NOT met'})")
     return 0

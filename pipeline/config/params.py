@@ -28,6 +28,19 @@ class _BoundedLoader(yaml.SafeLoader):
                 node.start_mark)
         return super().construct_document(node)
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A key given twice in one mapping is an error (plain YAML keeps the last silently: a table row whose
+        name is repeated would vanish); a merge (`<<: *name`) may still be overridden."""
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found the key {key!r} twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     """Values under `node` with every alias expanded, each shared node measured once."""
@@ -47,11 +60,19 @@ def load_params(path: str | Path = PARAMS) -> Params:
     try:
         data = yaml.load(path.read_text(), Loader=_BoundedLoader)
     except yaml.YAMLError as err:
-        raise ConfigError("params", str(path), f"valid YAML of at most {MAX_YAML_VALUES} values ({err})") from None
+        raise ConfigError("params", str(path), f"valid YAML of at most {MAX_YAML_VALUES} values "
+                          f"({_yaml_problem(err)})") from None
     if isinstance(data, dict) and "seed" in data:  # the key `seeds:` replaced
         raise ConfigError("seed", data["seed"], "no `seed:` key: `seeds:`, a list (e.g. `seeds: [0]`; every row "
                           "trains once per seed)")
     return parse(Params, data)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong and where, on one line (PyYAML's own text spans several, quoting the file)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{getattr(err, 'problem', None) or err}{where}".split())
 
 
 def data_dir(params: Params, name: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import posixpath
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -88,7 +89,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is not None:
-        return str(tp).replace("typing.", "")
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', origin)}[{args}]"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -268,20 +270,30 @@ def parse_head_spec(spec: str) -> HeadConfig:
 # ---- Study (lead): profiles, tables, Ray
 
 
+ROW_NAME = re.compile(r"[a-z][a-z0-9_]*")
+ROW_NAME_RULE = ("a row name of lowercase letters, digits and underscores that starts with a letter (e.g. `max`, "
+                 "`resnet50_both`), so that DVC can address it: `-S tables.table7.rows.max.head.aggregation=avg`")
+ROWS_RULE = ("a non-empty mapping of row name to row, e.g. `rows: {baseline: {row: 1, backbone: resnet18, head: {kind: "
+             "baseline}}, max: {row: 3, backbone: resnet18, head: {kind: noah, aggregation: max}}}`")
+
+
 @dataclass(frozen=True)
 class TableRow:
-    """One printed row of a paper table: the paper's row number, a backbone, a head and, where the row's
-    family trains with another recipe than the table's (Tables 1-3), that recipe."""
+    """One printed row of a paper table: its name (its key under the table's `rows:`, which DVC's `params diff`
+    and `-S` use and the results, reports and metrics carry), the paper's row number (by which the reports find
+    the paper's row), a backbone, a head and, where the row's family trains with another recipe than the
+    table's (Tables 1-3), that recipe."""
 
     row: int = checked(lambda r: r >= 1, "a paper row number >= 1")
     backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
     head: HeadConfig = field(default_factory=HeadConfig)
     recipe: str | None = None
+    name: str = ""  # filled in from its key by TableConfig
 
 
 @dataclass(frozen=True)
 class TableConfig:
-    """A table's grid: the recipe its rows train with and the rows as the paper lays them out.
+    """A table's grid: the recipe its rows train with and the rows, by name, as the paper lays them out.
 
     A `reid` table (Table 9) trains every row twice: from scratch with `recipe` and fine-tuned with
     `finetune_recipe` from the same backbone and head trained for classification with `pretrain_recipe`
@@ -289,10 +301,18 @@ class TableConfig:
     """
 
     recipe: str = checked(lambda r: bool(r), "a key of `recipes`")
-    rows: tuple[TableRow, ...] = checked(lambda rows: len(rows) > 0, "a non-empty list of rows")
+    rows: dict[str, TableRow] = checked(lambda rows: len(rows) > 0, ROWS_RULE)
     task: str = choice("classify", "reid", default="classify")
     finetune_recipe: str | None = None
     pretrain_recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, row in self.rows.items():
+            if not isinstance(name, str) or not ROW_NAME.fullmatch(name):
+                raise ConfigError(f"rows.{name}", name, ROW_NAME_RULE)
+            if row.name not in ("", name):
+                raise ConfigError(f"rows.{name}.name", row.name, f"left out, or {name!r} (a row's name is its key)")
+        object.__setattr__(self, "rows", {name: dataclasses.replace(row, name=name) for name, row in self.rows.items()})
 
 
 @dataclass(frozen=True)
@@ -477,7 +497,10 @@ class TrainConfig:
     false by default: the paper-scale GPU runs want cuDNN's autotuned kernels, and even bit-exact they
     repeat only on the same GPU model and CUDA/cuDNN; on CPU, where the embedded study runs, it changes
     nothing (a CPU trial repeats bit for bit for a fixed thread count either way). Every run records the
-    mode it used (the `machine.deterministic` tag).
+    mode it used (the `machine.deterministic` tag). `compile` runs the training and evaluation passes through
+    `torch.compile` (inductor); null means on a GPU, where its fused kernels pay off, and not on a CPU, where
+    compiling takes longer than a smoke trial trains. Every run records whether it compiled (the `compiled`
+    tag); compiled or not is the same computation, so it is not part of the trial identity either.
     """
 
     num_workers: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
@@ -488,6 +511,8 @@ class TrainConfig:
     checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
     deterministic: bool = False
+    compile: bool | None = checked(lambda c: isinstance(c, bool), "true, false or null (null: compile on a GPU, "
+                                   "not on a CPU)", default=None)
 
 
 # ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
@@ -564,11 +589,11 @@ class Params:
                 ref = getattr(table, key)
                 if ref is not None and ref not in self.recipes:
                     raise ConfigError(f"tables.{name}.{key}", ref, "a key of `recipes`: " + ", ".join(self.recipes))
-            for i, row in enumerate(table.rows):
+            for row in table.rows.values():
                 if row.recipe is not None and (row.recipe not in self.recipes or table.task == "reid"):
                     allowed = ("null (a reid table's recipes are its own)" if table.task == "reid" else
                                "a key of `recipes`: " + ", ".join(self.recipes))
-                    raise ConfigError(f"tables.{name}.rows[{i}].recipe", row.recipe, allowed)
+                    raise ConfigError(f"tables.{name}.rows.{row.name}.recipe", row.recipe, allowed)
             for key in ("finetune_recipe", "pretrain_recipe"):
                 if table.task == "reid" and getattr(table, key) is None:
                     raise ConfigError(f"tables.{name}.{key}", None, "a key of `recipes` (reid tables fine-tune too)")

@@ -1,4 +1,5 @@
-"""The report: Tables 1–11 as Markdown and tidy CSV beside the paper's numbers, figures, and an index.
+"""The report: Tables 1–11 as Markdown and tidy CSV beside the paper's numbers, figures, an index, and the
+per-table metrics and plot data that DVC's `metrics`, `plots` and `exp show` compare (`summaries`).
 
 Reads only finished artefacts (`results/<table>.json`, the MLflow store, logged weights); never trains, so it
 runs in seconds and always writes every table, with "—" and a footnote where something is not there yet.
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import atomic_write_text
-from . import figures
+from . import figures, summaries
 from .specs import TABLES, TableSpec
 from .tables import Line, Results, build_lines, load_results, markdown, scale_lines, table_csv
 
@@ -58,7 +59,8 @@ def _index(built: dict[str, tuple[Results, list[Line]]], drawn: list[Any]) -> st
 def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = None,
                   data_dir: Path | None = None, checkpoints: str | Path | None = None
                   ) -> dict[str, tuple[Results, list[Line]]]:
-    """All tables, the figures and the README index; returns what each table was built from."""
+    """All tables, the figures, the README index and the metrics and plot data DVC reads (`summaries`); returns
+    what each table was built from."""
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # a DVC out even when no figure can be drawn
     built = {}
@@ -75,6 +77,7 @@ def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = N
                                        out_dir / "figures" / "attention.png", checkpoints)]
     for fig in drawn:
         print(f"report: figure {fig.path or 'not drawn'}" + (f" ({fig.note})" if fig.note else ""), flush=True)
+    print("report: DVC " + summaries.write_summaries(built, out_dir, uri), flush=True)
     atomic_write_text(out_dir / "README.md", _index(built, drawn))
     return built
 

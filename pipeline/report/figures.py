@@ -89,7 +89,7 @@ def open_store(tracking_uri: str | None) -> tuple[Any, str | None]:
     return mlflow_client(tracking_uri), None
 
 
-def _history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
+def metric_history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
     """Per-epoch values of the first of `keys` the run logged (last value per step)."""
     logged = client.get_run(run_id).data.metrics
     key = next((k for k in keys if k in logged), None)
@@ -112,7 +112,7 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
     drawn, skipped = [], []
     for label, base, noah in pairs:
         try:
-            series = {(head, split): _history(client, line.run["run_id"], keys)
+            series = {(head, split): metric_history(client, line.run["run_id"], keys)
                       for head, line in (("baseline", base), ("NOAH", noah))
                       for split, keys in (("train", TRAIN_KEYS), ("val", VAL_KEYS))}
         except (MlflowException, OSError) as err:

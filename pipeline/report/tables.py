@@ -119,6 +119,12 @@ class Line:
         return int(self.paper["row"])
 
     @property
+    def name(self) -> str | None:
+        """The row's name in params.yaml (`tables.<table>.rows.<name>`), as its result carries it; Table 10's
+        rows are its backbones. None without a result."""
+        return self.result.get("name") or self.result.get("key")
+
+    @property
     def runs(self) -> list[dict[str, Any]]:
         return self.result.get("runs") or []
 
@@ -514,15 +520,16 @@ def _timed_columns(spec: TableSpec) -> list[str]:
 
 
 def csv_columns(spec: TableSpec) -> list[str]:
-    """Tidy columns: identity, the paper CSV's setting columns, measured metrics (with, for trained tables,
-    `n` and each compared metric's std and paired interval), `paper_*`, status."""
+    """Tidy columns: identity (the paper's row number, the row's name in params.yaml, network), the paper CSV's
+    setting columns, measured metrics (with, for trained tables, `n` and each compared metric's std and paired
+    interval), `paper_*`, status."""
     skip = {"row", "key", "head"} | {m.paper for m in spec.metrics}
     settings = [c for c in paper_rows(spec)[0] if c not in skip]
     stats = [f"{m.name}_{s}" for m in spec.metrics if m.delta and spec.seeded
              for s in ("std", "delta", "delta_low", "delta_high")]
     trained = ["trained_params", "trained_madds", "edited", "above_chance"] if spec.seeded else []
     timed = _timed_columns(spec)
-    return ["row", "network", "key", *(["head"] if not spec.groups else []), *settings, "backbone",
+    return ["row", "name", "network", "key", *(["head"] if not spec.groups else []), *settings, "backbone",
             *(["n"] if spec.seeded else []), *(m.name for m in spec.metrics), *stats,
             *timed, *(f"paper_{m.name}" for m in spec.metrics if m.paper), *trained, "status", "reason", "run_id",
             "trial_id"]
@@ -548,7 +555,7 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
     records = []
     for line in lines:
         record: dict[str, Any] = {c: line.paper.get(c, "") for c in columns}
-        record.update(row=line.row, network=line.network, status=line.status,
+        record.update(row=line.row, name=line.name or "", network=line.network, status=line.status,
                       reason="; ".join(filter(None, [line.reason, *line.edits, *line.notes])),
                       backbone=line.result.get("backbone") or line.result.get("key") or "",
                       run_id=_joined(line, "run_id"), trial_id=_joined(line, "trial_id"))

@@ -1,6 +1,8 @@
 """`python -m pipeline clean [--dry-run]`: free the checkpoint space that no resume and no later stage needs.
 
-Under `train.checkpoint_root`, one folder per trial (`training.record`). What goes:
+Under `train.checkpoint_root`, one folder per trial (`training.record`). The study applies the same rules to
+the trials it has just run (`sweep.run_study`), so a study leaves only what resume and fine-tuning need;
+the command also clears what older studies and single `train` runs left. What goes:
 - every `last.pt.rejected-<n>` (a damaged or foreign checkpoint set aside, never loaded again);
 - a FINISHED trial's checkpoint, unless a fine-tuning trial of a configured table starts from it (Table 9's
   classification trials, whose checkpoints also hold the report's attention figure rows): its result,
@@ -13,6 +15,7 @@ folder it is, is unknown). Each removal is printed with the bytes it frees; `--d
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,9 @@ class Removal:
 def needed_sources(params: Params) -> set[str] | None:
     """Trial ids a fine-tuning trial of any configured table starts from; None when one is not known (its
     data is not prepared), so that nothing finished is removed."""
-    rows = {name: table_rows(params, name) for name in sorted(params.tables, key=table_order)}
+    runnable = [name for name, spec in params.tables.items()  # a reid table needs the profile's reid data
+                if spec.task != "reid" or params.active.reid_dataset is not None]
+    rows = {name: table_rows(params, name) for name in sorted(runnable, key=table_order)}
     keys = {trial_key(st.trial.init_from) for st in study_trials(rows, frozenset()).values()
             if st.trial.init_from is not None}
     return None if any(key.startswith(UNPREPARED) for key in keys) else keys
@@ -58,11 +63,12 @@ def _trial_removals(folder: Path, uri: str, needed: set[str] | None) -> list[Rem
     return [*out, Removal(checkpoint, "finished: optimizer and EMA state", freed, compact=True)] if freed else out
 
 
-def plan_clean(root: Path, uri: str, needed: set[str] | None) -> list[Removal]:
-    """Everything `clean` would remove under the checkpoint root `root`, nothing removed."""
+def plan_clean(root: Path, uri: str, needed: set[str] | None, only: Collection[str] | None = None) -> list[Removal]:
+    """Everything `clean` would remove under the checkpoint root `root` (in the folders of the trial ids
+    `only`, when given), nothing removed."""
     if not root.is_dir():
         return []
-    return [r for folder in sorted(p for p in root.iterdir() if p.is_dir())
+    return [r for folder in sorted(p for p in root.iterdir() if p.is_dir() and (only is None or p.name in only))
             for r in _trial_removals(folder, uri, needed)]
 
 

@@ -28,8 +28,8 @@ def row_result(rt: RowTrials, keys: dict[tuple[str, int], str], uri: str, errors
                 res["reason"] = errors.get(key, f"run ended {res['status']}")
         prefix = kind_prefix(kind)
         runs.setdefault(seed, {"seed": seed}).update({f"{prefix}{k}": v for k, v in res.items()})
-    return {"row": rt.row.row, "backbone": rt.row.backbone, "head": to_dict(head), "head_name": head.name,
-            "setting": setting, "runs": list(runs.values())}
+    return {"row": rt.row.row, "name": rt.row.name, "backbone": rt.row.backbone, "head": to_dict(head),
+            "head_name": head.name, "setting": setting, "runs": list(runs.values())}
 
 
 def kind_prefix(kind: str) -> str:
@@ -38,7 +38,8 @@ def kind_prefix(kind: str) -> str:
 
 
 def unfinished(rows: list[dict[str, Any]]) -> list[str]:
-    """`row N seed S: reason` for each trial of `rows` that ended without a result (a diverged trial included)."""
+    """`row N (name) seed S: reason` for each trial of `rows` that ended without a result (a diverged trial
+    included)."""
     out = []
     for row in rows:
         for run in row["runs"]:
@@ -46,7 +47,7 @@ def unfinished(rows: list[dict[str, Any]]) -> list[str]:
                 status, reason = run.get(f"{prefix}status"), run.get(f"{prefix}reason") or ""
                 if status is not None and status != "FINISHED":
                     kind = " " + prefix.rstrip("_") if prefix else ""
-                    out.append(f"row {row['row']}{kind} seed {run['seed']}: {reason}")
+                    out.append(f"row {row['row']} ({row['name']}){kind} seed {run['seed']}: {reason}")
     return out
 
 

@@ -40,6 +40,8 @@ from ..training.trial import resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
+from .clean import apply as apply_clean
+from .clean import needed_sources, plan_clean
 from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
 from .schedule import Job, order
@@ -190,7 +192,11 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
     jobs = [Job(k, trial_hours(params, t.trial, measured) or 0.0, t.after) for k, t in todo.items()]
     quiet = params.ray.verbose == 0
-    train = to_dict(dataclasses.replace(params.train, progress="off") if quiet else params.train)
+    # the store and checkpoint root as the driver resolves them (`SHARED_ROOT`), whatever a worker's environment
+    root = str(checkpoint_root(params.train.checkpoint_root))
+    train = to_dict(dataclasses.replace(params.train, checkpoint_root=root,
+                                        progress="off" if quiet else params.train.progress))
+    tracking = to_dict(dataclasses.replace(params.mlflow, tracking_uri=resolve_uri(params.mlflow.tracking_uri)))
     space = {k: {"experiment": t.tables[0], "parent_run_id": parents[t.tables[0]],
                  "tags": trial_tags(t, params.profile)} for k, t in todo.items()}
     where = connect(params.ray.address, params.ray.num_cpus, quiet=quiet)
@@ -199,7 +205,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     storage = Path(params.ray.storage_path)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, _resources(params)),
-        param_space={"train": train, "mlflow": to_dict(params.mlflow)},
+        param_space={"train": train, "mlflow": tracking},
         tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, order(jobs), space), num_samples=-1,
                                     max_concurrent_trials=params.ray.max_concurrent, reuse_actors=False,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
@@ -275,6 +281,7 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
     try:
         if todo:
             tune_study(params, trials, {t: p.run_id for t, p in parents.items()}, measured)
+            _free_checkpoints(params, uri, {t.key for t in todo})
         errors = {k: t.reason for k, t in trials.items() if t.reason}
         tag_trial_runs(mlflow_client, trials, params.profile, uri)
         results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
@@ -289,6 +296,18 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
             close_parent(mlflow_client, parent, ended)
     _summary(trials, results)
     return results
+
+
+def _free_checkpoints(params: Params, uri: str, ran: set[str]) -> None:
+    """Apply `clean`'s rules to the checkpoints of the trials this study ran: a finished trial keeps its weights
+    only while a fine-tuning trial of a configured table starts from it (checkpoints of other studies sharing
+    the root are left to `python -m pipeline clean`)."""
+    root = checkpoint_root(params.train.checkpoint_root)
+    removals = plan_clean(root, uri, needed_sources(params), only=ran)
+    apply_clean(removals)
+    if removals:
+        _say(f"study: freed {sum(r.bytes for r in removals) / 1e6:.0f} MB of checkpoints no resume or fine-tuning "
+             f"needs ({len(removals)} files under {root})")
 
 
 def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, errors: dict[str, str],

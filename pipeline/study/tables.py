@@ -39,8 +39,8 @@ def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
 
 
 def row_name(row: TableRow) -> str:
-    """A row's label in MLflow and the study's messages: the paper's row number."""
-    return str(row.row)
+    """A row's label in MLflow: its name (its key under the table's `rows:`)."""
+    return row.name
 
 
 def table_rows(params: Params, table: str) -> list[RowTrials]:
@@ -53,8 +53,8 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
         raise ConfigError(f"profiles.{params.profile}.reid_dataset", None, f"a dataset for {table} (a reid table)")
     img_size = (prof.reid_img_size or prof.img_size) if reid else prof.img_size
     rows = []
-    for i, row in enumerate(spec.rows):
-        where = f"tables.{table}.rows[{i}]"
+    for row in spec.rows.values():
+        where = f"tables.{table}.rows.{row.name}"
         try:
             head = _checked_head(row.backbone, row.head, img_size)
         except ConfigError as err:

@@ -16,8 +16,9 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(args.params or PARAMS)
     overrides = {k: v for k, v in (("num_workers", args.num_workers), ("loader_workers", args.loader_workers),
                                    ("decode", args.decode)) if v is not None}
-    if args.gpu is not None:
-        overrides["use_gpu"] = {"auto": None, "yes": True, "no": False}[args.gpu]
+    for key, value in (("use_gpu", args.gpu), ("compile", args.compile)):
+        if value is not None:
+            overrides[key] = {"auto": None, "yes": True, "no": False}[value]
     train = parse(TrainConfig, {**to_dict(params.train), **overrides}, "train")
     tracking = dataclasses.replace(params.mlflow, tracking_uri=args.tracking_uri or params.mlflow.tracking_uri,
                                    log_weights=args.log_weights or params.mlflow.log_weights)

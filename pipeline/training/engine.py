@@ -1,4 +1,4 @@
-"""The training engine: one epoch of updates, evaluation, numeric precision and GPU determinism.
+"""The training engine: one epoch of updates, evaluation, numeric precision, compilation and GPU determinism.
 
 Nothing here knows about trials, MLflow or Ray: `run.fit` drives it, `bench.train` times it.
 """
@@ -64,6 +64,19 @@ def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, 
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16), torch.channels_last
     return contextlib.nullcontext(), torch.contiguous_format
+
+
+def compiles(setting: bool | None, device: torch.device) -> bool:
+    """`train.compile` on `device`: null compiles on a GPU (inductor's fused kernels) and not on a CPU (a
+    model's compilation there costs more minutes than a smoke trial trains)."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def compiled(model: nn.Module, on: bool) -> nn.Module:
+    """`model` through `torch.compile` when `on`. Dynamo traces the NOAH head's autograd function
+    (`PocaSum`) through, its backward as written, into the model's one graph on a GPU; on a CPU the fused
+    forward's overflow check reads a value (`.item()`), a graph break where the head's pass runs eagerly."""
+    return torch.compile(model) if on else model
 
 
 CUBLAS_DETERMINISTIC = ":4096:8"
@@ -168,5 +181,6 @@ def evaluate(model: nn.Module, loader: Loader, world: World) -> dict[str, float]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (itself when unwrapped)."""
+    """The model inside `torch.compile`'s and DistributedDataParallel's wrappers (itself when unwrapped)."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

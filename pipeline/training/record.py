@@ -1,17 +1,22 @@
 """A trial's record on disk: its checkpoint folder (`<checkpoint_root>/<trial_id>/`) and the files in it.
 
 The folder holds `last.pt` (the checkpoint after the last finished epoch), `config.yaml` (the trial as it
-ran), `result.json` (its final metrics, once finished) and `mlflow_run_id` (the run it logs to). Every file
-is written atomically. Once the trial has FINISHED, `compact` rewrites `last.pt` as its final weights only:
-the optimizer and EMA state that resuming needs are two to three times the model's size, and nothing reads
-them after the last epoch (fine-tuning and the report read `model`). A checkpoint starts with a header
+ran), `result.json` (its final metrics, once finished), `mlflow_run_id` (the run it logs to) and `lock` (held
+by the process training it, `trial_lock`). Every file is written atomically. Once the trial has FINISHED,
+`compact` rewrites `last.pt` as its final weights only: the optimizer and EMA state that resuming needs are two
+to three times the model's size, and nothing reads them after the last epoch (fine-tuning and the report read
+`model`). A checkpoint starts with a header
 holding its payload's length and SHA-256 and records its trial id: one that is damaged or another trial's is
 set aside (`last.pt.rejected-<n>`), never trained on.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import sys
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from .. import REPO_ROOT
+from .. import SHARED_ROOT
 from ..utils.io import atomic_write, atomic_write_text
 
 CHECKPOINT = "last.pt"
@@ -28,14 +33,16 @@ CHECKPOINT_MAGIC = b"noah-pipeline checkpoint v1\n"
 CONFIG = "config.yaml"
 RESULT = "result.json"
 RUN_ID_FILE = "mlflow_run_id"
+LOCK = "lock"
 RESUME_KEYS = ("optimizer", "ema")
 """What only resuming an unfinished trial reads; a finished trial's compacted checkpoint holds the rest."""
 
 
 def checkpoint_root(root: str | Path) -> Path:
-    """`train.checkpoint_root` as an absolute folder (a relative root is taken from the repository root, since
-    Ray may change the working folder)."""
-    return (REPO_ROOT / root).absolute()
+    """`train.checkpoint_root` as an absolute folder: a relative root is taken from SHARED_ROOT (the repository
+    root, also in DVC's experiment workspaces), since Ray may change the working folder and every experiment
+    of the repository shares the trials."""
+    return (SHARED_ROOT / root).absolute()
 
 
 def trial_folder(root: str | Path, tid: str) -> Path:
@@ -46,6 +53,22 @@ def trial_folder(root: str | Path, tid: str) -> Path:
 def checkpoint_of(root: str | Path, tid: str) -> Path:
     """Trial `tid`'s last checkpoint under the checkpoint root `root`."""
     return trial_folder(root, tid) / CHECKPOINT
+
+
+@contextlib.contextmanager
+def trial_lock(folder: Path, label: str) -> Iterator[None]:
+    """Hold the trial folder's lock while training it. Experiments run side by side (`dvc queue start -j 2`)
+    share the checkpoint root, and two that need the same unfinished trial would write one checkpoint and one
+    MLflow run at once: the second waits here, then finds the trial FINISHED and reuses it. The lock is the
+    kernel's (flock), so a process that dies releases it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {label}: another process is training it ({folder})", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> Path:

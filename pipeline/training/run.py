@@ -31,7 +31,7 @@ from ..utils.interrupt import Interrupted, interruptible
 from ..utils.machine import fixed_threads, machine_facts
 from ..utils.progress import resolve_mode, steps, ticker
 from ..utils.seeds import mix_seed, seed_everything
-from .engine import Step, World, precision, set_determinism, train_one_epoch, unwrap
+from .engine import Step, World, compiled, compiles, precision, set_determinism, train_one_epoch, unwrap
 from .recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, unapplied
 from .record import (
     CHECKPOINT,
@@ -45,6 +45,7 @@ from .record import (
     reject_bad_checkpoint,
     save_checkpoint,
     trial_folder,
+    trial_lock,
     write_config,
     write_result,
 )
@@ -171,7 +172,8 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
         task.initialise(model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
     train_loader, *eval_loaders = _loaders(job, world)
     mixup = build_mixup(recipe, job.num_classes)
-    step = Step(model=wrap(model) if wrap else model, optimizer=optimizer,
+    compiling = compiles(job.train.compile, world.device)
+    step = Step(model=compiled(wrap(model) if wrap else model, compiling), optimizer=optimizer,
                 scheduler=build_scheduler(optimizer, trial.scaled, len(train_loader)),
                 criterion=build_criterion(recipe, mixup), device=world.device, mixup=mixup, ema=ema,
                 clip_grad=recipe.clip_grad, updates=start_epoch * len(train_loader))
@@ -180,6 +182,7 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
     if run is not None:
         device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
         run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32",
+                      "compiled": str(compiling).lower(),
                       "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
                       "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
         run.set_machine(machine_facts(world.device, job.train.deterministic, world.size))
@@ -310,17 +313,27 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     A trial whose identity already has a FINISHED run is not trained again. Otherwise it resumes from
     the last checkpoint in `checkpoint_dir` (default `<checkpoint_root>/<trial_id>`) and the same MLflow
     run, if they are this trial's (a damaged or foreign checkpoint is set aside and noted in the new run's
-    `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. Any error
-    ends the run FAILED with the error text as its `failure_reason` tag; SIGTERM or SIGINT ends it KILLED
-    (in the main thread; raises `Interrupted`).
+    `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. While another
+    process trains the same trial into the same folder (another experiment of the repository), this one waits
+    for it, then reuses its run. Any error ends the run FAILED with the error text as its `failure_reason` tag;
+    SIGTERM or SIGINT ends it KILLED (in the main thread; raises `Interrupted`).
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune; `tags` are set
     on the run, new or reopened (the study's tables, rows and profile).
     """
-    classes, stats = read_meta(trial.data_dir)
-    task = task_of(stats)
     if trial.recipe.mixup > 0 or trial.recipe.cutmix > 0:
         if trial.batch_size // train.num_workers % 2:
             raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
+    folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, trial_id(trial))
+    with trial_lock(folder, trial.label):  # another process training this trial finishes it first
+        return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, tags, reuse, on_epoch)
+
+
+def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowConfig, experiment: str,
+               parent_run_id: str | None, tags: Mapping[str, str] | None, reuse: bool,
+               on_epoch: EpochCallback | None) -> dict[str, Any]:
+    """`run_trial` under the lock of the trial's folder."""
+    classes, stats = read_meta(trial.data_dir)
+    task = task_of(stats)
     tid = trial_id(trial)
     uri = resolve_uri(tracking.tracking_uri)
     if reuse and (done := find_finished(tid, uri)) is not None:
@@ -332,8 +345,6 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     if source_id is not None and not (source := checkpoint_of(train.checkpoint_root, source_id)).is_file():
         raise ConfigError("init_from", source_id, f"a trained classification trial (no checkpoint at {source}; "
                           "run that trial first)")
-    folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, tid)
-    folder.mkdir(parents=True, exist_ok=True)
     rejected = reject_bad_checkpoint(folder, tid)  # before --retrain deletes: only this trial's own goes
     if not reuse:
         clear(folder)

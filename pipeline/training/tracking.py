@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
-from .. import REPO_ROOT
+from .. import REPO_ROOT, SHARED_ROOT
 from ..utils.io import atomic_write_text, csv_text
 from ..utils.machine import machine_kind
 from .record import RUN_ID_FILE
@@ -44,12 +44,13 @@ _MAX_TAG = 5000
 
 
 def resolve_uri(uri: str) -> str:
-    """An absolute tracking URI: a relative SQLite or local path is taken from the repository root,
-    so trials whose working folder Ray changed still write to the same store."""
+    """An absolute tracking URI: a relative SQLite or local path is taken from SHARED_ROOT (the repository
+    root, also in DVC's experiment workspaces), so trials whose working folder Ray changed and every
+    experiment of the repository write to the same store."""
     if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
-        return SQLITE + str((REPO_ROOT / uri.removeprefix(SQLITE)).resolve())
+        return SQLITE + str((SHARED_ROOT / uri.removeprefix(SQLITE)).resolve())
     if "://" not in uri:
-        return str((REPO_ROOT / uri).resolve())
+        return str((SHARED_ROOT / uri).resolve())
     return uri
 
 
