@@ -122,6 +122,9 @@ def test_queued_and_temp_experiments_run_in_their_own_workspaces(tmp_path: Path)
         assert len(ids) == len(set(ids)), "a trial trained twice (two experiments at once, or not reused)"
         assert all(r.info.status == "FINISHED" for r in runs)
         assert len(set(ids) - baseline) == 3, "each experiment trains only the trial its change makes new"
+        trained_in = {r.data.tags["trial_id"]: r.data.tags.get("dvc_experiment") for r in runs}
+        assert {trained_in[i] for i in baseline} == {None}, "dvc repro runs in no DVC experiment"
+        assert {trained_in[i] for i in set(ids) - baseline} <= set(EXPERIMENTS), "a run names its DVC experiment"
         assert sorted(p.name for p in (repo / "checkpoints").iterdir()) == sorted(ids), "checkpoints are shared"
         assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "an experiment made a store of its own"
 

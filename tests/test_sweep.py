@@ -12,7 +12,13 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.report import build_reports
+from pipeline.study.results import row_result
 from pipeline.study.sweep import run_study
+from pipeline.study.table_runs import sweep_parents, write_row_runs
+from pipeline.study.tables import table_rows
+from pipeline.training.tracking import client as tracking_client
+from pipeline.training.tracking import resolve_uri
+from pipeline.training.trial import trial_key
 
 ROWS_A = {"baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
           "noah": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}}
@@ -102,3 +108,74 @@ def test_two_seeds_give_every_row_n_std_and_a_paired_interval(tiny_params: Calla
         low, high = float(record["top1_delta_low"]), float(record["top1_delta_high"])
         assert low <= float(record["top1_delta"]) <= high and cell.startswith(f"{float(record['top1']):.2f} ±")
         assert ("↑" in cell or "↓" in cell) == (low > 0 or high < 0), cell
+
+
+def test_each_table_experiment_lists_its_rows_and_reruns_add_none(
+        tiny_params: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial run is tagged with its tables, rows, profile, seed and DVC experiment; `tb`'s experiment has
+    a row run for each of its three rows with the row's metrics, its row `sum` linking the run `ta` trained; running
+    the study again reuses each table's parent and rewrites the row runs in place."""
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-rows")
+    params = load_params(tiny_params(tables={"ta": {"recipe": "resnet", "rows": ROWS_A},
+                                             "tb": {"recipe": "resnet", "rows": ROWS_B}}))
+    uri, out = params.mlflow.tracking_uri, tmp_path / "results"
+    client = MlflowClient(uri)
+    ta = _first(run_study(params, ["ta"], out)["ta"])
+    tb = _first(run_study(params, ["tb"], out)["tb"])
+    shared = client.get_run(ta[1]["run_id"])
+    assert client.get_experiment(shared.info.experiment_id).name == "ta"
+    assert {k: shared.data.tags.get(k) for k in ("tables", "rows", "profile", "seed", "dvc_experiment")} == {
+        "tables": "ta, tb", "rows": "ta:noah, tb:sum", "profile": "smoke", "seed": "0", "dvc_experiment": "exp-rows"}
+    assert client.get_run(tb[1]["run_id"]).data.tags["rows"] == "tb:avg, tb:avg_again"
+
+    def view(table: str) -> tuple[list, list]:
+        exp = client.get_experiment_by_name(table).experiment_id
+        parents = client.search_runs([exp], f"tags.sweep = '{table}'")
+        order = list({"ta": ROWS_A, "tb": ROWS_B}[table])  # the table's order
+        runs = client.search_runs([exp], f"tags.table = '{table}'")
+        return parents, sorted(runs, key=lambda r: order.index(r.data.tags["row"]))
+
+    parents, rows = view("tb")
+    assert [r.info.run_name for r in rows] == [f"row {name}: resnet18 {h} seed 0" for name, h in (
+        ("sum", "noah(N=4,r=0.5)"), ("avg", "noah(N=4,r=0.5,aggregation=avg)"),
+        ("avg_again", "noah(N=4,r=0.5,aggregation=avg)"))]
+    assert [r.data.tags["trial_run"] for r in rows] == [t["run_id"] for t in tb]
+    assert [(r.data.metrics["top1"], r.data.metrics["top5"]) for r in rows] == [(t["top1"], t["top5"]) for t in tb]
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               and r.data.tags["dvc_experiment"] == "exp-rows" for r in rows)
+    assert f"#/experiments/{shared.info.experiment_id}/runs/{shared.info.run_id}" in rows[0].data.tags[
+        "mlflow.note.content"]
+    assert "trial_id" not in rows[0].data.tags, "a row run must not pass for a trial run"
+    shared_view = json.loads(client.get_experiment_by_name("tb").tags["mlflow.sharedViewState.rows"])
+    columns = ("best_top1", "madds", "params", "top1", "top5")  # the results a table compares, not the speeds
+    assert shared_view["selectedColumns"] == [f"metrics.`{k}`" for k in columns]
+    exp = client.get_experiment_by_name("tb").experiment_id
+    assert {r.info.run_id for r in client.search_runs([exp], shared_view["searchFilter"])} == {
+        r.info.run_id for r in rows}, "the UI view's search is the table's row runs"
+
+    run_study(params, ["tb"], out)
+    run_study(params, ["ta", "tb"], out)
+    for table in ("ta", "tb"):
+        again, rows_again = view(table)
+        assert len(again) == 1 and again[0].info.status == "FINISHED", table
+        assert [r.data.tags["row"] for r in rows_again] == list({"ta": ROWS_A, "tb": ROWS_B}[table])
+    assert [r.info.run_id for r in view("tb")[1]] == [r.info.run_id for r in rows]
+    assert len(client.get_metric_history(rows[0].info.run_id, "top1")) == 1
+    assert len(_trial_runs(uri)) == 3
+
+
+def test_a_row_without_a_run_is_a_failed_row_run_with_the_reason(tiny_params: Callable[..., Path]) -> None:
+    """Before any trial ran (or after all failed) each row still has its row run, FAILED with the reason and
+    no metrics; the table's parent is found again, not made twice."""
+    params = load_params(tiny_params(tables={"ta": {"recipe": "resnet", "rows": ROWS_A}}))
+    uri = resolve_uri(params.mlflow.tracking_uri)
+    client = tracking_client(uri)
+    rows = table_rows(params, "ta")
+    results = [row_result(rt, {k: trial_key(t) for k, t in rt.trials.items()}, uri, {}) for rt in rows]
+    parent = sweep_parents(client, ["ta"], params.profile)["ta"]
+    assert sweep_parents(client, ["ta"], params.profile)["ta"].run_id == parent.run_id
+    write_row_runs(client, parent, rows, results, params.profile)
+    runs = client.search_runs([parent.experiment_id], "tags.table = 'ta'", order_by=["tags.row"])
+    assert [(r.data.tags["row"], r.info.status, r.data.metrics) for r in runs] == [("baseline", "FAILED", {}),
+                                                                                   ("noah", "FAILED", {})]
+    assert runs[0].data.tags["failure_reason"] == "classify: no run was recorded for this trial"

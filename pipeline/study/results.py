@@ -26,10 +26,15 @@ def row_result(rt: RowTrials, keys: dict[tuple[str, int], str], uri: str, errors
             res = result_of(run)
             if res["status"] != "FINISHED" and not res.get("reason"):
                 res["reason"] = errors.get(key, f"run ended {res['status']}")
-        prefix = "" if kind == "classify" else f"{kind}_"
+        prefix = kind_prefix(kind)
         runs.setdefault(seed, {"seed": seed}).update({f"{prefix}{k}": v for k, v in res.items()})
     return {"row": rt.row.row, "name": rt.row.name, "backbone": rt.row.backbone, "head": to_dict(head),
             "head_name": head.name, "setting": setting, "runs": list(runs.values())}
+
+
+def kind_prefix(kind: str) -> str:
+    """The prefix of a trial kind's keys in a results row: none for `classify`, else `scratch_`, `finetune_`."""
+    return "" if kind == "classify" else f"{kind}_"
 
 
 def unfinished(rows: list[dict[str, Any]]) -> list[str]:

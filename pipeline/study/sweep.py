@@ -7,8 +7,9 @@ Ray, or the cluster at `ray.address` / `RAY_ADDRESS`), handed out by `TrialQueue
 from has finished. A trial resumes from the checkpoint folder named by its identity, so Ray's retries
 (`max_failures`) and a re-run of an interrupted study pick up where they stopped; on a multi-node cluster
 `train.checkpoint_root` and the MLflow store must be shared storage. Each table's results are then read
-back from MLflow into `results/<table>.json|csv`; a trial that failed is a row without a result (and is
-listed at the end), not a failed study.
+back from MLflow into `results/<table>.json|csv` and into each table's row runs (`study.table_runs`), under
+the table's one parent run; a trial that failed is a row without a result (and is listed at the end), not a
+failed study.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..training.engine import NonFiniteLossError
 from ..training.record import checkpoint_root
 from ..training.run import run_trial
 from ..training.tasks import chance_levels
-from ..training.tracking import REASON_TAG, client, experiment_id, git_commit, resolve_uri
+from ..training.tracking import client, git_commit, resolve_uri
 from ..training.trial import resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
@@ -44,6 +45,7 @@ from .clean import needed_sources, plan_clean
 from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
 from .schedule import Job, order
+from .table_runs import close_parent, sweep_parents, tag_trial_runs, trial_tags, write_row_runs
 from .tables import RowTrials, StudyTrial, study_trials, table_order, table_rows
 
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's switch between its two console reporters
@@ -62,7 +64,8 @@ def _trainable(config: dict[str, Any]) -> None:
     tracking = parse(MlflowConfig, config["mlflow"], "mlflow")
     try:
         result = run_trial(trial, train=parse(TrainConfig, config["train"], "train"), tracking=tracking,
-                           experiment=config["experiment"], parent_run_id=config["parent_run_id"], on_epoch=report)
+                           experiment=config["experiment"], parent_run_id=config["parent_run_id"], tags=config["tags"],
+                           on_epoch=report)
     except NonFiniteLossError as err:
         print(f"trial {trial.label} failed, not retried: {err}", file=sys.stderr, flush=True)
         tune.report({"diverged": 1})
@@ -194,7 +197,8 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     train = to_dict(dataclasses.replace(params.train, checkpoint_root=root,
                                         progress="off" if quiet else params.train.progress))
     tracking = to_dict(dataclasses.replace(params.mlflow, tracking_uri=resolve_uri(params.mlflow.tracking_uri)))
-    space = {k: {"experiment": t.tables[0], "parent_run_id": parents[t.tables[0]]} for k, t in todo.items()}
+    space = {k: {"experiment": t.tables[0], "parent_run_id": parents[t.tables[0]],
+                 "tags": trial_tags(t, params.profile)} for k, t in todo.items()}
     where = connect(params.ray.address, params.ray.num_cpus, quiet=quiet)
     _say(f"study: {len(todo)} trial(s) to train on Ray ({where}), at most {params.ray.max_concurrent} at a time, "
          "longest first")
@@ -271,24 +275,25 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
     todo = [t for t in trials.values() if t.status == "PENDING"]
     _say(f"study: {', '.join(tables)}: {sum(len(r) for r in rows.values())} rows, {len(trials)} unique trials, "
          f"{len(trials) - len(todo)} already finished, {len(todo)} to train")
-    if todo:
-        mlflow_client = client(uri)
-        parents = {table: mlflow_client.create_run(
-            experiment_id(mlflow_client, table), run_name=f"{table} sweep",
-            tags={"sweep": table, "git_commit": git_commit()}).info for table in {t.tables[0] for t in todo}}
-        ended = "KILLED"  # unless it ends otherwise: interrupted (SIGINT, SIGTERM)
-        try:
+    mlflow_client = client(uri)
+    parents = sweep_parents(mlflow_client, tables, params.profile)
+    ended = "KILLED"  # unless it ends otherwise: interrupted (SIGINT, SIGTERM)
+    try:
+        if todo:
             tune_study(params, trials, {t: p.run_id for t, p in parents.items()}, measured)
-            ended = "FINISHED"
-        except Exception:
-            ended = "FAILED"
-            raise
-        finally:
-            for parent in parents.values():
-                _close_sweep(mlflow_client, parent, ended)
-        _free_checkpoints(params, uri, {t.key for t in todo})
-    errors = {k: t.reason for k, t in trials.items() if t.reason}
-    results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
+            _free_checkpoints(params, uri, {t.key for t in todo})
+        errors = {k: t.reason for k, t in trials.items() if t.reason}
+        tag_trial_runs(mlflow_client, trials, params.profile, uri)
+        results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
+        for table in tables:
+            write_row_runs(mlflow_client, parents[table], rows[table], results[table]["rows"], params.profile)
+        ended = "FINISHED"
+    except Exception:
+        ended = "FAILED"
+        raise
+    finally:
+        for parent in parents.values():
+            close_parent(mlflow_client, parent, ended)
     _summary(trials, results)
     return results
 
@@ -337,17 +342,6 @@ def _summary(trials: dict[str, StudyTrial], results: dict[str, dict[str, Any]]) 
         lines += [f"{len(missing)} row trial(s) without a result (shown as — in the reports; `dvc repro -f -s study`, "
                   "or the stage again, retries them):", *(f"  {m}" for m in missing)]
     _say("\n".join(["study summary:", *lines] if lines else ["study: nothing trained in this run"]))
-
-
-def _close_sweep(mlflow_client: Any, parent: Any, status: str) -> None:
-    """End the sweep's parent run with `status`, and as KILLED, with a reason, every trial run of it still
-    RUNNING: its process was ended with the sweep (a re-run reopens the run and resumes the trial)."""
-    left = mlflow_client.search_runs([parent.experiment_id], filter_string=(
-        f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"))
-    for run in left:
-        mlflow_client.set_tag(run.info.run_id, REASON_TAG, f"interrupted: the sweep ended {status}")
-        mlflow_client.set_terminated(run.info.run_id, "KILLED")
-    mlflow_client.set_terminated(parent.run_id, status)
 
 
 def check_ready(params: Params, tables: list[str], out_dir: Path, uri: str) -> None:

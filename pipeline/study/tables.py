@@ -38,6 +38,11 @@ def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
     return head
 
 
+def row_name(row: TableRow) -> str:
+    """A row's label in MLflow: its name (its key under the table's `rows:`)."""
+    return row.name
+
+
 def table_rows(params: Params, table: str) -> list[RowTrials]:
     """The trials of every row of `table` at the active profile, every head validated."""
     if table not in params.tables:
@@ -83,12 +88,13 @@ def table_order(name: str) -> tuple[int, int, str]:
 
 @dataclass
 class StudyTrial:
-    """A trial of the study: what it is, the tables that need it and how it ended (FINISHED, FAILED, or
-    BLOCKED when the trial it starts from failed; PENDING until then)."""
+    """A trial of the study: what it is, the tables and rows (`table:row`) that need it and how it ended
+    (FINISHED, FAILED, or BLOCKED when the trial it starts from failed; PENDING until then)."""
 
     key: str
     trial: Trial
     tables: list[str]
+    rows: list[str] = dataclasses.field(default_factory=list)
     after: str | None = None  # the identity of the trial it starts from, when that one is trained too
     status: str = "PENDING"
     reason: str = ""
@@ -106,18 +112,21 @@ def study_trials(rows: dict[str, list[RowTrials]], finished: frozenset[str]) -> 
     trial a fine-tuning trial starts from; those in `finished` are FINISHED already."""
     out: dict[str, StudyTrial] = {}
 
-    def add(trial: Trial, table: str) -> str:
+    def add(trial: Trial, rt: RowTrials) -> str:
         key = trial_key(trial)
         st = out.setdefault(key, StudyTrial(key, trial, [], status="FINISHED" if key in finished else "PENDING"))
-        if table not in st.tables:
-            st.tables.append(table)
+        row = f"{rt.table}:{row_name(rt.row)}"
+        if rt.table not in st.tables:
+            st.tables.append(rt.table)
+        if row not in st.rows:
+            st.rows.append(row)
         return key
 
-    for table, table_rows_ in rows.items():
+    for table_rows_ in rows.values():
         for rt in table_rows_:
             for trial in rt.trials.values():
-                key = add(trial, table)
+                key = add(trial, rt)
                 if trial.init_from is not None:
-                    source = add(trial.init_from, table)
+                    source = add(trial.init_from, rt)
                     out[key].after = source if out[source].status == "PENDING" else None
     return out

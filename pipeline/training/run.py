@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,7 +305,7 @@ def _device(train: TrainConfig) -> torch.device:
 
 
 def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: MlflowConfig = MlflowConfig(),
-              experiment: str = "noah", parent_run_id: str | None = None,
+              experiment: str = "noah", parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
               checkpoint_dir: str | Path | None = None, reuse: bool = True,
               on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Train and evaluate one trial, tracked as one MLflow run; returns its final metrics.
@@ -317,18 +317,20 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     process trains the same trial into the same folder (another experiment of the repository), this one waits
     for it, then reuses its run. Any error ends the run FAILED with the error text as its `failure_reason` tag;
     SIGTERM or SIGINT ends it KILLED (in the main thread; raises `Interrupted`).
-    `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune.
+    `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune; `tags` are set
+    on the run, new or reopened (the study's tables, rows and profile).
     """
     if trial.recipe.mixup > 0 or trial.recipe.cutmix > 0:
         if trial.batch_size // train.num_workers % 2:
             raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
     folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, trial_id(trial))
     with trial_lock(folder, trial.label):  # another process training this trial finishes it first
-        return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, reuse, on_epoch)
+        return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, tags, reuse, on_epoch)
 
 
 def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowConfig, experiment: str,
-               parent_run_id: str | None, reuse: bool, on_epoch: EpochCallback | None) -> dict[str, Any]:
+               parent_run_id: str | None, tags: Mapping[str, str] | None, reuse: bool,
+               on_epoch: EpochCallback | None) -> dict[str, Any]:
     """`run_trial` under the lock of the trial's folder."""
     classes, stats = read_meta(trial.data_dir)
     task = task_of(stats)
@@ -351,18 +353,17 @@ def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowC
         print(f"warning: checkpoint rejected, training from scratch: {rejected}", file=sys.stderr)
     device = _device(train) if train.num_workers == 1 else torch.device("cpu")
     commit = git_commit()
-    tags = {"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
-            "data_manifest_hash": manifest_hash(trial.data_dir), "backbone": trial.backbone,
-            "head": trial.head.name, "recipe": trial.recipe.name, "task": task.name}
+    run_tags = {"trial_id": tid, "git_commit": commit, "mlflow.source.git.commit": commit,
+                "data_manifest_hash": manifest_hash(trial.data_dir), "backbone": trial.backbone,
+                "head": trial.head.name, "recipe": trial.recipe.name, "task": task.name}
     if not_applied := unapplied(trial.recipe):
-        tags["recipe_not_applied"] = ", ".join(not_applied) + " (no such parameter in this backbone)"
-    run = TrialRun.open(uri, experiment, folder, run_name=trial.label, tags=tags, parent_run_id=parent_run_id)
+        run_tags["recipe_not_applied"] = ", ".join(not_applied) + " (no such parameter in this backbone)"
+    run = TrialRun.open(uri, experiment, folder, run_name=trial.label, tags=run_tags, parent_run_id=parent_run_id)
     job = Job(trial=trial, task=task, train=train, trial_id=tid, checkpoint_dir=str(folder), tracking_uri=uri,
               run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights, init_from=source_id)
     try:
         with interruptible():
-            if rejected is not None:
-                run.set_tags({"checkpoint_rejected": rejected})
+            run.set_tags({**(tags or {}), **({"checkpoint_rejected": rejected} if rejected is not None else {})})
             run.log_params(flatten(resolved_config(job)))
             if train.num_workers == 1:
                 result = fit(job, World(device=device), on_epoch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,11 @@ from .record import RUN_ID_FILE
 SQLITE = "sqlite:///"
 TRIAL_TAG = "trial_id"
 REASON_TAG = "failure_reason"
+TABLES_TAG, ROWS_TAG, PROFILE_TAG, SEED_TAG = "tables", "rows", "profile", "seed"
+"""What a study tags each trial run with: the tables and rows (`table:row`) that need it, its profile and seed."""
+DVC_EXP_TAG = "dvc_experiment"
+"""The DVC experiment a study ran in (`dvc_experiment()`), on the runs it created; absent outside one."""
+TAG_SEPARATOR = ", "
 MACHINE_TAGS = "machine."
 """The prefix of what a run trained on: `machine.<fact>` (`utils.machine.machine_facts`), `machine.kind` (their
 label) and, for a run resumed on another kind of machine, `machine.kinds` (every kind, joined by `KINDS_SEPARATOR`)."""
@@ -119,6 +125,12 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
+
+
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME for its stages),
+    None under `dvc repro` or outside DVC."""
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 def _newest_run(trial_id: str, tracking_uri: str, where: str, order: str) -> Run | None:
