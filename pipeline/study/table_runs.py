@@ -34,7 +34,7 @@ from ..training.tracking import (
     latest_run,
 )
 from .results import kind_prefix
-from .tables import RowTrials, StudyTrial, row_name, table_order
+from .tables import RowTrials, StudyTrial, table_order
 
 SWEEP_TAG = "sweep"  # on a table's parent run: the table
 TABLE_TAG, ROW_TAG = "table", "row"  # on a row run: its table and row (trial runs carry `tables` and `rows`)
@@ -123,7 +123,7 @@ def write_row_runs(mlflow_client: MlflowClient, parent: RunInfo, rows: list[RowT
     study, metrics = _study_tags(profile), set()
     for rt, result in zip(rows, results):
         for outcome in result["runs"]:
-            name, seed = row_name(rt.row), str(outcome["seed"])
+            name, seed = rt.row.name, str(outcome["seed"])
             kinds = [kind for kind, s in rt.trials if s == outcome["seed"]]
             metrics |= _write_row_run(mlflow_client, parent, held.pop((name, seed), None), rt, outcome, kinds,
                                       {TABLE_TAG: rt.table, ROW_TAG: name, SEED_TAG: seed, **study})

@@ -38,11 +38,6 @@ def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
     return head
 
 
-def row_name(row: TableRow) -> str:
-    """A row's label in MLflow: its name (its key under the table's `rows:`)."""
-    return row.name
-
-
 def table_rows(params: Params, table: str) -> list[RowTrials]:
     """The trials of every row of `table` at the active profile, every head validated."""
     if table not in params.tables:
@@ -115,7 +110,7 @@ def study_trials(rows: dict[str, list[RowTrials]], finished: frozenset[str]) -> 
     def add(trial: Trial, rt: RowTrials) -> str:
         key = trial_key(trial)
         st = out.setdefault(key, StudyTrial(key, trial, [], status="FINISHED" if key in finished else "PENDING"))
-        row = f"{rt.table}:{row_name(rt.row)}"
+        row = f"{rt.table}:{rt.row.name}"
         if rt.table not in st.tables:
             st.tables.append(rt.table)
         if row not in st.rows:
