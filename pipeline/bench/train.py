@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..config import PARAMS, ConfigError, load_params, parse_head_spec
 from ..data.loaders import Loader, build_loader
 from ..models import build_model, resolve_head
-from ..training.engine import Step, compiled, precision, train_one_epoch
+from ..training.engine import Step, compiled, compiles, precision, train_one_epoch
 from ..training.recipes import (
     ScaledRecipe,
     build_criterion,
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda", "cpu or auto on a machine without a CUDA GPU")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    compile = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
+    compile = compiles({"auto": None, "on": True, "off": False}[args.compile], device)  # train.compile's rule
     out = bench(args.backbone, parse_head_spec(args.head), args.recipe, args.img_size, args.batch_size,
                 args.steps, args.repeats, args.num_classes, device, args.data, args.loader_workers, compile)
     if args.json:
