@@ -330,6 +330,9 @@ class ProfileConfig:
     epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     gpu_tflops: float = checked(lambda t: t > 0, "a positive number (effective TFLOP/s per GPU)", default=30.0)
+    zero_init_last: bool = False
+    """Sets every recipe's `zero_init_last`: a run of a few dozen updates needs it (a ResNet50 starting its
+    blocks' last BatchNorm at 1 reaches a training loss of 9 in its first epoch and stays at chance)."""
 
 
 @dataclass(frozen=True)
@@ -452,6 +455,9 @@ class RecipeConfig:
     ema_decay: float | None = checked(lambda d: 0 < d < 1, "null or a number with 0 < decay < 1", default=None)
     clip_grad: float | None = checked(lambda c: c > 0, "null or a positive max norm", default=None)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    zero_init_last: bool = False
+    """Start each residual block's last BatchNorm at 0 (Goyal et al. 2017, timm's default) so a deep ResNet
+    starts as a shallow one; the authors' ResNets start it at 1. Only ResNets have it."""
 
     def __post_init__(self) -> None:
         if self.schedule == "multistep" and not self.milestones:

@@ -2,8 +2,11 @@
 
 `shapes`: one of up to ten shape kinds (the class) drawn at a random position, scale, tilt and colour on a
 noisy, cluttered background, so the class lives in a local spatial structure a spatial head can find and
-not in the global colour statistics. `persons`: Market-1501-style pedestrian crops whose identity is a
-set of clothing attributes, seen by several cameras that change background, light and tint.
+not in the global colour statistics. The shape stands out by luminance (dark on a light patch, light on a
+dark one): drawn in any colour, as the clutter is, it was no more visible than the clutter, and a ResNet18
+trained on 800 such images for 375 steps fitted them (56 % train top-1) and stayed at chance on val.
+`persons`: Market-1501-style pedestrian crops whose identity is a set of clothing attributes, seen by several
+cameras that change background, light and tint.
 Both write ordinary image trees (ImageFolder and Market-1501 layouts) that the regular sources prepare.
 """
 from __future__ import annotations
@@ -15,6 +18,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..config import BuiltinDataConfig
+
+RADIUS = (0.25, 0.4)
+"""A shape's radius as a share of the image side: at 0.16-0.3 a RandomResizedCrop of 8 % of the area
+mostly cut beside the shape."""
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "hbars", "vbars", "diamond", "star", "ell")
 
@@ -71,15 +78,13 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator, clutter: float = 
     """One `size`×`size` image of `kind` at a random place, scale, tilt and colour on clutter."""
     img = _background(rng, size, size, clutter=clutter)
     draw = ImageDraw.Draw(img)
-    radius = rng.uniform(0.16, 0.3) * size
+    radius = rng.uniform(RADIUS[0], RADIUS[1]) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
     tilt = math.radians(rng.uniform(-15, 15))
     sx, sy = radius * rng.uniform(0.85, 1.15), radius * rng.uniform(0.85, 1.15)
     local = np.asarray(img, dtype=np.float32)[int(cy - radius):int(cy + radius), int(cx - radius):int(cx + radius)]
-    colour = rng.integers(0, 256, 3)
-    while np.abs(colour - local.reshape(-1, 3).mean(0)).sum() < 120:  # keep the shape visible on its clutter
-        colour = rng.integers(0, 256, 3)
-    colour = tuple(colour.tolist())
+    dark = local.mean() > 127  # the shape contrasts in luminance with what lies under it: dark on light, light on dark
+    colour = tuple(rng.integers(0, 64, 3).tolist() if dark else rng.integers(192, 256, 3).tolist())
     if kind in ("disc", "ring"):
         box = [cx - sx, cy - sy, cx + sx, cy + sy]
         if kind == "disc":

@@ -39,11 +39,14 @@ def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes:
 
 
 def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_classes: int,
-                img_size: int = 224, drop_path_rate: float = 0.0) -> Classifier:
+                img_size: int = 224, drop_path_rate: float = 0.0, zero_init_last: bool = False) -> Classifier:
     """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised;
-    `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule)."""
+    `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule), `zero_init_last` its
+    residual blocks' last norms at 0 (ResNets; ignored by backbones without them)."""
     cfg = resolve_head(backbone, head)
-    opts = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    opts: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    if zero_init_last and backbone.startswith("resnet"):
+        opts["zero_init_last"] = True
     _check_positive("num_classes", num_classes)
     if not valid_img_size(img_size):
         raise ConfigError("img_size", img_size, IMG_SIZE_RULE)

@@ -15,6 +15,7 @@ import torch
 
 from ..config import ConfigError, HeadConfig, Params, TableRow, data_dir
 from ..models import build_model, resolve_head
+from ..training.recipes import get_recipe
 from ..training.trial import Trial, resolve_trial, trial_key
 
 
@@ -55,7 +56,10 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
         except ConfigError as err:
             raise err.under(where) from None
 
-        def trial(recipe: str | None, data: str, size: int, seed: int) -> Trial:
+        def trial(name: str, data: str, size: int, seed: int) -> Trial:
+            recipe = get_recipe(name, params.recipes)
+            if prof.zero_init_last:
+                recipe = dataclasses.replace(recipe, zero_init_last=True)
             return resolve_trial(
                 {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": seed,
                  "recipe": recipe, "img_size": size, "epochs": prof.epochs,
