@@ -72,8 +72,8 @@ def _actual(key: str) -> Any:
         (field,) = path
         assert field == "noah_dropout", key
         return resolve_head(name, {"kind": "noah"}).dropout
-    assert section == "recipes", f"no check for `{key}`: add it to FIXED"
-    value: Any = to_dict(load_params().recipes[name])
+    assert section in ("recipes", "profiles"), f"no check for `{key}`: add it to FIXED"
+    value: Any = to_dict(getattr(load_params(), section)[name])
     for part in path:
         value = value[part]
     return value

@@ -17,6 +17,7 @@ from pipeline.paper import PAPER_TABLES
 from pipeline.report import TABLES, build_reports, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
 from pipeline.report.specs import paper_rows
+from pipeline.report.tables import scale_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report" / "results"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -123,6 +124,16 @@ def test_table4_means_intervals_and_marks_only_resolved_differences(built: Path)
     assert records[1]["params"] == "25564032" and records[1]["trained_params"] == "23528532"
     text = (built / "table4.md").read_text()
     assert "**Seeds:** 0, 1." in text and "**Chance level:** top-1 10.00%, top-5 50.00%" in text
+    (resolved,) = [line for line in text.splitlines() if line.startswith("**Resolved differences**")]
+    assert "Top-1 (%) (↑1.06 [0.55, 1.57])" in resolved and "Top-1 (%) (↓0.95 [−1.59, −0.31])" in resolved
+    assert "Top-5 (%) (−0.05" not in resolved and "unresolved at these seeds" in resolved
+
+
+def test_the_scale_line_names_each_departure_from_the_papers_settings() -> None:
+    meta = {"profile": "smoke", "epochs": 2, "departures": ["2 epochs of the recipe's 100", "64 px of 224"]}
+    text = "\n".join(scale_lines(meta, None))
+    assert "Departs from the paper's settings to fit its budget: 2 epochs of the recipe's 100; 64 px of 224" in text
+    assert "Departs" not in "\n".join(scale_lines({**meta, "profile": "imagenet", "departures": []}, None))
 
 
 def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> None:
@@ -327,7 +338,7 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
         run_ = client.create_run(exp, run_name=head)
         for epoch in range(3):
             client.log_metric(run_.info.run_id, "val_top1", 30 + 10 * epoch + gain, step=epoch)
-            client.log_metric(run_.info.run_id, "train_top1", 25 + 12 * epoch + gain, step=epoch)
+            client.log_metric(run_.info.run_id, "train_loss", 1.4 - 0.3 * epoch - gain / 50, step=epoch)
         client.log_metric(run_.info.run_id, "top1", 50 + gain)
         client.set_terminated(run_.info.run_id)
         ids[head] = run_.info.run_id
@@ -345,7 +356,7 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
     png = tmp_path / "reports" / "figures" / "curves.png"
     assert png.read_bytes()[:8] == PNG
     index = (tmp_path / "reports" / "README.md").read_text()
-    assert "![Top-1 training (dashed) and validation (solid)" in index and "(figures/curves.png)" in index
+    assert "![Validation top-1 (solid) and training loss (dashed)" in index and "(figures/curves.png)" in index
     assert f"run {ids['noah']} logged no weights" in index
     assert len(list((tmp_path / "reports").glob("table*.md"))) == len(TABLES)
     # a run id the store does not hold is a note, not a crash

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..config import PARAMS, ConfigError, load_params, parse_head_spec
 from ..data.loaders import Loader, build_loader
 from ..models import build_model, resolve_head
-from ..training.engine import Step, compiled, compiles, precision, train_one_epoch
+from ..training.engine import Step, compiled, compiles, placed, precision, precision_name, train_one_epoch
 from ..training.recipes import (
     ScaledRecipe,
     build_criterion,
@@ -94,8 +94,7 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
         raise ConfigError("--steps/--repeats", (steps, repeats), "steps >= 2 and repeats >= 1")
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    memory_format = precision(device)[1]
-    models = {name: build_model(backbone, h, num_classes, img_size).to(device, memory_format=memory_format)
+    models = {name: placed(build_model(backbone, h, num_classes, img_size), device)
               for name, h in (("trainer", head), ("baseline", resolve_head(backbone, {"kind": "baseline"})))}
     twin = copy.deepcopy(models["trainer"])
     data = TensorDataset(torch.randn(steps * batch_size, 3, img_size, img_size),
@@ -122,7 +121,8 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
     median = {k: images / statistics.median(v) for k, v in times.items()}
     out = {"backbone": backbone, "head": head.name, "recipe": recipe_name, "img_size": img_size,
            "batch_size": batch_size, "steps": steps, "repeats": repeats, "device": str(device),
-           "precision": "bf16 autocast, channels_last" if cuda else "fp32", "compile": compile,
+           "precision": "bf16 autocast, channels_last" if precision_name(device) == "bf16" else "fp32",
+           "compile": compile,
            **{f"{k}_images_per_s": v for k, v in best.items()},
            **{f"{k}_images_per_s_median": v for k, v in median.items()},
            "ratio": best["trainer"] / best["bare"], "ratio_median": median["trainer"] / median["bare"],

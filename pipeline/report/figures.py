@@ -36,7 +36,7 @@ from ..utils.io import atomic_write  # noqa: E402
 from .specs import backbones, is_baseline  # noqa: E402
 from .tables import Line  # noqa: E402
 
-TRAIN_KEYS = ("train_top1", "train/top1")
+TRAIN_KEYS = ("train_loss", "train/loss")
 VAL_KEYS = ("val_top1", "val/top1")  # per epoch; the final `top1` is one value, not a curve
 WEIGHT_SUFFIXES = (".pt", ".pth")
 
@@ -101,8 +101,9 @@ def metric_history(client: Any, run_id: str, keys: tuple[str, ...]) -> tuple[lis
 
 
 def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -> Figure:
-    """Fig. 3: top-1 training (dashed) and validation (solid) accuracy per epoch, baseline vs NOAH."""
-    title = "Top-1 training (dashed) and validation (solid) accuracy, baseline vs NOAH (like Fig. 3)"
+    """Fig. 3: validation top-1 (solid, left axis) and training loss (dashed, right axis) per epoch, baseline
+    vs NOAH, for every block: at a glance, whether the models learned."""
+    title = "Validation top-1 (solid) and training loss (dashed), baseline vs NOAH (like Fig. 3)"
     pairs = design_pairs(tables)
     if not pairs:
         return Figure(title, note="no table has both a baseline run and a paper-design NOAH run with MLflow run ids")
@@ -132,16 +133,21 @@ def curves(tables: dict[str, list[Line]], tracking_uri: str | None, out: Path) -
     for ax in axes.flat[len(drawn):]:
         ax.set_visible(False)
     for ax, (label, series) in zip(axes.flat, drawn):
+        loss_ax = ax.twinx()
         for (head, split), (xs, ys) in series.items():
             if ys:
-                ax.plot(xs, ys, linestyle="--" if split == "train" else "-", marker="." if len(ys) < 20 else None,
-                        color="tab:blue" if head == "baseline" else "tab:red", label=f"{head} {split}")
+                (loss_ax if split == "train" else ax).plot(
+                    xs, ys, linestyle="--" if split == "train" else "-", marker="." if len(ys) < 20 else None,
+                    color="tab:blue" if head == "baseline" else "tab:red",
+                    label=f"{head} {'train loss' if split == 'train' else 'val top-1'}")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel("validation top-1 (%)")
+        loss_ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        handles = [h for a in (ax, loss_ax) for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     _save(fig, out)
     return Figure(title, out, "; ".join(skipped) or None)

@@ -406,6 +406,9 @@ def scale_lines(meta: dict[str, Any], error: str | None, timing: bool = False) -
         out += [">", f"> These numbers come from the `{meta.get('profile', 'unknown')}` profile, not from ImageNet "
                 "at the paper's settings: a difference resolved here is a finding about this scale, not about the "
                 "paper's."]
+        if meta.get("departures"):
+            out += [">", "> Departs from the paper's settings to fit its budget: " + "; ".join(meta["departures"])
+                    + " (docs/fidelity.md, \"Scale\")."]
     return out
 
 
@@ -464,9 +467,30 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
                     cells.append(_paper_cell(line, m, spec, best[m.name], notes))
             out.append("| " + " | ".join(cells) + " |")
     out += ["", _legend(spec)]
+    if spec.seeded and not results.error:
+        out += ["", resolved_line(spec, lines)]
     if notes.notes:
         out += ["", "Notes (— marks a value we do not have):", "", notes.markdown()]
     return "\n".join(out) + "\n"
+
+
+def resolved_line(spec: TableSpec, lines: list[Line]) -> str:
+    """Which differences to a block's baseline this run resolves (95% interval excluding zero), whatever their
+    direction, and how many it leaves unresolved: the findings of the table, stated once."""
+    found, unresolved = [], 0
+    for line in lines:
+        for m in spec.metrics:
+            delta = line.delta(m.name) if line.baseline is not None and line is not line.baseline else None
+            if delta is None or m.kind in ("params", "params_m", "madds"):
+                continue
+            if delta.resolved:
+                found.append(f"{_escape(line.name or str(line.row))} {m.label} {_measured_delta(delta, spec.decimals)}")
+            else:
+                unresolved += 1
+    if not found and not unresolved:
+        return "**Resolved differences:** none measured (no row shares a finished seed with its baseline)."
+    return (f"**Resolved differences** (to the block's baseline, 95% interval excluding zero): "
+            f"{'; '.join(found) or 'none'}; {unresolved} other difference(s) unresolved at these seeds.")
 
 
 def _overhead_interval(line: Line, m: Metric) -> tuple[float, float] | None:

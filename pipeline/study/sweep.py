@@ -46,7 +46,7 @@ from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
 from .schedule import Job, order
 from .table_runs import close_parent, sweep_parents, tag_trial_runs, trial_tags, write_row_runs
-from .tables import RowTrials, StudyTrial, study_trials, table_order, table_rows
+from .tables import RowTrials, StudyTrial, departures, study_trials, table_order, table_rows
 
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's switch between its two console reporters
 
@@ -320,6 +320,7 @@ def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, 
             "num_classes": num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
             "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seeds": list(params.seeds),
             "chance": chance_levels(first.data_dir),
+            "departures": departures(params, first, params.tables[table].task == "reid"),
             "commit": git_commit(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     keys = [{kind: trial_key(t) for kind, t in rt.trials.items()} for rt in rows]
     results = {"meta": meta, "rows": [row_result(rt, ks, uri, errors) for rt, ks in zip(rows, keys)]}

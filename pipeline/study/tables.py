@@ -79,6 +79,23 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
     return rows
 
 
+def departures(params: Params, trial: Trial, reid: bool) -> list[str]:
+    """How `trial` departs from the paper's settings for its profile's budget: its epochs, batch and image
+    size against its recipe's and the `imagenet` profile's (the paper's), and the residual norms' init."""
+    recipe, paper = trial.recipe, params.profiles.get("imagenet")
+    out = []
+    if trial.epochs != recipe.epochs:
+        out.append(f"{trial.epochs} epochs of the recipe's {recipe.epochs} (its schedule shrunk to them)")
+    if trial.batch_size != recipe.batch_size:
+        out.append(f"batch {trial.batch_size} of {recipe.batch_size} (lr scaled with it)")
+    size = None if paper is None else (paper.reid_img_size or paper.img_size) if reid else paper.img_size
+    if size is not None and trial.img_size != size:
+        out.append(f"{trial.img_size} px of {size}")
+    if recipe.zero_init_last:
+        out.append("residual blocks' last BatchNorm starting at 0 (the authors': 1)")
+    return out
+
+
 def table_order(name: str) -> tuple[int, int, str]:
     """The paper's order (`table4` before `table10`), then tables of other names alphabetically."""
     number = name.removeprefix("table")

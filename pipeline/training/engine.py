@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.loaders import Loader
+from ..utils.machine import native_bf16
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,10 +61,29 @@ class Step:
 
 def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.memory_format]:
     """The autocast context and input memory format of every forward pass (training, evaluation, reid
-    ranking, bench-train): bf16 autocast and channels_last on GPU, float32 and contiguous on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16), torch.channels_last
+    ranking, bench-train): bf16 autocast and channels_last on a GPU and on a CPU that computes bf16 in
+    hardware (`native_bf16`), float32 and contiguous on other CPUs."""
+    if device.type == "cuda" or native_bf16():
+        return torch.autocast(device.type, dtype=torch.bfloat16), torch.channels_last
     return contextlib.nullcontext(), torch.contiguous_format
+
+
+def placed(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device` in `precision`'s memory format. channels_last converts the convolutions' 4-D
+    weights one module at a time: `Module.to(memory_format=...)` would also take NOAH's 5-D grouped weights,
+    which have no channels_last layout, and fail."""
+    model.to(device)
+    memory_format = precision(device)[1]
+    if memory_format != torch.contiguous_format:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=memory_format)
+    return model
+
+
+def precision_name(device: torch.device) -> str:
+    """`bf16` or `fp32`: what `precision` trains `device` in (the run's `precision` tag)."""
+    return "bf16" if device.type == "cuda" or native_bf16() else "fp32"
 
 
 def compiles(setting: bool | None, device: torch.device) -> bool:

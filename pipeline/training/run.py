@@ -31,7 +31,17 @@ from ..utils.interrupt import Interrupted, interruptible
 from ..utils.machine import fixed_threads, machine_facts
 from ..utils.progress import resolve_mode, steps, ticker
 from ..utils.seeds import mix_seed, seed_everything
-from .engine import Step, World, compiled, compiles, precision, set_determinism, train_one_epoch, unwrap
+from .engine import (
+    Step,
+    World,
+    compiled,
+    compiles,
+    placed,
+    precision_name,
+    set_determinism,
+    train_one_epoch,
+    unwrap,
+)
 from .recipes import build_criterion, build_mixup, build_optimizer, build_scheduler, unapplied
 from .record import (
     CHECKPOINT,
@@ -152,7 +162,7 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
     model = task.build_model(trial, job.num_classes)
     params, madds = count(model, img_size=trial.img_size) if lead else (0, 0)
     cuda = world.device.type == "cuda"
-    model.to(world.device, memory_format=precision(world.device)[1])
+    placed(model, world.device)
     optimizer = build_optimizer(model, trial.scaled)
     ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
     state = load_checkpoint(folder / CHECKPOINT, job.trial_id)
@@ -181,7 +191,7 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
     run = TrialRun(job.tracking_uri, job.run_id) if lead else None
     if run is not None:
         device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
-        run.set_tags({"world_size": world.size, "device": device, "precision": "bf16" if cuda else "fp32",
+        run.set_tags({"world_size": world.size, "device": device, "precision": precision_name(world.device),
                       "compiled": str(compiling).lower(),
                       "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
                       "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})

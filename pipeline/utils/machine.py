@@ -9,6 +9,7 @@ whether cuDNN may pick its fastest (non-deterministic) algorithms. `machine_fact
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,6 +33,17 @@ def cpu_model() -> str:
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']} model {fields['model']})"
     return name
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX; /proc/cpuinfo's flags). There
+    bf16 autocast trains a ResNet50 at 64 px 1.8x faster than float32; elsewhere it is emulated, and slower."""
+    if not CPUINFO.is_file():
+        return False
+    flags = next((line.partition(":")[2].split() for line in CPUINFO.read_text(errors="replace").splitlines()
+                  if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def machine_facts(device: torch.device, deterministic: bool, workers: int = 1) -> dict[str, str]:
