@@ -60,6 +60,7 @@ def tiny_params(tmp_path: Path, tiny_data: Path) -> Callable[..., Path]:
         base = yaml.safe_load(PARAMS.read_text())
         tiny = {
             "profile": "smoke",
+            "seeds": [0],
             "profiles": {"smoke": {"dataset": "builtin", "reid_dataset": None, "img_size": 32, "epochs": 1,
                                    "batch_size": 16}},
             "datasets": {"builtin": {"source": "builtin", "out": str(tiny_data), "resize": 40,

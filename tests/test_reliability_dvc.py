@@ -38,8 +38,9 @@ def _shrink(params: dict, tmp: Path) -> dict:
     tiny = {"num_classes": 4, "train_per_class": 8, "val_per_class": 4, "image_size": 40, "train_ids": 4,
             "test_ids": 4, "cameras": 2, "images_per_id": 2, "distractors": 2, "junk": 2}
     params["profile"] = "smoke"
+    params["seeds"] = [0]
     params["profiles"]["smoke"] = {"dataset": "builtin", "reid_dataset": "builtin_reid", "img_size": 32,
-                                   "reid_img_size": 32, "epochs": 1, "batch_size": 16}
+                                   "reid_img_size": 32, "epochs": 1, "batch_size": 16, "zero_init_last": True}
     params["datasets"]["builtin"] = {"source": "builtin", "out": "data/smoke/builtin", "resize": 40, "builtin": tiny}
     params["datasets"]["builtin_reid"] = {"source": "builtin_reid", "out": "data/smoke/builtin_reid", "resize": 32,
                                           "builtin": tiny}

@@ -147,15 +147,15 @@ def test_plan_counts_no_configuration_twice() -> None:
                           "--gpus-per-trial", "8", "--json"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     plan = json.loads(out)
-    tables = plan["tables"]
+    tables, seeds = plan["tables"], len(load_params().seeds)  # each row trains once per seed
     assert list(tables) == [f"table{n}" for n in range(1, 12)]
-    assert [tables[t]["unique_trials"] for t in ("table1", "table2", "table3")] == [20, 17, 16]
-    assert tables["table4"] == {**tables["table4"], "rows": 8, "trials": 8, "unique_trials": 7}
-    assert tables["table9"]["trials"] == 4
+    assert [tables[t]["unique_trials"] for t in ("table1", "table2", "table3")] == [20 * seeds, 17 * seeds, 16 * seeds]
+    assert tables["table4"] == {**tables["table4"], "rows": 8, "trials": 8 * seeds, "unique_trials": 7 * seeds}
+    assert tables["table9"]["trials"] == 4 * seeds
     # Tables 4-7 and 11 reuse Table 1's ResNet18/50/101 rows and each other's; Table 8's recipe differs.
     later = ("table4", "table5", "table6", "table7", "table8", "table11")
-    assert [tables[t]["new_unique_trials"] for t in later] == [5, 6, 1, 2, 4, 4]
-    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 79
+    assert [tables[t]["new_unique_trials"] for t in later] == [n * seeds for n in (5, 6, 1, 2, 4, 4)]
+    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 79 * seeds
     assert all(t["gpu_hours"] > 0 for name, t in tables.items() if name != "table10")
     # 8 trials at a time: a table alone takes at least its GPU-hours / 64 and its longest trial's hours / 8;
     # the whole study packed at once beats one table after another and the tables' sum by far.
@@ -172,6 +172,7 @@ def test_plan_counts_every_seed(tmp_path: Path) -> None:
 
     data = yaml.safe_load(PARAMS.read_text())
     data["profile"] = "imagenet"  # its datasets state their sizes: costs known before anything is prepared
+    data["seeds"] = [0]
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     one = plan(load_params(path))
