@@ -26,7 +26,7 @@ from pipeline.config import BenchmarkConfig, HeadConfig, MlflowConfig, TrainConf
 from pipeline.data.prepared import read_meta
 from pipeline.models import NoahHead, build_model
 from pipeline.study.sweep import run_study
-from pipeline.training.engine import compiled, precision, train_one_epoch
+from pipeline.training.engine import compiled, placed, precision, train_one_epoch
 from pipeline.training.recipes import get_recipe, scale
 from pipeline.training.record import CHECKPOINT, load_checkpoint
 from pipeline.training.run import Job, _fit_ray, run_trial
@@ -130,7 +130,7 @@ def test_training_on_a_fixed_batch_lowers_the_loss_without_host_syncs(backbone: 
     dev = torch.device(device)
     memory_format = precision(dev)[1]
     steps, size, batch = (40, 64, 32) if dev.type == "cuda" else (6, 32, 8)
-    model = build_model(backbone, {"kind": "noah"}, 4, size).to(dev, memory_format=memory_format)
+    model = placed(build_model(backbone, {"kind": "noah"}, 4, size), dev)
     scaled = scale(get_recipe("resnet", RECIPES), epochs=2, batch_size=batch)
     step = trainer(compiled(model, compile), scaled, steps, 4, dev)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=memory_format)
