@@ -59,11 +59,16 @@ class Step:
         return self.device.type == "cuda"
 
 
+def bf16(device: torch.device) -> bool:
+    """Whether `device` trains in bf16: a GPU, or a CPU that computes it in hardware."""
+    return device.type == "cuda" or native_bf16()
+
+
 def precision(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.memory_format]:
     """The autocast context and input memory format of every forward pass (training, evaluation, reid
     ranking, bench-train): bf16 autocast and channels_last on a GPU and on a CPU that computes bf16 in
     hardware (`native_bf16`), float32 and contiguous on other CPUs."""
-    if device.type == "cuda" or native_bf16():
+    if bf16(device):
         return torch.autocast(device.type, dtype=torch.bfloat16), torch.channels_last
     return contextlib.nullcontext(), torch.contiguous_format
 
@@ -83,7 +88,7 @@ def placed(model: nn.Module, device: torch.device) -> nn.Module:
 
 def precision_name(device: torch.device) -> str:
     """`bf16` or `fp32`: what `precision` trains `device` in (the run's `precision` tag)."""
-    return "bf16" if device.type == "cuda" or native_bf16() else "fp32"
+    return "bf16" if bf16(device) else "fp32"
 
 
 def compiles(setting: bool | None, device: torch.device) -> bool:
