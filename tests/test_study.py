@@ -74,8 +74,10 @@ def test_prepare_builds_the_active_profiles_datasets_or_those_named() -> None:
 
 
 def test_reid_table_trains_each_row_twice() -> None:
-    rows = table_rows(load_params(), "table9")
-    assert [sorted(rt.trials) for rt in rows] == [[("finetune", 0), ("scratch", 0)]] * 2
+    params = load_params()
+    rows = table_rows(params, "table9")
+    assert [sorted(rt.trials) for rt in rows] == [sorted((kind, s) for kind in ("finetune", "scratch")
+                                                         for s in params.seeds)] * 2
 
 
 BAD = [
@@ -157,13 +159,15 @@ def test_plan_counts_no_configuration_twice() -> None:
     assert [tables[t]["new_unique_trials"] for t in later] == [n * seeds for n in (5, 6, 1, 2, 4, 4)]
     assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 79 * seeds
     assert all(t["gpu_hours"] > 0 for name, t in tables.items() if name != "table10")
-    # 8 trials at a time: a table alone takes at least its GPU-hours / 64 and its longest trial's hours / 8;
-    # the whole study packed at once beats one table after another and the tables' sum by far.
+    # 8 trials at a time: a table alone takes at least its GPU-hours / 64. The whole study packed at once is
+    # list scheduling, so it ends within one longest chain (no longer than the longest table alone) of that
+    # bound (Graham), and beats one table after another and the tables' sum, which counts shared trials twice.
     spans = {name: t["makespan_hours"] for name, t in tables.items()}
     assert all(spans[n] >= tables[n]["gpu_hours"] / 64 - 0.01 for n in tables if tables[n]["finished"] == 0)
     total = plan["total"]
-    assert total["gpu_hours"] / 64 - 0.01 <= total["makespan_hours"] <= 0.8 * sum(spans.values())
-    assert total["makespan_hours"] <= total["table_by_table_hours"]
+    bound = total["gpu_hours"] / 64
+    assert bound - 0.01 <= total["makespan_hours"] <= bound + max(spans.values())
+    assert total["makespan_hours"] < min(total["table_by_table_hours"], sum(spans.values()))
 
 
 def test_plan_counts_every_seed(tmp_path: Path) -> None:
