@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 
 from pipeline.config import AugmentConfig, BuiltinDataConfig, ConfigError, PrepareConfig
 from pipeline.data.builtin import draw_shape
@@ -223,6 +224,18 @@ def test_loaders_shapes_labels_standardisation_and_determinism(tmp_path: Path):
         loader = build_loader(out, "train", 32, 4, train=True, augment=augment, seed=3)
         first, second = [torch.cat([b[0] for b in loader]) for _ in range(2)]
         assert not torch.equal(first, second)  # a new order and new crops each epoch
+
+
+def test_rand_augment_at_its_top_magnitude_runs_every_op():
+    """The recipes' RandAugment (`-inc1`, mstd 0.5) reaches magnitude 10, where timm asks PIL to posterize to
+    0 bits; Pillow 13 rejects that (constraints.txt pins the last Pillow that posterizes to black), which
+    failed Table 8's trials at random. Every op at magnitude 10, on a built-in image: none may raise."""
+    image = draw_shape("triangle", 64, np.random.default_rng(0), clutter=0.5)
+    ops = rand_augment_transform("rand-m10-mstd0-inc1", {"img_mean": (124, 116, 104)}).ops
+    assert len(ops) == 15 and any(op.name == "PosterizeIncreasing" for op in ops)
+    for op in ops:
+        op.prob = 1.0
+        assert op(image).size == image.size, op.name
 
 
 def test_cli_reports_a_layout_error_with_exit_code_2(tmp_path: Path):
