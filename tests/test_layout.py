@@ -211,8 +211,8 @@ DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "
                 "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2}
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),
-             "profiles.smoke.epochs": (3, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),
-             "seeds": ([0, 1, 2], {"study"}), "profiles.smoke.zero_init_last": (False, {"study"}),
+             "profiles.smoke.epochs": (4, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),
+             "seeds": ([0, 1, 2], {"study"}), "profiles.smoke.recipes": ({}, {"study"}),
              "recipes.resnet.lr": (0.2, {"study"}),
              "tables.table6.recipe": ("aggressive", {"study"}), "benchmark.cpu_seconds": (1, {"benchmark"}),
              "mlflow.tracking_uri": ("sqlite:///other.db", {"study", "report"}),

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import ConfigError, HeadConfig, Params, TableRow, data_dir
 from ..models import build_model, resolve_head
-from ..training.recipes import get_recipe
 from ..training.trial import Trial, resolve_trial, trial_key
 
 
@@ -57,12 +57,9 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
             raise err.under(where) from None
 
         def trial(name: str, data: str, size: int, seed: int) -> Trial:
-            recipe = get_recipe(name, params.recipes)
-            if prof.zero_init_last:
-                recipe = dataclasses.replace(recipe, zero_init_last=True)
             return resolve_trial(
                 {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": seed,
-                 "recipe": recipe, "img_size": size, "epochs": prof.epochs,
+                 "recipe": params.recipe(name), "img_size": size, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 
         trials: dict[tuple[str, int], Trial] = {}
@@ -80,20 +77,32 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
 
 
 def departures(params: Params, trial: Trial, reid: bool) -> list[str]:
-    """How `trial` departs from the paper's settings for its profile's budget: its epochs, batch and image
-    size against its recipe's and the `imagenet` profile's (the paper's), and the residual norms' init."""
-    recipe, paper = trial.recipe, params.profiles.get("imagenet")
+    """How `trial` departs from the paper's settings for its profile's budget: its epochs, batch, lr and
+    image size against its recipe's and the `imagenet` profile's (the paper's), and each recipe field its
+    profile sets (`profiles.<profile>.recipes`)."""
+    recipe, paper, scaled = trial.recipe, params.recipes[trial.recipe.name], trial.scaled
     out = []
-    if trial.epochs != recipe.epochs:
-        out.append(f"{trial.epochs} epochs of the recipe's {recipe.epochs} (its schedule shrunk to them)")
-    if trial.batch_size != recipe.batch_size:
-        out.append(f"batch {trial.batch_size} of {recipe.batch_size} (lr scaled with it)")
-    size = None if paper is None else (paper.reid_img_size or paper.img_size) if reid else paper.img_size
+    if trial.epochs != paper.epochs:
+        out.append(f"{trial.epochs} epochs of the recipe's {paper.epochs} (its schedule shrunk to them)")
+    if trial.batch_size != paper.batch_size:
+        out.append(f"batch {trial.batch_size} of {paper.batch_size}")
+    linear = paper.lr * trial.batch_size / paper.batch_size
+    if not math.isclose(scaled.lr, linear):
+        out.append(f"lr {scaled.lr:g} (the paper's {paper.lr:g} at batch {paper.batch_size} scales to {linear:g})")
+    elif trial.batch_size != paper.batch_size:
+        out.append(f"lr {scaled.lr:g} (scaled linearly with the batch)")
+    imagenet = params.profiles.get("imagenet")
+    size = None if imagenet is None else (imagenet.reid_img_size or imagenet.img_size) if reid else imagenet.img_size
     if size is not None and trial.img_size != size:
         out.append(f"{trial.img_size} px of {size}")
-    if recipe.zero_init_last:
-        out.append("residual blocks' last BatchNorm starting at 0 (the authors': 1)")
+    for key in sorted(params.active.recipes.get(recipe.name, {})):
+        if key not in ("lr", "batch_size", "epochs") and getattr(recipe, key) != getattr(paper, key):
+            out.append(f"{key} {_shown(getattr(recipe, key))} (the paper's {_shown(getattr(paper, key))})")
     return out
+
+
+def _shown(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def table_order(name: str) -> tuple[int, int, str]:
