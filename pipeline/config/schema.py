@@ -71,12 +71,13 @@ def seed_field() -> Any:
     return checked(lambda s: 0 <= s < SEEDS, "an integer from 0 to 2**32 - 1", default=0)
 
 
-IMG_SIZE_RULE = "a multiple of 32, at least 32"
+IMG_SIZE_RULE = "a multiple of 16, at least 32"
 
 
 def valid_img_size(size: Any) -> bool:
-    """The backbones downsample by 32, so an input size is a whole multiple of it."""
-    return isinstance(size, int) and not isinstance(size, bool) and size >= 32 and size % 32 == 0
+    """The ViTs and MLPs cut 16-px patches, so an input size is a whole multiple of 16; the CNNs' and PVT's
+    stride-32 last stage rounds a 16-px remainder (48 px: a 2x2 last map in a ResNet, as at 64)."""
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 32 and size % 16 == 0
 
 
 def img_size_field(default: Any) -> Any:
@@ -347,6 +348,7 @@ class RayConfig:
     max_concurrent: int = checked(lambda n: n >= 1, "an integer >= 1", default=2)
     max_failures: int = checked(lambda n: n >= 0, "an integer >= 0", default=2)
     storage_path: str = ".ray_results"
+    reuse_actors: bool = False
     verbose: int = checked(lambda v: v in (0, 1, 2, 3), "0 (the study's own lines), or 1-3 (Ray Tune's status "
                            "tables at that verbosity, with the trial processes' output)", default=0)
 

@@ -94,8 +94,8 @@ class PyramidVisionTransformer(nn.Module):
                  sr_ratios: tuple[int, ...] = (8, 4, 2, 1), class_token: bool = True,
                  global_pool: str = "token", drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
-        if img_size % 32:
-            raise ValueError(f"PVT needs an image size divisible by 32, got {img_size}")
+        if img_size % 16:
+            raise ValueError(f"PVT needs an image size divisible by 16, got {img_size}")
         if global_pool not in ("token", "avg") or (global_pool == "token" and not class_token):
             raise ValueError(f"global_pool {global_pool!r} needs 'avg', or 'token' with a class token")
         self.num_classes, self.global_pool = num_classes, global_pool

@@ -186,9 +186,10 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     """Train the PENDING `trials` in one Ray Tune run, longest chain first (costs from `measured` speeds
     where known); each ends FINISHED, FAILED or BLOCKED with its reason (failures stay in MLflow, not raised).
 
-    Every trial gets a fresh process (`reuse_actors=False`): a reused one kept the memory of the trials before
-    it (two processes reached 9 GB each over a dozen Tables 1–3 trials and Ray's OOM killer ended the study),
-    while a new process costs a few seconds of imports against a trial's minutes."""
+    `ray.reuse_actors` picks whether a trial process trains the next trial: a new process costs ~10 s of
+    imports and start-up (a third of a smoke trial; 149 s against 102 s for Table 6's six trials), while a reused
+    one keeps the memory of the trials before it (two reached 9 GB each over a dozen of Tables 1–3's large
+    backbones and Ray's OOM killer ended the study)."""
     todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
     jobs = [Job(k, trial_hours(params, t.trial, measured) or 0.0, t.after) for k, t in todo.items()]
     quiet = params.ray.verbose == 0
@@ -207,7 +208,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
         tune.with_resources(_trainable, _resources(params)),
         param_space={"train": train, "mlflow": tracking},
         tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, order(jobs), space), num_samples=-1,
-                                    max_concurrent_trials=params.ray.max_concurrent, reuse_actors=False,
+                                    max_concurrent_trials=params.ray.max_concurrent, reuse_actors=params.ray.reuse_actors,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"study-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",

@@ -96,12 +96,22 @@ def departures(params: Params, trial: Trial, reid: bool) -> list[str]:
     if size is not None and trial.img_size != size:
         out.append(f"{trial.img_size} px of {size}")
     for key in sorted(params.active.recipes.get(recipe.name, {})):
-        if key not in ("lr", "batch_size", "epochs") and getattr(recipe, key) != getattr(paper, key):
-            out.append(f"{key} {_shown(getattr(recipe, key))} (the paper's {_shown(getattr(paper, key))})")
+        if key not in ("lr", "batch_size", "epochs"):
+            out += _changed(key, getattr(recipe, key), getattr(paper, key))
     return out
 
 
+def _changed(key: str, value: object, paper: object) -> list[str]:
+    """`key value (the paper's value)` for a changed field; a nested section (`augment`) field by field."""
+    if dataclasses.is_dataclass(value) and type(value) is type(paper):
+        return [line for f in dataclasses.fields(value)
+                for line in _changed(f"{key}.{f.name}", getattr(value, f.name), getattr(paper, f.name))]
+    return [] if value == paper else [f"{key} {_shown(value)} (the paper's {_shown(paper)})"]
+
+
 def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
     return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
