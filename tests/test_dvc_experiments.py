@@ -23,8 +23,8 @@ from pipeline import REPO_ROOT
 
 COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pipeline", "stages")
 EXPERIMENTS = {  # name: -S overrides; exp-b shares exp-a's new Table 8 trial, both queued to run at once
-    "exp-a": ["recipes.aggressive.lr=0.002"],
-    "exp-b": ["recipes.aggressive.lr=0.002", "recipes.reid_scratch.lr=0.03"],
+    "exp-a": ["recipes.aggressive.weight_decay=0.04"],
+    "exp-b": ["recipes.aggressive.weight_decay=0.04", "recipes.reid_scratch.lr=0.03"],
     "exp-t": ["recipes.reid_finetune.lr=0.0001"],
 }
 

@@ -208,7 +208,8 @@ DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "
                 "profiles.imagenet.epochs": 3, "train.num_workers": 2, "train.use_gpu": False,
                 "train.loader_workers": 0, "train.decode": "cpu", "train.deterministic": True,
                 "train.compile": True,
-                "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2}
+                "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2,
+                "ray.reuse_actors": False}
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),
              "profiles.smoke.epochs": (4, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),

@@ -40,17 +40,19 @@ def test_registry_is_backbones_csv():
     assert KEYS == list(backbone_table()) and len(KEYS) == 26
 
 
+@pytest.mark.parametrize("img", [IMG, 48])  # 48: a multiple of 16 that stride-32 stages round (the smoke profile's)
 @pytest.mark.parametrize("backbone", KEYS)
-def test_forward_shapes(backbone):
+def test_forward_shapes(backbone, img):
     torch.set_num_threads(1)
     family = backbone_table()[backbone].family
-    x = torch.randn(2, 3, IMG, IMG)
+    x = torch.randn(2, 3, img, img)
     for kind in ("baseline", "noah"):
-        model = cpu_model(backbone, {"kind": kind})
+        model = cpu_model(backbone, {"kind": kind}, img_size=img)
         with torch.no_grad():
             feats, prefix = model.forward_parts(x)
             logits = model(x)
-        side = IMG // (16 if family in ("vit", "mlp") and not backbone.startswith("pvt") else 32)
+        patches = family in ("vit", "mlp") and not backbone.startswith("pvt")
+        side = img // 16 if patches else img // 32 if backbone.startswith("pvt") else -(-img // 32)
         assert feats.shape[0] == 2 and feats.shape[2:] == (side, side), (kind, feats.shape)
         assert logits.shape == (2, 5) and torch.isfinite(logits).all()
         assert torch.equal(model.forward_head(feats, prefix), logits)
@@ -152,8 +154,8 @@ def test_build_model_errors_name_option_value_and_allowed(backbone, head, key, v
 
 def test_build_model_rejects_bad_sizes():
     assert _error(lambda: meta_model("resnet18", {"kind": "baseline"}, 0)).key == "num_classes"
-    err = _error(lambda: meta_model("resnet18", {"kind": "baseline"}, 10, 48))
-    assert (err.key, err.value, err.allowed) == ("img_size", 48, "a multiple of 32, at least 32")
+    err = _error(lambda: meta_model("resnet18", {"kind": "baseline"}, 10, 40))
+    assert (err.key, err.value, err.allowed) == ("img_size", 40, "a multiple of 16, at least 32")
 
 
 def test_build_head():

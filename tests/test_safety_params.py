@@ -127,9 +127,9 @@ def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> No
 
 def test_profile_image_size_is_checked_where_it_is_set(tmp_path: Path) -> None:
     profiles = yaml.safe_load(PARAMS.read_text())["profiles"]
-    profiles["smoke"]["img_size"] = 48
+    profiles["smoke"]["img_size"] = 40
     proc = _stage("study", _repo_params(tmp_path, profiles=profiles), "table6")
-    assert "a multiple of 32" in _one_error_line(proc, "profiles.smoke.img_size")
+    assert "a multiple of 16" in _one_error_line(proc, "profiles.smoke.img_size")
 
 
 def test_dataset_out_cannot_climb_out_of_its_profile_folder(tmp_path: Path) -> None:
