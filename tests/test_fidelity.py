@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
+from torch import nn
 
 from pipeline import REPO_ROOT
 from pipeline.config import AugmentConfig, HeadConfig, load_params, to_dict
 from pipeline.data.loaders import CROP_PCT, build_augment
-from pipeline.models import NoahHead, build_model, resolve_head
+from pipeline.models import NoahHead, build_model, list_backbones, resolve_head
 from pipeline.report.specs import TABLES, Metric
 
 DOC = REPO_ROOT / "docs" / "fidelity.md"
@@ -137,3 +139,41 @@ def test_no_decay_recipes_spare_noah_biases_and_class_tokens() -> None:
     spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert {"head.key_bias", "head.value_bias", "backbone.pos_embed"} <= spared
     assert "head.key_weight" not in spared
+
+
+def _lightest_per_design() -> list[str]:
+    """One backbone per design in the registry (model class and block type: ResNet, MobileNetV2, MobileNetV3,
+    ShuffleNetV2, DeiT, PVT, Mixer, gMLP), the one with the fewest parameters."""
+    lightest: dict[tuple[str, str], tuple[int, str]] = {}
+    for key in list_backbones():
+        with torch.device("meta"):
+            net = build_model(key, {"kind": "noah"}, 10, 32).backbone
+        blocks = getattr(net, "blocks", None)
+        design = (type(net).__name__, type(blocks[0]).__name__ if blocks is not None else "")
+        size = sum(p.numel() for p in net.parameters())
+        lightest[design] = min(lightest.get(design, (size, key)), (size, key))
+    return [key for _, key in lightest.values()]
+
+
+@pytest.mark.parametrize("backbone", _lightest_per_design())
+def test_noah_trains_every_backbone_parameter_and_reads_the_final_norm(backbone: str) -> None:
+    """As the authors' NOAH models (`vit/deit/noah_vision_transformer.py` L227-234, `noah_pvt.py` L221-227,
+    `noah_mlp_mixer.py` L283-292): the backbone's final LayerNorm is applied to every token and NOAH reads the
+    normalised tokens, so every backbone parameter, that norm's included, learns through the NOAH head."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(backbone, {"kind": "noah"}, 10, 32).eval()
+    seen: dict[str, torch.Tensor] = {}
+    model.head.register_forward_pre_hook(lambda _, args: seen.update(head=args[0]))
+    norm = getattr(model.backbone, "norm", None) if model.tokens else None
+    if norm is not None:
+        norm.register_forward_hook(lambda _, args, out: seen.update(tokens=args[0]))
+    model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
+    idle = [n for n, p in model.backbone.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
+    assert not idle, f"{backbone}: backbone parameters without a finite gradient through NOAH: {idle}"
+    if not model.tokens:
+        return
+    assert isinstance(norm, nn.LayerNorm), f"{backbone}: the final norm is {type(norm).__name__}, not a LayerNorm"
+    tokens = F.layer_norm(seen["tokens"], norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    grid = tokens[:, model.num_prefix_tokens:].transpose(1, 2).reshape(seen["head"].shape)
+    assert torch.equal(seen["head"], grid), f"{backbone}: NOAH's input is not the final norm of the tokens"

@@ -56,8 +56,11 @@ def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_cla
     if cfg.kind == "gap":
         net = create_backbone(backbone, num_classes, img_size, class_token=False, global_pool="avg", **opts)
         return Classifier(net, None, tokens=tokens)
-    if has_class_token(backbone):  # the authors' NOAH ViTs have no class token: NOAH reads the patch tokens
-        opts.update(class_token=False, global_pool="avg")
+    if has_class_token(backbone):
+        # the authors' NOAH ViTs have no class token and apply the final LayerNorm to every token before NOAH
+        # (vit/deit/noah_vision_transformer.py L227-234): no pooling, so timm keeps `norm` in forward_features
+        # rather than moving it after an average pool as `fc_norm`, which the NOAH path never calls
+        opts.update(class_token=False, global_pool="")
     net = create_backbone(backbone, 0, img_size, **opts)
     neck = detach_head_conv(net)
     channels = net.head_hidden_size if neck is not None else net.num_features

@@ -86,7 +86,8 @@ class Stage(nn.Module):
 
 
 class PyramidVisionTransformer(nn.Module):
-    """PVT v1. `forward_features` gives the last stage's tokens (class token first when it has one)."""
+    """PVT v1. `forward_features` gives the last stage's tokens after the final LayerNorm (class token first when it
+    has one); `global_pool` is what `forward_head` reads, as in timm's ViT: 'token', 'avg' or '' (every token)."""
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: tuple[int, ...] = (64, 128, 320, 512), depths: tuple[int, ...] = (2, 2, 2, 2),
@@ -96,8 +97,9 @@ class PyramidVisionTransformer(nn.Module):
         super().__init__()
         if img_size % 16:
             raise ValueError(f"PVT needs an image size divisible by 16, got {img_size}")
-        if global_pool not in ("token", "avg") or (global_pool == "token" and not class_token):
-            raise ValueError(f"global_pool {global_pool!r} needs 'avg', or 'token' with a class token")
+        if global_pool not in ("token", "avg", "") or (global_pool == "token" and not class_token):
+            raise ValueError(f"global_pool {global_pool!r} needs 'avg', '' (every token, unpooled) or 'token' "
+                             "with a class token")
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_prefix_tokens = int(class_token)
@@ -140,7 +142,10 @@ class PyramidVisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
