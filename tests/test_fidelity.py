@@ -19,6 +19,7 @@ from pipeline.config import AugmentConfig, HeadConfig, load_params, to_dict
 from pipeline.data.loaders import CROP_PCT, build_augment
 from pipeline.models import NoahHead, build_model, list_backbones, resolve_head
 from pipeline.report.specs import TABLES, Metric
+from pipeline.training.recipes import build_optimizer, scale
 
 DOC = REPO_ROOT / "docs" / "fidelity.md"
 STATEMENT = re.compile(r"`([a-z0-9_]+(?:\.[a-z0-9_]+)+) = ([^`]+)`")  # dotted keys only
@@ -177,3 +178,19 @@ def test_noah_trains_every_backbone_parameter_and_reads_the_final_norm(backbone:
     tokens = F.layer_norm(seen["tokens"], norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     grid = tokens[:, model.num_prefix_tokens:].transpose(1, 2).reshape(seen["head"].shape)
     assert torch.equal(seen["head"], grid), f"{backbone}: NOAH's input is not the final norm of the tokens"
+
+
+def _spared(model: nn.Module, recipe: str) -> set[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, scale(load_params().recipe(recipe, "imagenet")))
+    return {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+
+
+@pytest.mark.parametrize("recipe, spared", [("resnet", False), ("mobilenet", False), ("mobilenetv3", True),
+                                            ("shufflenet", True)])
+def test_noah_biases_decay_unless_the_recipe_spares_biases(recipe: str, spared: bool) -> None:
+    """The authors' main.py decays every parameter, NOAH's biases included, without `--nowd-bn` (L142-144)."""
+    with torch.device("meta"):
+        model = build_model("resnet18", {"kind": "noah"}, 10, 32)
+    names = _spared(model, recipe)
+    assert ({"head.key_bias", "head.value_bias"} <= names) is spared and ("backbone.bn1.bias" in names) is spared

@@ -440,7 +440,11 @@ class RecipeConfig:
     epochs: int = checked(lambda e: e >= 1, "an integer >= 1", default=100)
     weight_decay: float = checked(lambda w: w >= 0, "a number >= 0", default=1e-4)
     momentum: float = checked(lambda m: 0 <= m < 1, "a number with 0 <= momentum < 1", default=0.9)
+    opt_eps: float = checked(lambda e: 0 < e < 1, "a number with 0 < eps < 1 (Adam's denominator term)",
+                             default=1e-8)
     no_decay_norm_bias: bool = False
+    """No weight decay on norms, biases and the model's `no_weight_decay()` (NOAH's biases, class tokens);
+    without it every parameter decays, as in the authors' commands without `--nowd-bn`."""
     schedule: str = choice("step", "multistep", "cosine", "linear", default="cosine")
     decay_epochs: float = checked(lambda d: d > 0, "a positive number of epochs (step schedule)", default=30.0)
     milestones: tuple[float, ...] = ()

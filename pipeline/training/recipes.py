@@ -76,12 +76,16 @@ def scale(recipe: RecipeConfig, epochs: int | None = None, batch_size: int | Non
 
 
 def build_optimizer(model: nn.Module, scaled: ScaledRecipe) -> torch.optim.Optimizer:
-    """timm's optimizer for the recipe; norms and biases skip weight decay where the recipe says so."""
+    """timm's optimizer for the recipe. Norms, biases and the model's `no_weight_decay()` (NOAH's biases, a
+    ViT's tokens) skip weight decay only where the recipe says so: timm honours `no_weight_decay()` whenever it
+    is given the model, but the authors decay every parameter in the commands without `--nowd-bn` (`main.py`
+    L142-144), so those recipes hand timm the bare parameters."""
     r = scaled.recipe
     opt, extra = {"sgd": ("momentum", {}), "adamw": ("adamw", {}), "amsgrad": ("adam", {"amsgrad": True})}[r.optimizer]
     if opt != "momentum":
-        extra["betas"] = (r.momentum, 0.999)
-    return create_optimizer_v2(model, opt=opt, lr=scaled.lr, weight_decay=r.weight_decay,
+        extra.update(betas=(r.momentum, 0.999), eps=r.opt_eps)
+    params = model if r.no_decay_norm_bias else [p for p in model.parameters() if p.requires_grad]
+    return create_optimizer_v2(params, opt=opt, lr=scaled.lr, weight_decay=r.weight_decay,
                                momentum=r.momentum, filter_bias_and_bn=r.no_decay_norm_bias, **extra)
 
 
