@@ -19,7 +19,7 @@ from pipeline.config import AugmentConfig, HeadConfig, load_params, to_dict
 from pipeline.data.loaders import CROP_PCT, build_augment
 from pipeline.models import NoahHead, build_model, list_backbones, resolve_head
 from pipeline.report.specs import TABLES, Metric
-from pipeline.training.recipes import build_optimizer, scale
+from pipeline.training.recipes import build_optimizer, build_scheduler, scale
 
 DOC = REPO_ROOT / "docs" / "fidelity.md"
 STATEMENT = re.compile(r"`([a-z0-9_]+(?:\.[a-z0-9_]+)+) = ([^`]+)`")  # dotted keys only
@@ -194,3 +194,25 @@ def test_noah_biases_decay_unless_the_recipe_spares_biases(recipe: str, spared: 
         model = build_model("resnet18", {"kind": "noah"}, 10, 32)
     names = _spared(model, recipe)
     assert ({"head.key_bias", "head.value_bias"} <= names) is spared and ("backbone.bn1.bias" in names) is spared
+
+
+@pytest.mark.parametrize("recipe", ["deit_pvt", "mixer_gmlp"])
+def test_vit_and_mlp_recipes_set_the_lr_once_an_epoch(recipe: str) -> None:
+    """The DeiT, PVT and timm scripts step their schedulers per epoch (`vit/deit/main.py` L433)."""
+    scaled = scale(load_params().recipe(recipe, "imagenet"))
+    optimizer = build_optimizer(nn.Linear(2, 2), scaled)
+    scheduler = build_scheduler(optimizer, scaled, updates_per_epoch=10)
+    scheduler.step(100)
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step_update(num_updates=1005)
+    assert optimizer.param_groups[0]["lr"] == lr
+    scheduler.step(101)
+    assert optimizer.param_groups[0]["lr"] < lr
+
+
+def test_pvt_spares_its_class_token_from_decay() -> None:
+    """`vit/pvt/classification/pvt.py` L186-189; the NOAH PVT has no class token (`noah_pvt.py` L186-189)."""
+    with torch.device("meta"):
+        model = build_model("pvt_tiny_050", {"kind": "baseline"}, 10, 32)
+    assert "backbone.stages.3.cls_token" in _spared(model, "deit_pvt")
+    assert "backbone.stages.3.pos_embed" not in _spared(model, "deit_pvt")

@@ -446,6 +446,9 @@ class RecipeConfig:
     """No weight decay on norms, biases and the model's `no_weight_decay()` (NOAH's biases, class tokens);
     without it every parameter decays, as in the authors' commands without `--nowd-bn`."""
     schedule: str = choice("step", "multistep", "cosine", "linear", default="cosine")
+    lr_step: str = choice("update", "epoch", default="update")
+    """When the schedule sets the lr: every update, or once at the start of each epoch (the DeiT, PVT and timm
+    scripts the authors train ViTs and MLPs with)."""
     decay_epochs: float = checked(lambda d: d > 0, "a positive number of epochs (step schedule)", default=30.0)
     milestones: tuple[float, ...] = ()
     decay_rate: float = checked(lambda d: 0 < d <= 1, "a number with 0 < decay_rate <= 1", default=0.1)

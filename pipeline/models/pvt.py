@@ -129,6 +129,11 @@ class PyramidVisionTransformer(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The class token, which the authors' PVT spares from weight decay (`vit/pvt/classification/pvt.py`
+        L186-189); timm's optimizer factory reads this as it does a ViT's."""
+        return {f"stages.{i}.cls_token" for i, stage in enumerate(self.stages) if stage.cls_token is not None}
+
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

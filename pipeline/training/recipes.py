@@ -90,7 +90,9 @@ def build_optimizer(model: nn.Module, scaled: ScaledRecipe) -> torch.optim.Optim
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, scaled: ScaledRecipe, updates_per_epoch: int) -> Any:
-    """timm's scheduler stepped every update: linear warm-up, then the recipe's decay over the rest."""
+    """timm's scheduler: linear warm-up, then the recipe's decay over the rest, its lr set every update or, with
+    `lr_step: epoch`, once at the start of each epoch (the training loop calls both `step_update` and `step`;
+    timm's scheduler acts on the one it was made for)."""
     r = scaled.recipe
     warmup = scaled.warmup_epochs
     sched = {"linear": "poly", "step": "step", "multistep": "multistep", "cosine": "cosine"}[r.schedule]
@@ -99,7 +101,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scaled: ScaledRecipe, upda
         warmup_lr=r.warmup_lr, min_lr=r.min_lr, decay_epochs=scaled.decay_epochs,
         decay_milestones=[m - warmup for m in scaled.milestones],
         decay_rate=1.0 if r.schedule == "linear" else r.decay_rate,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        step_on_epochs=r.lr_step == "epoch", updates_per_epoch=updates_per_epoch)
     return scheduler
 
 

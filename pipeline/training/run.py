@@ -203,6 +203,7 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
     for epoch in range(start_epoch, trial.epochs):
         seed_everything(mix_seed(trial.seed, epoch, world.rank))
         train_loader.set_epoch(epoch)
+        step.scheduler.step(epoch)  # a per-epoch schedule's lr for this epoch (per-update ones ignore it)
         with ticker(len(train_loader), f"{name} {epoch + 1}/{trial.epochs}", mode) as tick:
             stats = train_one_epoch(step, train_loader, tick)
         images, correct = world.sum([stats["images"], stats["correct"]])
