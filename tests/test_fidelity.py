@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +16,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from pipeline import REPO_ROOT
-from pipeline.config import AugmentConfig, HeadConfig, load_params, to_dict
-from pipeline.data.loaders import CROP_PCT, build_augment
+from pipeline.config import AugmentConfig, ConfigError, HeadConfig, RecipeConfig, load_params, to_dict
+from pipeline.data.loaders import build_augment, build_loader
 from pipeline.models import NoahHead, build_model, list_backbones, resolve_head
 from pipeline.report.specs import TABLES, Metric
 from pipeline.training.recipes import build_optimizer, build_scheduler, scale
@@ -43,6 +44,11 @@ def _last_bn_is_one() -> bool:
                for block in getattr(model.backbone, layer))
 
 
+def _pvt() -> nn.Module:
+    with torch.device("meta"):
+        return build_model("pvt_tiny_050", {"kind": "baseline"}, 10, 32).backbone
+
+
 def _metric(name: str) -> Metric:
     return next(m for m in TABLES["table4"].metrics if m.name == name)
 
@@ -51,7 +57,13 @@ FIXED: dict[str, Callable[[], Any]] = {
     "augment.standard.train": lambda: _augment(True),
     "augment.eval": lambda: _augment(False),
     "augment.crop_scale": lambda: AugmentConfig().crop_scale,
-    "loaders.crop_pct": lambda: CROP_PCT,
+    "augment.crop_ratio": lambda: "(3/4, 4/3)" if build_augment(32, True).ratio == (3 / 4, 4 / 3) else "other",
+    "augment.eval_crop_pct": lambda: build_augment(32, False).crop_pct,
+    "augment.eval_interpolation": lambda: build_augment(32, False).mode,
+    "augment.mean": lambda: "stats.json" if AugmentConfig().mean is None and AugmentConfig().std is None else "set",
+    "recipe.opt_eps": lambda: RecipeConfig().opt_eps,
+    "recipe.lr_step": lambda: RecipeConfig().lr_step,
+    "pvt.no_weight_decay": lambda: ", ".join(sorted(_pvt().no_weight_decay())),
     "head.init_std": lambda: "sqrt(2/(N*M))" if _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[0] < 0.15
     else "something else",
     "head.init_bias": lambda: _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[1],
@@ -216,3 +228,27 @@ def test_pvt_spares_its_class_token_from_decay() -> None:
         model = build_model("pvt_tiny_050", {"kind": "baseline"}, 10, 32)
     assert "backbone.stages.3.cls_token" in _spared(model, "deit_pvt")
     assert "backbone.stages.3.pos_embed" not in _spared(model, "deit_pvt")
+
+
+def test_mlp_recipe_loads_as_the_authors_yaml(tiny_data: Path) -> None:
+    """`mlp/configs/default_noah.yaml`: crop ratio 0.67-1.5 (L66-68), evaluation crop 0.9 (L13) at the model's
+    bicubic (L32, `noah_mlp_mixer.py` L52), input mean = std = 0.5 (L43, L83; `noah_mlp_mixer.py` L53)."""
+    aug = load_params().recipe("mixer_gmlp", "imagenet").augment
+    train, val = (build_loader(tiny_data, split, 32, 4, train=split == "train", augment=aug)
+                  for split in ("train", "val"))
+    crop = next(t for t in train.dataset.timm_transform.transforms if hasattr(t, "ratio"))
+    assert crop.ratio == (0.67, 1.5)
+    assert (val.dataset.augment.crop_pct, val.dataset.augment.mode) == (0.9, "bicubic")
+    assert val.mean.flatten().tolist() == val.std.flatten().tolist() == [127.5] * 3
+
+
+def test_mlp_blocks_drop_as_the_authors_yaml() -> None:
+    """`mlp/configs/default_noah.yaml` L19 (`drop: 0.02333`) is the dropout in every block's MLPs."""
+    recipe = load_params().recipe("mixer_gmlp", "imagenet")
+    for key in ("mixer_small_050", "gmlp_tiny_050"):
+        with torch.device("meta"):
+            model = build_model(key, {"kind": "noah"}, 10, 32, block_dropout=recipe.block_dropout)
+        rates = {m.p for name, m in model.backbone.named_modules() if isinstance(m, nn.Dropout) and ".mlp" in name}
+        assert rates == {0.02333}
+    with pytest.raises(ConfigError, match="block_dropout: got 0.1; allowed: 0 for resnet18"):
+        build_model("resnet18", {"kind": "noah"}, 10, 32, block_dropout=0.1)

@@ -405,13 +405,18 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation. `standard` is the authors' main.py: RandomResizedCrop + flip; `timm` uses
-    timm.data.create_transform (RandomResizedCrop, RandAugment, colour jitter, Random Erasing)."""
+    """What a recipe's loaders do to images. Training: `standard` is the authors' main.py, RandomResizedCrop +
+    flip; `timm` uses timm.data.create_transform (RandomResizedCrop, RandAugment, colour jitter, Random
+    Erasing). Evaluation: resize the short side to size / `eval_crop_pct`, then the centre crop. Both
+    standardise with `mean` and `std` (null: the prepared data's own)."""
 
     kind: str = choice("standard", "timm", default="standard")
     crop_scale: tuple[float, ...] = checked(lambda s: len(s) == 2 and 0 < s[0] <= s[1] <= 1,
                                             "[low, high] with 0 < low <= high <= 1 (RandomResizedCrop's area "
                                             "share)", default=(0.08, 1.0))
+    crop_ratio: tuple[float, ...] = checked(lambda s: len(s) == 2 and 0 < s[0] <= s[1],
+                                            "[low, high] with 0 < low <= high (RandomResizedCrop's aspect ratio "
+                                            "range)", default=(3 / 4, 4 / 3))
     hflip: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=0.5)
     auto_augment: str | None = checked(lambda s: s.startswith(("rand", "augmix", "original", "v0")),
                                        "null or a timm policy string such as 'rand-m9-mstd0.5-inc1'",
@@ -420,6 +425,14 @@ class AugmentConfig:
     reprob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1 (Random Erasing)", default=0.0)
     remode: str = choice("pixel", "const", "rand", default="pixel")
     interpolation: str = choice("bilinear", "bicubic", "random", default="bilinear")
+    eval_crop_pct: float = checked(lambda p: 0 < p <= 1, "a number with 0 < crop_pct <= 1 (the evaluation crop's "
+                                   "side over the resized short side)", default=224 / 256)
+    eval_interpolation: str = choice("bilinear", "bicubic", default="bilinear")
+    mean: tuple[float, ...] | None = checked(lambda m: len(m) == 3, "null (the prepared data's own, stats.json) "
+                                             "or three numbers (RGB, on the 0-1 scale)", default=None)
+    std: tuple[float, ...] | None = checked(lambda s: len(s) == 3 and min(s) > 0, "null (the prepared data's own, "
+                                            "stats.json) or three positive numbers (RGB, on the 0-1 scale)",
+                                            default=None)
 
 
 # ---- Training (train helper): recipes, trials, tracking and workers
@@ -461,6 +474,9 @@ class RecipeConfig:
     mixup_prob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=1.0)
     mixup_switch_prob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1", default=0.5)
     drop_path: float = checked(lambda p: 0 <= p < 1, "a number with 0 <= drop_path < 1", default=0.0)
+    block_dropout: float = checked(lambda p: 0 <= p < 1, "a number with 0 <= block_dropout < 1 (non-zero only for "
+                                   "DeiT, Mixer and gMLP)", default=0.0)
+    """Dropout inside every block's MLPs (timm's `--drop` on a Mixer, its `proj_drop_rate`)."""
     layer_scale: float | None = checked(lambda v: v > 0, "null or a positive init value", default=None)
     ema_decay: float | None = checked(lambda d: 0 < d < 1, "null or a number with 0 < decay < 1", default=None)
     clip_grad: float | None = checked(lambda c: c > 0, "null or a positive max norm", default=None)

@@ -1,10 +1,10 @@
 """Loaders over a prepared dataset folder (format: prepared.py, shards.py).
 
 `build_loader` yields `(images, labels)`: images float (B, 3, img_size, img_size) on `device`, standardised
-with the dataset's own stats.json mean/std, labels long (index into classes.json). Reid datasets (stats
-`task` "reid") yield `(images, labels, pids, camids)`: `labels` is the training identity index (-1 for
-query and gallery ids not in classes.json), `pids` the Market-1501 person id (-1 junk, 0 distractor) and
-`camids` the camera, which is what the reid evaluation needs.
+with the dataset's own stats.json mean/std (or the recipe's `augment.mean`/`std`), labels long (index into
+classes.json). Reid datasets (stats `task` "reid") yield `(images, labels, pids, camids)`: `labels` is the
+training identity index (-1 for query and gallery ids not in classes.json), `pids` the Market-1501 person
+id (-1 junk, 0 distractor) and `camids` the camera, which is what the reid evaluation needs.
 
 Speed: loader workers read an image with one `pread` from its shard, decode it (at 1/2, 1/4 or 1/8 scale
 when the crop still has enough pixels: JPEG's DCT scaling) and crop, resize and flip uint8 tensors with
@@ -45,7 +45,6 @@ from ..utils.seeds import mix_seed
 from .prepared import read_meta, read_split
 from .shards import ShardReader
 
-CROP_PCT = 224 / 256  # the paper's resize 256 → crop 224
 DCT_SCALES = (8, 4, 2)  # what libjpeg can decode at for free
 CPU = torch.device("cpu")
 
@@ -78,15 +77,16 @@ class Augment:
 
 
 class RandomResizedCropFlip(Augment):
-    """The authors' training crop: RandomResizedCrop(size, scale) + horizontal flip."""
+    """The authors' training crop: RandomResizedCrop(size, scale, ratio) + horizontal flip."""
 
-    def __init__(self, size: int, interpolation: str, scale: tuple[float, ...], hflip: float):
+    def __init__(self, size: int, interpolation: str, scale: tuple[float, ...], ratio: tuple[float, ...],
+                 hflip: float):
         super().__init__(size, interpolation)
-        self.scale, self.hflip = tuple(scale), hflip
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
 
     def draw(self, height: int, width: int) -> torch.Tensor:
         shape = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads only the size
-        top, left, h, w = T.RandomResizedCrop.get_params(shape, list(self.scale), [3 / 4, 4 / 3])
+        top, left, h, w = T.RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio))
         return torch.tensor([top, left, h, w, int(torch.rand(1).item() < self.hflip)])
 
     def reduction(self, params: torch.Tensor, height: int, width: int) -> int:
@@ -100,13 +100,18 @@ class RandomResizedCropFlip(Augment):
 
 
 class ResizeCenterCrop(Augment):
-    """The authors' evaluation: resize the short side to size / 0.875, then the centre size×size."""
+    """The authors' evaluation: resize the short side to size / crop_pct (224 / 256 for the CNNs, 0.9 for the
+    MLPs), then the centre size×size."""
+
+    def __init__(self, size: int, interpolation: str, crop_pct: float):
+        super().__init__(size, interpolation)
+        self.crop_pct = crop_pct
 
     def reduction(self, params: torch.Tensor, height: int, width: int) -> int:
-        return next((s for s in DCT_SCALES if min(height, width) // s >= round(self.size / CROP_PCT)), 1)
+        return next((s for s in DCT_SCALES if min(height, width) // s >= round(self.size / self.crop_pct)), 1)
 
     def apply(self, x: torch.Tensor, params: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-        short, (h, w) = round(self.size / CROP_PCT), x.shape[1:]
+        short, (h, w) = round(self.size / self.crop_pct), x.shape[1:]
         size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # as torchvision's Resize
         return F.center_crop(self._resize(x, size), [self.size])
 
@@ -145,8 +150,8 @@ def build_augment(img_size: int, train: bool, augment: AugmentConfig | None = No
         return None
     if reid:
         return ReidAugment(img_size, aug.interpolation, aug.hflip if train else None)
-    return (RandomResizedCropFlip(img_size, aug.interpolation, aug.crop_scale, aug.hflip) if train
-            else ResizeCenterCrop(img_size, aug.interpolation))
+    return (RandomResizedCropFlip(img_size, aug.interpolation, aug.crop_scale, aug.crop_ratio, aug.hflip) if train
+            else ResizeCenterCrop(img_size, aug.eval_interpolation, aug.eval_crop_pct))
 
 
 def decode(data: bytes, reduction: int = 1) -> tuple[torch.Tensor, float]:
@@ -284,13 +289,15 @@ class ShardSampler(Sampler):
 
 class Loader:
     """Batches of a `DataLoader` made ready on `device`: decoded there (with `device_decode`), standardised
-    to float, random-erased (timm recipes). `throughput` says how fast its workers produce images."""
+    to float with `mean` and `std` (None: the dataset's stats.json), random-erased (timm recipes). `throughput`
+    says how fast its workers produce images."""
 
     def __init__(self, loader: DataLoader, dataset: PreparedDataset, device: torch.device,
-                 erase: RandomErasing | None):
+                 erase: RandomErasing | None, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None):
         self.loader, self.dataset, self.device, self.erase = loader, dataset, device, erase
-        mean, std = (torch.tensor(dataset.stats[k], device=device).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
-        self.mean, self.std = mean, std
+        self.mean, self.std = (torch.tensor(given or dataset.stats[k], device=device).view(1, 3, 1, 1) * 255
+                               for k, given in (("mean", mean), ("std", std)))
         self._busy, self._images = 0.0, 0
 
     @property
@@ -352,7 +359,8 @@ def build_loader(data_dir: str | Path, split: str, img_size: int, batch_size: in
     geometry = build_augment(img_size, train, aug, reid)
     timm_transform = None if geometry is not None else create_transform(
         img_size, is_training=True, hflip=aug.hflip, auto_augment=aug.auto_augment, scale=aug.crop_scale,
-        color_jitter=aug.color_jitter or None, interpolation=aug.interpolation, use_prefetcher=True)
+        ratio=aug.crop_ratio, color_jitter=aug.color_jitter or None, interpolation=aug.interpolation,
+        use_prefetcher=True)
     dataset = PreparedDataset(data_dir, split, geometry, timm_transform, device_decode)
     sampler: Sampler = SeededSampler(len(dataset), train if shuffle is None else shuffle, seed)
     if world_size > 1:
@@ -361,4 +369,4 @@ def build_loader(data_dir: str | Path, split: str, img_size: int, batch_size: in
                         drop_last=train and len(dataset) > batch_size, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
     erase = RandomErasing(aug.reprob, mode=aug.remode, device=device) if geometry is None and aug.reprob else None
-    return Loader(loader, dataset, device, erase)
+    return Loader(loader, dataset, device, erase, aug.mean, aug.std)

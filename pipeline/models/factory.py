@@ -12,6 +12,9 @@ from .backbones import backbone_info, create_backbone, detach_head_conv, has_cla
 from .classifier import Classifier
 from .noah import NoahHead
 
+BLOCK_DROPOUT = ("deit_", "mixer_", "gmlp_")
+"""The backbones whose timm blocks take a dropout rate (`proj_drop_rate`): timm's ViT and MlpMixer."""
+
 
 def resolve_head(backbone: str, head: dict[str, Any] | HeadConfig | None) -> HeadConfig:
     """The head config with N, r and dropout filled from backbones.csv for `kind: noah` (where not given)."""
@@ -39,14 +42,21 @@ def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes:
 
 
 def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_classes: int,
-                img_size: int = 224, drop_path_rate: float = 0.0, zero_init_last: bool = False) -> Classifier:
+                img_size: int = 224, drop_path_rate: float = 0.0, zero_init_last: bool = False,
+                block_dropout: float = 0.0) -> Classifier:
     """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised;
     `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule), `zero_init_last` its
-    residual blocks' last norms at 0 (ResNets; ignored by backbones without them)."""
+    residual blocks' last norms at 0 (ResNets; ignored by backbones without them), `block_dropout` the
+    dropout inside every block's MLPs (timm's `proj_drop_rate`; DeiT, Mixer and gMLP only)."""
     cfg = resolve_head(backbone, head)
     opts: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     if zero_init_last and backbone.startswith("resnet"):
         opts["zero_init_last"] = True
+    if block_dropout:
+        if not backbone.startswith(BLOCK_DROPOUT):
+            raise ConfigError("block_dropout", block_dropout, f"0 for {backbone}: only the blocks of "
+                              f"{', '.join(p.rstrip('_') for p in BLOCK_DROPOUT)} take dropout")
+        opts["proj_drop_rate"] = block_dropout
     _check_positive("num_classes", num_classes)
     if not valid_img_size(img_size):
         raise ConfigError("img_size", img_size, IMG_SIZE_RULE)

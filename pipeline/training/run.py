@@ -125,7 +125,8 @@ def device_decode(train: TrainConfig, trial: Trial, device: torch.device) -> boo
 
 def _loaders(job: Job, world: World) -> tuple[Loader, ...]:
     """The train loader and the task's evaluation loaders; with several workers each trains on its shard
-    with batch / workers (and evaluates its shard where the task sums counts over workers)."""
+    with batch / workers (and evaluates its shard where the task sums counts over workers). Every loader takes
+    the recipe's `augment`: the evaluation crop and the input mean/std are the recipe's too."""
     trial, train = job.trial, job.train
     if trial.batch_size % world.size:
         raise ConfigError("batch_size", trial.batch_size, f"a multiple of num_workers ({world.size})")
@@ -134,7 +135,7 @@ def _loaders(job: Job, world: World) -> tuple[Loader, ...]:
     on_device = device_decode(train, trial, world.device)
     sharded = 2 if job.task.shard_eval else 1
     return tuple(build_loader(trial.data_dir, split, trial.img_size, batch, train=i == 0,
-                              augment=trial.recipe.augment if i == 0 else None, workers=workers, seed=trial.seed,
+                              augment=trial.recipe.augment, workers=workers, seed=trial.seed,
                               device=world.device, device_decode=on_device,
                               rank=world.rank if i < sharded else 0, world_size=world.size if i < sharded else 1)
                  for i, split in enumerate(["train", *job.task.eval_splits]))

@@ -52,7 +52,7 @@ class Classification(Task):
 
     def build_model(self, trial: Trial, num_classes: int) -> nn.Module:
         return build_model(trial.backbone, trial.head, num_classes, trial.img_size, trial.recipe.drop_path,
-                           trial.recipe.zero_init_last)
+                           trial.recipe.zero_init_last, trial.recipe.block_dropout)
 
     def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         return evaluate(model, loaders[0], world)
