@@ -252,3 +252,15 @@ def test_mlp_blocks_drop_as_the_authors_yaml() -> None:
         assert rates == {0.02333}
     with pytest.raises(ConfigError, match="block_dropout: got 0.1; allowed: 0 for resnet18"):
         build_model("resnet18", {"kind": "noah"}, 10, 32, block_dropout=0.1)
+
+
+def test_deit_pvt_recipe_repeats_each_image_three_times(tiny_data: Path) -> None:
+    """DeiT's and PVT's main.py train with repeated augmentation by default (`vit/deit/main.py` L103-105,
+    L213-216): three differently augmented copies of each drawn image, an epoch as long as the dataset."""
+    aug = load_params().recipe("deit_pvt", "imagenet").augment
+    loader = build_loader(tiny_data, "train", 32, 4, train=True, augment=aug)
+    loader.set_epoch(0)
+    indices, seeds = zip(*loader.sampler)
+    n = len(loader.dataset)
+    assert len(indices) == n and all(indices[k] == indices[k - k % 3] for k in range(n))
+    assert len(set(indices)) == -(-n // 3) and len(set(seeds)) == n

@@ -425,6 +425,9 @@ class AugmentConfig:
     reprob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1 (Random Erasing)", default=0.0)
     remode: str = choice("pixel", "const", "rand", default="pixel")
     interpolation: str = choice("bilinear", "bicubic", "random", default="bilinear")
+    repeats: int = checked(lambda n: n >= 1, "an integer >= 1 (1: every image once an epoch)", default=1)
+    """Repeated augmentation: each drawn training image comes this many times in a row, differently augmented,
+    in an epoch of as many samples as images (DeiT's RASampler, 3)."""
     eval_crop_pct: float = checked(lambda p: 0 < p <= 1, "a number with 0 < crop_pct <= 1 (the evaluation crop's "
                                    "side over the resized short side)", default=224 / 256)
     eval_interpolation: str = choice("bilinear", "bicubic", default="bilinear")

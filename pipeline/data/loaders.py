@@ -247,10 +247,15 @@ def collate(samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
 
 class SeededSampler(Sampler):
     """Yields `(index, sample_seed)`: a (shuffled) order and one augmentation seed per sample, both drawn
-    from a generator that `set_epoch` seeds from (seed, epoch), so epochs differ but repeat exactly."""
+    from a generator that `set_epoch` seeds from (seed, epoch), so epochs differ but repeat exactly.
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+    With `repeats` > 1 each image of the order comes `repeats` times in a row, each copy under its own seed, and
+    an epoch stops after `n` samples: DeiT's repeated augmentation (its RASampler, timm's RepeatAugSampler), whose
+    copies `ShardSampler` deals to different data-parallel workers as they do. Those samplers yield bare indices
+    and read torch.distributed, so they cannot carry the per-sample seeds this loader repeats runs by."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, repeats: int = 1):
+        self.n, self.shuffle, self.seed, self.repeats = n, shuffle, seed, repeats
         self.generator = torch.Generator().manual_seed(seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -261,6 +266,7 @@ class SeededSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        order = order.repeat_interleave(self.repeats)[:self.n]
         seeds = torch.randint(0, 2**62, (self.n,), generator=self.generator)
         return iter(zip(order.tolist(), seeds.tolist()))
 
@@ -362,7 +368,8 @@ def build_loader(data_dir: str | Path, split: str, img_size: int, batch_size: in
         ratio=aug.crop_ratio, color_jitter=aug.color_jitter or None, interpolation=aug.interpolation,
         use_prefetcher=True)
     dataset = PreparedDataset(data_dir, split, geometry, timm_transform, device_decode)
-    sampler: Sampler = SeededSampler(len(dataset), train if shuffle is None else shuffle, seed)
+    sampler: Sampler = SeededSampler(len(dataset), train if shuffle is None else shuffle, seed,
+                                     aug.repeats if train else 1)
     if world_size > 1:
         sampler = ShardSampler(sampler, rank, world_size, pad=train)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
