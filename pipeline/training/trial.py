@@ -18,7 +18,7 @@ from ..data.prepared import is_prepared, manifest_hash
 from ..models import resolve_head
 from .recipes import ScaledRecipe, get_recipe, scale
 
-TRAINING_CODE_VERSION = 5
+TRAINING_CODE_VERSION = 6
 """Part of every trial identity. Bump it only when a change to the training code changes results
 (so finished runs are no longer reused); refactors that keep results leave it alone."""
 
