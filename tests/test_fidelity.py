@@ -49,6 +49,11 @@ def _pvt() -> nn.Module:
         return build_model("pvt_tiny_050", {"kind": "baseline"}, 10, 32).backbone
 
 
+def _noah_backbone(key: str) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(key, {"kind": "noah"}, 10, 32).backbone
+
+
 def _metric(name: str) -> Metric:
     return next(m for m in TABLES["table4"].metrics if m.name == name)
 
@@ -64,6 +69,8 @@ FIXED: dict[str, Callable[[], Any]] = {
     "recipe.opt_eps": lambda: RecipeConfig().opt_eps,
     "recipe.lr_step": lambda: RecipeConfig().lr_step,
     "pvt.no_weight_decay": lambda: ", ".join(sorted(_pvt().no_weight_decay())),
+    "noah.final_norm": lambda: ", ".join(sorted({type(_noah_backbone(k).norm).__name__ for k in (
+        "deit_tiny_050", "pvt_tiny_050", "mixer_small_050", "gmlp_tiny_050")})),
     "head.init_std": lambda: "sqrt(2/(N*M))" if _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[0] < 0.15
     else "something else",
     "head.init_bias": lambda: _init(NoahHead(HeadConfig(N=4, r=0.5), 512, 1000))[1],
