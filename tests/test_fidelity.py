@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from pipeline import REPO_ROOT
-from pipeline.config import AugmentConfig, ConfigError, HeadConfig, RecipeConfig, load_params, to_dict
+from pipeline.config import AugmentConfig, ConfigError, HeadConfig, RecipeConfig, load_params, parse, to_dict
 from pipeline.data.loaders import build_augment, build_loader
 from pipeline.models import NoahHead, build_model, list_backbones, resolve_head
 from pipeline.report.specs import TABLES, Metric
@@ -271,3 +271,21 @@ def test_deit_pvt_recipe_repeats_each_image_three_times(tiny_data: Path) -> None
     n = len(loader.dataset)
     assert len(indices) == n and all(indices[k] == indices[k - k % 3] for k in range(n))
     assert len(set(indices)) == -(-n // 3) and len(set(seeds)) == n
+
+
+@pytest.mark.parametrize("given, key, allowed", [
+    ({"opt_eps": 0}, "recipe.opt_eps", "0 < eps < 1"),
+    ({"lr_step": "batch"}, "recipe.lr_step", "'update', 'epoch'"),
+    ({"block_dropout": 1.0}, "recipe.block_dropout", "0 <= block_dropout < 1"),
+    ({"augment": {"crop_ratio": [1.5, 0.67]}}, "recipe.augment.crop_ratio", "0 < low <= high"),
+    ({"augment": {"repeats": 0}}, "recipe.augment.repeats", "an integer >= 1"),
+    ({"augment": {"eval_crop_pct": 1.2}}, "recipe.augment.eval_crop_pct", "0 < crop_pct <= 1"),
+    ({"augment": {"eval_interpolation": "random"}}, "recipe.augment.eval_interpolation", "'bilinear', 'bicubic'"),
+    ({"augment": {"mean": [0.5]}}, "recipe.augment.mean", "three numbers"),
+    ({"augment": {"std": [0.5, 0.5, 0.0]}}, "recipe.augment.std", "three positive numbers"),
+])
+def test_the_new_recipe_options_refuse_bad_values(given: dict, key: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(RecipeConfig, given, "recipe")
+    err = info.value
+    assert err.key == key and allowed in err.allowed and key in str(err), str(err)
