@@ -387,6 +387,10 @@ class PrepareConfig:
 
     source: str = choice("builtin", "builtin_reid", "imagefolder", "market1501", default="builtin")
     root: str | None = None
+    classes: str | None = checked(lambda s: bool(s), "null (every class folder) or a class list file: one WordNet "
+                                  "id or folder name a line, prepared as labels 0..K-1 in its order", default=None)
+    """Prepare only these classes of an `imagefolder` source (ImageNet-100: pipeline/data/imagenet100.txt); a
+    relative path is taken from the working folder, as `root` is (a stage runs in the repository root)."""
     out: str = checked(lambda s: bool(s), "a non-empty folder path", default="data/builtin")
     resize: int | None = checked(lambda n: n >= 8, "null (keep the size) or an integer >= 8 (the short side is "
                                  "scaled to it)", default=None)
@@ -401,6 +405,9 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.source in ("imagefolder", "market1501") and not self.root:
             raise ConfigError("root", self.root, f"a folder path (source {self.source!r} reads images from it)")
+        if self.classes is not None and self.source != "imagefolder":
+            raise ConfigError("classes", self.classes, f"null for source {self.source!r} (a class list selects "
+                              "folders of an `imagefolder` source)")
 
 
 @dataclass(frozen=True)
