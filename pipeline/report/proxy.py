@@ -81,7 +81,7 @@ def markdown(comparisons: list[Comparison], decimals: int) -> list[str]:
     for c in comparisons:
         measured = "—" if c.measured is None else _signed(c.measured, decimals) + (
             "" if c.interval is None else " [" + ", ".join(_signed(v, decimals) for v in c.interval) + "]")
-        ratio = "—" if c.ratio is None else f"{c.ratio:.2f}×"
+        ratio = "—" if c.ratio is None else f"{c.ratio:.2f}×".replace("-", "−")
         out.append(f"| {c.network} | {measured} | {_signed(c.paper, decimals)} | {_word(c.agrees)} | "
                    f"{_word(c.resolved)} | {ratio} | {c.size or '—'} |")
     return out + ["", "Same direction: the measured mean has the paper's sign. Resolved: its 95% interval over "
