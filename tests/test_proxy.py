@@ -25,6 +25,7 @@ from pipeline.report import TABLES, build_table
 from pipeline.report.proxy import COLUMNS, Comparison
 from pipeline.report.specs import backbones, paper_rows
 from pipeline.data.sources import read_class_list
+from pipeline.study.cost import Measured, equivalent_tflops, trial_hours
 from pipeline.study.plan import plan
 from pipeline.study.tables import table_rows
 
@@ -266,3 +267,14 @@ def test_the_proxy_table_runs_end_to_end_and_its_report_compares_with_the_paper(
         assert record["n"] == "2" and record["top1_delta_low"] and record["top1_delta_high"]
         assert record["direction_agrees"] in ("true", "false") and record["delta_resolved"] in ("true", "false")
         assert record["size_vs_paper"] in ("smaller", "consistent", "larger")
+
+
+def test_a_speed_bench_train_measured_put_as_gpu_tflops_prices_a_trial_at_that_speed() -> None:
+    """README: bench-train's `*_gpu_tflops` in a profile makes `plan` price the model at the measured images/s."""
+    params = load_params().for_tables(["proxy"])
+    trial = table_rows(params, "proxy")[3].trials["classify", 0]  # MobileNetV2 0.5x + NOAH
+    tflops = equivalent_tflops(2500.0, trial.backbone, trial.head, trial.img_size)
+    measured = dataclasses.replace(params, profiles={**params.profiles, "proxy": dataclasses.replace(
+        params.active, gpu_tflops=tflops)})
+    images = params.datasets["imagenet100"].train_images
+    assert trial_hours(measured, trial, Measured()) == pytest.approx(trial.epochs * images / 2500.0 / 3600)
