@@ -3,6 +3,7 @@ rejects), or raises one `ConfigError` that says which layout it expected and wha
 
 Registered in `SOURCES` by name; `builtin` and `builtin_reid` generate their tree first (see builtin.py)
 and then use the `imagefolder` and `market1501` scanners, so every dataset takes the same path.
+An `imagefolder` source can be narrowed to the classes a class list names (`read_class_list`; ImageNet-100).
 A file or folder whose name is not valid UTF-8 cannot be written to the manifest: it is rejected (a folder
 with everything in it) under a readable path that shows the bad bytes as `\\xNN`.
 """
