@@ -679,10 +679,12 @@ class Params:
         """The tables `profile` (default: the active one) trains and `plan` prices: those its `tables` lists,
         else every table no profile lists (a proxy study's table is not trained at the smoke or paper scale)."""
         listed = self.profiles[profile or self.profile].tables
-        if listed is not None:
-            return list(listed)
-        owned = {table for prof in self.profiles.values() for table in prof.tables or ()}
-        return [table for table in self.tables if table not in owned]
+        return list(listed) if listed is not None else [table for table in self.tables if self.owner(table) is None]
+
+    def owner(self, table: str) -> str | None:
+        """The profile whose `tables` lists `table`; None when it is not listed (every profile without a list of
+        its own trains it)."""
+        return next((name for name, prof in self.profiles.items() if table in (prof.tables or ())), None)
 
     def for_tables(self, tables: list[str]) -> Params:
         """These params at the profile that trains `tables`: the profile that lists them, else the active one.
@@ -690,8 +692,7 @@ class Params:
         for table in tables:
             if table not in self.tables:
                 raise ConfigError("tables", table, "a key of `tables`: " + ", ".join(self.tables))
-        owners = {table: next((name for name, prof in self.profiles.items() if table in (prof.tables or ())),
-                              self.profile) for table in tables}
+        owners = {table: self.owner(table) or self.profile for table in tables}
         if len(set(owners.values())) > 1:
             raise ConfigError("tables", list(tables), "tables that train at one profile (a study runs at one "
                               "scale); these train at " + ", ".join(f"{t}: {p}" for t, p in owners.items()))
