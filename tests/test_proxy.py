@@ -21,10 +21,10 @@ from pipeline import REPO_ROOT
 from pipeline.__main__ import main
 from pipeline.config import PARAMS, ConfigError, MlflowConfig, PrepareConfig, load_params
 from pipeline.data.builtin import SHAPES, draw_shape
+from pipeline.data.sources import read_class_list
 from pipeline.report import TABLES, build_table
 from pipeline.report.proxy import COLUMNS, Comparison
 from pipeline.report.specs import backbones, paper_rows
-from pipeline.data.sources import read_class_list
 from pipeline.study.cost import Measured, equivalent_tflops, trial_hours
 from pipeline.study.plan import plan
 from pipeline.study.tables import table_rows
