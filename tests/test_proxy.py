@@ -256,7 +256,8 @@ def test_the_proxy_table_runs_end_to_end_and_its_report_compares_with_the_paper(
     data = work / "data" / "proxy" / "imagenet100"
     assert json.loads((data / "classes.json").read_text()) == ["n01000002", "n01000000", "n01000004"]
     results = json.loads((work / "results" / "proxy.json").read_text())
-    assert (results["meta"]["profile"], results["meta"]["seeds"], results["meta"]["num_classes"]) == ("proxy", [0, 1], 3)
+    meta = results["meta"]
+    assert (meta["profile"], meta["seeds"], meta["num_classes"]) == ("proxy", [0, 1], 3)
     assert [[run["status"] for run in row["runs"]] for row in results["rows"]] == [["FINISHED"] * 2] * 8
     text = (work / "reports" / "proxy.md").read_text()
     assert "**A proxy, not a reproduction.**" in text and "## NOAH's top-1 delta against the paper's" in text
