@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         print(f"  {'loader / in-memory':24} {100 * out['loader_ratio']:11.1f}%   ({out['loader_workers']} loader "
               f"workers; target >= {100 * TARGET:.0f}%: {'met' if out['loader_ratio'] >= TARGET else 'NOT met'})")
-    rates = ", ".join(f"{out[f'{k}_gpu_tflops']:.2f} ({LABELS[k]})" for k in ("trainer", "loader")
+    rates = ", ".join(f"{out[f'{k}_gpu_tflops']:.3g} ({LABELS[k]})" for k in ("trainer", "loader")
                       if f"{k}_gpu_tflops" in out)
     print(f"  as a profile's gpu_tflops (the rate `plan` prices this model at): {rates}")
     return 0
