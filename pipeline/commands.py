@@ -38,6 +38,8 @@ def complexity_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="where the images come from (PrepareConfig.source)")
     parser.add_argument("--root", help="source folder (imagefolder, market1501)")
+    parser.add_argument("--classes", help="imagefolder: a class list file (one WordNet id or folder name a line, # "
+                        "comments): only those classes, labelled 0..K-1 in its order (default: every class folder)")
     parser.add_argument("--out", required=True, help=f"output folder: new, empty or built by prepare (holds {MARKER}); "
                         "replaced atomically")
     parser.add_argument("--resize", type=int, default=PrepareConfig.resize,

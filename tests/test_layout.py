@@ -209,11 +209,13 @@ DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "
                 "train.loader_workers": 0, "train.decode": "cpu", "train.deterministic": True,
                 "train.compile": True,
                 "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2,
-                "ray.reuse_actors": False}
+                "ray.reuse_actors": False, "profiles.proxy.epochs": 3, "profiles.proxy.seeds": [0],
+                "tables.proxy.recipe": "aggressive"}
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),
              "profiles.smoke.epochs": (4, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),
-             "seeds": ([0, 1, 2], {"study"}), "profiles.smoke.recipes": ({}, {"study"}),
+             "seeds": ([0, 1, 2], {"study"}), "profiles.smoke.seeds": ([0, 1, 2], {"study"}),
+             "profiles.smoke.recipes": ({}, {"study"}),
              "recipes.resnet.lr": (0.2, {"study"}),
              "tables.table6.recipe": ("aggressive", {"study"}), "benchmark.cpu_seconds": (1, {"benchmark"}),
              "mlflow.tracking_uri": ("sqlite:///other.db", {"study", "report"}),

@@ -147,7 +147,7 @@ def test_dataset_out_cannot_climb_out_of_its_profile_folder(tmp_path: Path) -> N
 def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
     tables = yaml.safe_load(PARAMS.read_text())["tables"]
     tables = {"extra": {"recipe": "resnet", "rows": ROWS}, "table10b": {"recipe": "resnet", "rows": ROWS},
-              **{k: tables[k] for k in ("table6", "table11")}}
+              **{k: tables[k] for k in ("table6", "table11", "proxy")}}  # proxy: its profile's, not planned here
     params = str(_repo_params(tmp_path, tables=tables))
     proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--params", params,
                            "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..config import PARAMS, ConfigError, load_params, parse_head_spec
 from ..data.loaders import Loader, build_loader
 from ..models import build_model, resolve_head
+from ..study.cost import equivalent_tflops
 from ..training.engine import Step, compiled, compiles, placed, precision, precision_name, train_one_epoch
 from ..training.recipes import (
     ScaledRecipe,
@@ -127,6 +128,9 @@ def bench(backbone: str, head: Any, recipe_name: str, img_size: int, batch_size:
            **{f"{k}_images_per_s_median": v for k, v in median.items()},
            "ratio": best["trainer"] / best["bare"], "ratio_median": median["trainer"] / median["bare"],
            "head_ratio": best["trainer"] / best["baseline"], "target": TARGET}
+    resolved = resolve_head(backbone, head)
+    out |= {f"{k}_gpu_tflops": equivalent_tflops(best[k], backbone, resolved, img_size) for k in ("trainer", "loader")
+            if k in best}
     if compile:
         out.update(compile_speedup=best["trainer_compiled"] / best["trainer"],
                    head_ratio_compiled=best["trainer_compiled"] / best["baseline_compiled"])
@@ -166,4 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         print(f"  {'loader / in-memory':24} {100 * out['loader_ratio']:11.1f}%   ({out['loader_workers']} loader "
               f"workers; target >= {100 * TARGET:.0f}%: {'met' if out['loader_ratio'] >= TARGET else 'NOT met'})")
+    rates = ", ".join(f"{out[f'{k}_gpu_tflops']:.3g} ({LABELS[k]})" for k in ("trainer", "loader")
+                      if f"{k}_gpu_tflops" in out)
+    print(f"  as a profile's gpu_tflops (the rate `plan` prices this model at): {rates}")
     return 0

@@ -71,6 +71,15 @@ def seed_field() -> Any:
     return checked(lambda s: 0 <= s < SEEDS, "an integer from 0 to 2**32 - 1", default=0)
 
 
+SEEDS_RULE = "a non-empty list of distinct integers from 0 to 2**32 - 1 (every row trains once per seed)"
+
+
+def seeds_field(default: Any, allowed: str = SEEDS_RULE) -> Any:
+    """A list of seeds (`SEEDS_RULE`): the study trains every row once per seed."""
+    return checked(lambda s: len(s) >= 1 and len(set(s)) == len(s) and all(0 <= x < SEEDS for x in s), allowed,
+                   default=default)
+
+
 IMG_SIZE_RULE = "a multiple of 16, at least 32"
 
 
@@ -335,6 +344,12 @@ class ProfileConfig:
     """Fields laid over named recipes at this profile (`{resnet: {optimizer: adamw, ...}}`), for a budget the
     paper's recipes were not made for: a ResNet50 given a hundred SGD updates at the paper's lr barely
     moves. The `imagenet` profile sets none; every one is a departure the reports list."""
+    seeds: tuple[int, ...] | None = seeds_field(None, f"null (the top-level `seeds`) or {SEEDS_RULE}")
+    """This profile's own seeds, for a scale whose differences need more seeds than the default study trains."""
+    tables: tuple[str, ...] | None = checked(lambda t: len(t) >= 1, "null (every table that no profile lists) or a "
+                                             "non-empty list of keys of `tables`", default=None)
+    """The only tables this profile trains and `plan` prices, and they train at no other profile (the `proxy`
+    profile's `tables.proxy`); null: every table that no profile lists."""
 
 
 @dataclass(frozen=True)
@@ -387,6 +402,10 @@ class PrepareConfig:
 
     source: str = choice("builtin", "builtin_reid", "imagefolder", "market1501", default="builtin")
     root: str | None = None
+    classes: str | None = checked(lambda s: bool(s), "null (every class folder) or a class list file: one WordNet "
+                                  "id or folder name a line, prepared as labels 0..K-1 in its order", default=None)
+    """Prepare only these classes of an `imagefolder` source (ImageNet-100: pipeline/data/imagenet100.txt); a
+    relative path is taken from the working folder, as `root` is (a stage runs in the repository root)."""
     out: str = checked(lambda s: bool(s), "a non-empty folder path", default="data/builtin")
     resize: int | None = checked(lambda n: n >= 8, "null (keep the size) or an integer >= 8 (the short side is "
                                  "scaled to it)", default=None)
@@ -401,6 +420,9 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.source in ("imagefolder", "market1501") and not self.root:
             raise ConfigError("root", self.root, f"a folder path (source {self.source!r} reads images from it)")
+        if self.classes is not None and self.source != "imagefolder":
+            raise ConfigError("classes", self.classes, f"null for source {self.source!r} (a class list selects "
+                              "folders of an `imagefolder` source)")
 
 
 @dataclass(frozen=True)
@@ -598,10 +620,7 @@ class Params:
     datasets: dict[str, PrepareConfig]
     tables: dict[str, TableConfig]
     recipes: dict[str, RecipeConfig] = field(default_factory=dict)
-    seeds: tuple[int, ...] = checked(
-        lambda s: len(s) >= 1 and len(set(s)) == len(s) and all(0 <= x < SEEDS for x in s),
-        "a non-empty list of distinct integers from 0 to 2**32 - 1 (every row trains once per seed)",
-        default=(0,))
+    seeds: tuple[int, ...] = seeds_field((0,))
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -624,6 +643,14 @@ class Params:
                     raise ConfigError(f"profiles.{name}.recipes.{recipe}", prof.recipes[recipe],
                                       "a key of `recipes`: " + ", ".join(self.recipes))
                 self.recipe(recipe, name)
+        owner: dict[str, str] = {}
+        for name, prof in self.profiles.items():
+            for i, table in enumerate(prof.tables or ()):
+                if table not in self.tables or table in owner:
+                    allowed = (f"a table no other profile lists ({owner[table]!r} does)" if table in owner else
+                               "a key of `tables`: " + ", ".join(self.tables))
+                    raise ConfigError(f"profiles.{name}.tables[{i}]", table, allowed)
+                owner[table] = name
         for name, table in self.tables.items():
             for key in ("recipe", "finetune_recipe", "pretrain_recipe"):
                 ref = getattr(table, key)
@@ -642,6 +669,39 @@ class Params:
     def active(self) -> ProfileConfig:
         """The profile in force."""
         return self.profiles[self.profile]
+
+    @property
+    def trial_seeds(self) -> tuple[int, ...]:
+        """The seeds every row trains once per at the active profile: its own `seeds`, else the top-level ones."""
+        return self.active.seeds or self.seeds
+
+    def tables_of(self, profile: str | None = None) -> list[str]:
+        """The tables `profile` (default: the active one) trains and `plan` prices: those its `tables` lists,
+        else every table no profile lists (a proxy study's table is not trained at the smoke or paper scale)."""
+        listed = self.profiles[profile or self.profile].tables
+        return list(listed) if listed is not None else [table for table in self.tables if self.owner(table) is None]
+
+    def owner(self, table: str) -> str | None:
+        """The profile whose `tables` lists `table`; None when it is not listed (every profile without a list of
+        its own trains it)."""
+        return next((name for name, prof in self.profiles.items() if table in (prof.tables or ())), None)
+
+    def for_tables(self, tables: list[str]) -> Params:
+        """These params at the profile that trains `tables`: the profile that lists them, else the active one.
+        A study trains at one profile, so tables of two profiles, or a table its profile does not train, fail."""
+        for table in tables:
+            if table not in self.tables:
+                raise ConfigError("tables", table, "a key of `tables`: " + ", ".join(self.tables))
+        owners = {table: self.owner(table) or self.profile for table in tables}
+        if len(set(owners.values())) > 1:
+            raise ConfigError("tables", list(tables), "tables that train at one profile (a study runs at one "
+                              "scale); these train at " + ", ".join(f"{t}: {p}" for t, p in owners.items()))
+        at = dataclasses.replace(self, profile=next(iter(owners.values()), self.profile))
+        for table in tables:
+            if table not in at.tables_of():
+                raise ConfigError("tables", table, f"a table of profile {at.profile!r}, which trains only "
+                                  + ", ".join(at.tables_of()))
+        return at
 
     def recipe(self, name: str, profile: str | None = None) -> RecipeConfig:
         """Recipe `name` as `profile` (default: the active one) trains it: `recipes.<name>` with that

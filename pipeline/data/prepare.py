@@ -35,7 +35,7 @@ from ..utils.progress import progress
 from . import builtin
 from .prepared import MARKER, is_replaceable, write_manifest, write_meta
 from .shards import ShardWriter
-from .sources import SOURCES, Item, Scan
+from .sources import SOURCES, Item, Scan, read_class_list, scan_imagefolder
 
 SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the stored image by 90 degrees
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased (support scales with the shrink), as torchvision Resize
@@ -231,8 +231,12 @@ def build(scan: Scan, root: Path, staging: Staging, items: list[Item], cfg: Prep
         for entry in record["rejected"]:
             scan.reject(entry["path"], entry["reason"])
     rows = [row for record in staging.records for row in record["rows"]]
-    classes = sorted({row["class"] for row in rows if row["split"] == train_split},
-                     key=lambda c: (int(c), c) if scan.task == "reid" else (0, c))
+    trained = {row["class"] for row in rows if row["split"] == train_split}
+    classes = list(scan.classes) if scan.classes is not None else \
+        sorted(trained, key=lambda c: (int(c), c) if scan.task == "reid" else (0, c))
+    if (untrained := [c for c in classes if c not in trained]) and scan.classes is not None:
+        raise ConfigError("classes", untrained[0], "a listed class with at least one readable training image (its "
+                          "label would never be trained); every one of its training files was rejected")
     if not classes:
         raise ConfigError("root", str(root), f"at least one readable image in the {train_split} split; found "
                           f"none usable ({len(scan.rejected)} rejected, e.g. {scan.rejected[:3]})")
@@ -313,7 +317,8 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
         root, scan = generated, SOURCES["market1501" if reid else "imagefolder"](generated)
     else:
         root = Path(cfg.root).absolute()
-        scan = SOURCES[cfg.source](root)
+        classes = read_class_list(Path(cfg.classes)) if cfg.classes else None
+        scan = scan_imagefolder(root, classes) if classes is not None else SOURCES[cfg.source](root)
     order = {s: i for i, s in enumerate(scan.splits)}
     items = sorted(scan.items, key=lambda it: (order[it.split], it.src))
     staging = Staging(out, _job(scan, root, items, cfg))
@@ -337,7 +342,7 @@ def prepare_stage(params: Params, names: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = parse(PrepareConfig, {"source": args.source, "root": args.root, "out": args.out,
+    cfg = parse(PrepareConfig, {"source": args.source, "root": args.root, "classes": args.classes, "out": args.out,
                                 "resize": args.resize, "max_side": args.max_side or None,
                                 "shard_mb": args.shard_mb, "quality": args.quality,
                                 "builtin": {"seed": args.seed}}, "prepare")

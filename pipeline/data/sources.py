@@ -3,6 +3,7 @@ rejects), or raises one `ConfigError` that says which layout it expected and wha
 
 Registered in `SOURCES` by name; `builtin` and `builtin_reid` generate their tree first (see builtin.py)
 and then use the `imagefolder` and `market1501` scanners, so every dataset takes the same path.
+An `imagefolder` source can be narrowed to the classes a class list names (`read_class_list`; ImageNet-100).
 A file or folder whose name is not valid UTF-8 cannot be written to the manifest: it is rejected (a folder
 with everything in it) under a readable path that shows the bad bytes as `\\xNN`.
 """
@@ -36,6 +37,7 @@ class Item:
 class Scan:
     task: str  # "classification" or "reid"
     splits: tuple[str, ...]
+    classes: tuple[str, ...] | None = None  # the label order a class list fixes (labels 0..K-1 in it)
     items: list[Item] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
 
@@ -87,17 +89,55 @@ def _add(scan: Scan, root: Path, path: Path, split: str, cls: str, pid: int | No
         scan.items.append(Item(rel, split, cls, pid, camid))
 
 
-def scan_imagefolder(root: Path) -> Scan:
-    """ImageNet layout: `root/train/<class>/…` and `root/val/<class>/…` (files at any depth in a class)."""
+def read_class_list(path: Path) -> tuple[str, ...]:
+    """The classes a class list names, in its order: one WordNet id or folder name a line; blank lines and
+    `#` comments are skipped. A missing or empty file, or a name given twice, is a `ConfigError`."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("classes", str(path), f"a readable UTF-8 text file of class names ({err})") from None
+    names: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        name = line.split("#", 1)[0].strip()
+        if name in names:
+            raise ConfigError("classes", name, f"each class once in {path} (lines {names[name]} and {number} name it)")
+        if name:
+            names[name] = number
+    if not names:
+        raise ConfigError("classes", str(path), "a file naming at least one class (one a line; # starts a comment)")
+    return tuple(names)
+
+
+def _missing_classes(root: Path, splits: tuple[str, ...], classes: tuple[str, ...]) -> ConfigError | None:
+    """The error naming the first listed class without a folder in every split (None when all have one)."""
+    missing = [(c, absent) for c in classes if (absent := [s for s in splits if not (root / s / c).is_dir()])]
+    if not missing:
+        return None
+    name, absent = missing[0]
+    more = f"; {len(missing) - 1} other listed class(es) are missing too" if len(missing) > 1 else ""
+    return ConfigError("classes", name, f"a class with a folder in {' and '.join(f'{root}/{s}' for s in splits)}; "
+                       f"it has none in {' or '.join(f'{s}/' for s in absent)}{more}; nothing was prepared")
+
+
+def scan_imagefolder(root: Path, classes: tuple[str, ...] | None = None) -> Scan:
+    """ImageNet layout: `root/train/<class>/…` and `root/val/<class>/…` (files at any depth in a class).
+
+    With `classes` (a class list, `read_class_list`) only those class folders are read, and every one must
+    exist in both splits: a subset such as ImageNet-100 is prepared from the full tree without a copy, and
+    the folders left out are not inputs (neither read nor listed as rejected)."""
     expected = "an ImageFolder tree: root/train/<class>/<image> and root/val/<class>/<image>"
     if not all((root / s).is_dir() for s in ("train", "val")):
         raise _layout_error(root, expected)
-    scan = Scan("classification", ("train", "val"))
+    scan = Scan("classification", ("train", "val"), classes)
+    if classes is not None and (err := _missing_classes(root, scan.splits, classes)) is not None:
+        raise err
     for split in scan.splits:
         entries = sorted((root / split).iterdir())
         if not any(e.is_dir() for e in entries):
             raise _layout_error(root / split, f"class folders in {split}/ ({expected})")
         for entry in entries:
+            if classes is not None and entry.is_dir() and entry.name not in classes:
+                continue
             if _bad_name(scan, root, entry, entry.is_dir()):
                 continue
             if not entry.is_dir():

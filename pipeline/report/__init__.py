@@ -38,7 +38,7 @@ def _index(built: dict[str, tuple[Results, list[Line]]], drawn: list[Any]) -> st
         counts = {s: sum(ln.status == s for ln in lines) for s in ("FINISHED", "FAILED", "MISSING")}
         other = len(lines) - sum(counts.values())
         failed = counts["FAILED"] + other
-        out.append(f"| {name.replace('table', 'Table ')} | {TABLES[name].title} | [{name}.md]({name}.md) | "
+        out.append(f"| {TABLES[name].heading} | {TABLES[name].title} | [{name}.md]({name}.md) | "
                    f"[{name}.csv]({name}.csv) | {counts['FINISHED']} | {failed} | {counts['MISSING']} |")
     first = next((r for r, _ in built.values() if not r.error), None)
     out += ["", "## Scale", ""]

@@ -1,4 +1,5 @@
-"""What each of Tables 1–11 looks like in the paper: rows come from `pipeline/paper/*.csv`, the rest is here.
+"""What each of Tables 1–11 (and the proxy study, some of Tables 1–3's rows) looks like in the paper: rows come
+from `pipeline/paper/*.csv`, the rest is here.
 
 A `TableSpec` names the paper CSV that fixes the rows and their order, the setting columns the paper prints
 (with the paper's wording), the metric columns with their units, and how each row's network is labelled.
@@ -58,12 +59,19 @@ class TableSpec:
     producer: str = "study"  # the DVC stage that writes its results file
     groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
     paper_table: int | None = None  # Tables 1-3 share one CSV: the rows whose backbone's paper_table this is
+    keys: tuple[str, ...] = ()  # the proxy: only the paper CSV's rows of these backbones
+    proxy: bool = False  # a proxy study: its NOAH rows' top-1 deltas are set beside the paper's (report/proxy.py)
     task: str = "classify"  # classify | reid: which model its Params and MAdds count
 
     @property
     def seeded(self) -> bool:
         """A table of trained rows, one run per seed (Table 10 is timed instead)."""
         return self.producer == "study"
+
+    @property
+    def heading(self) -> str:
+        """`Table 4`, or the table's own name (`Proxy`)."""
+        return self.name.replace("table", "Table ") if self.name.startswith("table") else self.name.capitalize()
 
     @property
     def complexity_setting(self) -> str:
@@ -123,6 +131,8 @@ def paper_rows(spec: TableSpec) -> list[PaperRow]:
     rows = read_paper_table(spec.paper_csv)
     if spec.paper_table is not None:
         rows = [r for r in rows if int(backbones()[r["key"]]["paper_table"]) == spec.paper_table]
+    if spec.keys:
+        rows = [r for r in rows if r["key"] in spec.keys]
     for i, r in enumerate(rows, 1):
         r.setdefault("row", str(i))
     return rows
@@ -207,6 +217,9 @@ def _table10_network(row: PaperRow) -> str:
     return backbones()[row["key"]]["paper_name"]
 
 
+PROXY_BACKBONES = ("resnet18", "mobilenetv2_050", "deit_tiny_050", "gmlp_tiny_050")
+"""The proxy study's backbones (params.yaml `tables.proxy`): light ones of each family, cheap to train on one GPU."""
+
 FAMILY_TITLES = {1: "CNNs", 2: "ViTs (DeiT-Tiny also with a GAP head in place of its class token)", 3: "MLPs"}
 
 SPEED = tuple(
@@ -260,7 +273,9 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
                   "shared_attention": "Sharing a single spatial attention to M image categories",
                   "extra_linear": "Adding an extra linear layer before W_ki and W_vi"}),),
               IMAGENET, _network),
+    TableSpec("proxy", "A one-GPU proxy study: light backbones with and without NOAH on an ImageNet class subset",
+              "table1_3_main.csv", (), IMAGENET, _network, keys=PROXY_BACKBONES, proxy=True),
 )}
-"""Tables 1–11 by results name (`results/<name>.json` → `reports/<name>.md|.csv`)."""
+"""Tables 1–11 and the proxy study by results name (`results/<name>.json` → `reports/<name>.md|.csv`)."""
 
 FAMILIES = {"cnn": "CNNs", "vit": "ViTs", "mlp": "MLPs"}

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..utils.io import csv_text
 from ..utils.stats import above_chance, mean, resolved, sample_std, t_interval
+from . import proxy
 from .specs import (
     FAMILIES,
     Metric,
@@ -443,9 +444,10 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
     for m in spec.metrics:
         header += [m.label, f"{m.label} paper"] if m.paper else [m.label]
     scale = scale_lines(results.meta, results.error, timing=not spec.seeded)
+    if spec.proxy:
+        scale += [">", *proxy.banner(results.meta.get("profile", "proxy"))]
     evidence = evidence_lines(results.meta) if spec.seeded and not results.error else []
-    out = [f"# {spec.name.replace('table', 'Table ')}: {spec.title}", "", *scale, *([""] + evidence if evidence
-                                                                                   else []),
+    out = [f"# {spec.heading}: {spec.title}", "", *scale, *([""] + evidence if evidence else []),
            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     family = None
     lowest = {m.name: _clear_lowest(lines, m) for m in spec.metrics if m.interval}
@@ -471,7 +473,26 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
         out += ["", resolved_line(spec, lines)]
     if notes.notes:
         out += ["", "Notes (— marks a value we do not have):", "", notes.markdown()]
+    if spec.proxy:
+        out += ["", *proxy.markdown(list(paper_comparisons(lines).values()), spec.decimals)]
     return "\n".join(out) + "\n"
+
+
+def paper_comparisons(lines: list[Line]) -> dict[int, proxy.Comparison]:
+    """Per NOAH row (by row number) of a proxy table: its measured top-1 delta to its baseline beside the paper's
+    delta for the same backbone; rows whose settings differ from the paper's are not compared."""
+    out = {}
+    for line in lines:
+        base = line.baseline
+        if base is None or line.edits or base.edits:
+            continue
+        paper, paper_base = line.paper_values.get("top1"), base.paper_values.get("top1")
+        if paper is None or paper_base is None:
+            continue
+        delta = line.delta("top1")
+        out[line.row] = proxy.Comparison(backbones()[line.paper["key"]]["paper_name"], paper - paper_base,
+                                         delta.mean if delta else None, delta.interval if delta else None)
+    return out
 
 
 def resolved_line(spec: TableSpec, lines: list[Line]) -> str:
@@ -555,8 +576,8 @@ def csv_columns(spec: TableSpec) -> list[str]:
     timed = _timed_columns(spec)
     return ["row", "name", "network", "key", *(["head"] if not spec.groups else []), *settings, "backbone",
             *(["n"] if spec.seeded else []), *(m.name for m in spec.metrics), *stats,
-            *timed, *(f"paper_{m.name}" for m in spec.metrics if m.paper), *trained, "status", "reason", "run_id",
-            "trial_id"]
+            *timed, *(f"paper_{m.name}" for m in spec.metrics if m.paper), *(proxy.COLUMNS if spec.proxy else ()),
+            *trained, "status", "reason", "run_id", "trial_id"]
 
 
 def _plain(value: float | None, m: Metric | None = None) -> str:
@@ -577,6 +598,7 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
     """The tidy CSV of a report table: one record per paper row (`csv_columns`)."""
     columns = csv_columns(spec)
     records = []
+    compared = paper_comparisons(lines) if spec.proxy else {}
     for line in lines:
         record: dict[str, Any] = {c: line.paper.get(c, "") for c in columns}
         record.update(row=line.row, name=line.name or "", network=line.network, status=line.status,
@@ -598,5 +620,7 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
                 record.update({f"{m.name}_std": _plain(line.std(m.name)),
                                f"{m.name}_delta": _plain(delta.mean if delta else None),
                                f"{m.name}_delta_low": _plain(low), f"{m.name}_delta_high": _plain(high)})
+        if spec.proxy:
+            record.update(compared[line.row].record() if line.row in compared else dict.fromkeys(proxy.COLUMNS, ""))
         records.append(record)
     return csv_text(records, columns)

@@ -39,10 +39,10 @@ class Removal:
 
 
 def needed_sources(params: Params) -> set[str] | None:
-    """Trial ids a fine-tuning trial of any configured table starts from; None when one is not known (its
-    data is not prepared), so that nothing finished is removed."""
-    runnable = [name for name, spec in params.tables.items()  # a reid table needs the profile's reid data
-                if spec.task != "reid" or params.active.reid_dataset is not None]
+    """Trial ids a fine-tuning trial of any table the active profile trains starts from; None when one is not
+    known (its data is not prepared), so that nothing finished is removed."""
+    runnable = [name for name in params.tables_of()  # a reid table needs the profile's reid data
+                if params.tables[name].task != "reid" or params.active.reid_dataset is not None]
     rows = {name: table_rows(params, name) for name in sorted(runnable, key=table_order)}
     keys = {trial_key(st.trial.init_from) for st in study_trials(rows, frozenset()).values()
             if st.trial.init_from is not None}

@@ -75,3 +75,9 @@ def trial_hours(params: Params, trial: Trial, measured: Measured) -> float | Non
     rate = measured.rates.get((trial.backbone, str(trial.data_dir), trial.img_size),
                               params.active.gpu_tflops * 1e12 / TRAIN_FLOPS_PER_MADD)
     return trial.epochs * images * madds / rate / 3600
+
+
+def equivalent_tflops(images_per_s: float, backbone: str, head: Any, img_size: int) -> float:
+    """The `gpu_tflops` at which this model prices at `images_per_s` training images a second (`bench-train`'s
+    measurement): the value that puts a speed measured on a GPU into a profile before any trial has run there."""
+    return images_per_s * _madds(backbone, head, img_size) * TRAIN_FLOPS_PER_MADD / 1e12

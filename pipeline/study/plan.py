@@ -6,6 +6,7 @@ its unfinished new trials (`study.cost`), and `makespan_hours`: that table alone
 trial on `--gpus-per-trial` G of them (assumed to scale linearly), scheduled as the study schedules
 (`study.schedule`). `total.makespan_hours` is the whole study scheduled at once; `total.table_by_table_hours`
 is the same trials run one table after another, each table waiting for the one before.
+The tables are those the profile trains (`Params.tables_of`): `--profile proxy` prices the one-GPU proxy study alone.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1) -> dict[str
         raise ConfigError("--gpus", gpus, f"at least --gpus-per-trial ({gpus_per_trial:g})")
     measured = read_measured(params.mlflow.tracking_uri)
     slots = math.floor(gpus / gpus_per_trial + 1e-9)
-    rows = {name: table_rows(params, name) for name in sorted(params.tables, key=table_order)}
+    rows = {name: table_rows(params, name) for name in sorted(params.tables_of(), key=table_order)}
     cost = {k: trial_hours(params, st.trial, measured) for k, st in study_trials(rows, frozenset()).items()}
     wall = {k: None if c is None else c / gpus_per_trial for k, c in cost.items()}
 
@@ -59,8 +60,9 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1) -> dict[str
                      "makespan_hours": span({name: table}, measured.finished)}
         sequential.append(span({name: table}, measured.finished | seen))
         seen |= study_trials({name: table}, frozenset()).keys()  # with the sources its fine-tuning needs
-    out[BENCHMARK_TABLE] = {"rows": len(list_backbones()), "trials": 0, "unique_trials": 0, "new_unique_trials": 0,
-                            "finished": 0, "gpu_hours": 0.0, "makespan_hours": 0.0}
+    if params.active.tables is None:  # a profile of its own tables (the proxy) runs no benchmark
+        out[BENCHMARK_TABLE] = {"rows": len(list_backbones()), "trials": 0, "unique_trials": 0, "new_unique_trials": 0,
+                                "finished": 0, "gpu_hours": 0.0, "makespan_hours": 0.0}
     hours = [t["gpu_hours"] for t in out.values()]
     unique = set().union(*keys.values())
     total = {"rows": sum(t["rows"] for t in out.values()), "trials": sum(t["trials"] for t in out.values()),

@@ -315,12 +315,12 @@ def _free_checkpoints(params: Params, uri: str, ran: set[str]) -> None:
 def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, errors: dict[str, str],
                    out_dir: Path) -> dict[str, Any]:
     """Write and return `results/<table>.json|csv`: meta and each row's outcome read back from MLflow."""
-    prof, seed = params.active, params.seeds[0]
+    prof, seed = params.active, params.trial_seeds[0]
     first = rows[0].trials.get(("classify", seed)) or rows[0].trials["scratch", seed]  # the data every row scores on
     meta = {"table": table, "profile": params.profile,
             "dataset": prof.reid_dataset if params.tables[table].task == "reid" else prof.dataset,
             "num_classes": num_classes(first.data_dir), "img_size": first.img_size, "epochs": prof.epochs,
-            "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seeds": list(params.seeds),
+            "batch_size": prof.batch_size, "recipe": params.tables[table].recipe, "seeds": list(params.trial_seeds),
             "chance": chance_levels(first.data_dir),
             "departures": departures(params, first, params.tables[table].task == "reid"),
             "commit": git_commit(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -371,4 +371,4 @@ def study_stage(params: Params, tables: list[str]) -> None:
     """The DVC stage `study`: `tables` are the keys of `tables:` to run (at least one)."""
     if not tables:
         raise ConfigError("tables", tables, "one or more keys of `tables`: " + ", ".join(params.tables))
-    run_study(params, tables)
+    run_study(params.for_tables(tables), tables)

@@ -21,8 +21,8 @@ from ..training.trial import Trial, resolve_trial, trial_key
 
 @dataclass(frozen=True)
 class RowTrials:
-    """One printed table row and the trials that fill it: per seed of `seeds:`, `classify`, or `scratch` and
-    `finetune`, keyed `(kind, seed)`."""
+    """One printed table row and the trials that fill it: per seed (`Params.trial_seeds`), `classify`, or
+    `scratch` and `finetune`, keyed `(kind, seed)`."""
 
     table: str
     row: TableRow
@@ -63,7 +63,7 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
                  "batch_size": prof.batch_size}, params.recipes)
 
         trials: dict[tuple[str, int], Trial] = {}
-        for seed in params.seeds:
+        for seed in params.trial_seeds:
             classify = trial(spec.pretrain_recipe if reid else row.recipe or spec.recipe, prof.dataset,
                              prof.img_size, seed)
             if not reid:
