@@ -6,9 +6,10 @@ import dataclasses
 import json
 import sys
 
-from ..config import PARAMS, TrainConfig, load_params, parse, parse_head_spec, to_dict
+from ..config import PARAMS, ConfigError, TrainConfig, load_params, parse, parse_head_spec, to_dict
 from ..utils.interrupt import Interrupted
 from .run import run_trial
+from .tracking import check_server
 from .trial import resolve_trial
 
 
@@ -25,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
     trial = resolve_trial({"backbone": args.backbone, "head": parse_head_spec(args.head), "recipe": args.recipe,
                            "data_dir": args.data, "seed": args.seed, "img_size": args.img_size,
                            "epochs": args.epochs, "batch_size": args.batch_size}, params.recipes)
+    try:
+        check_server(tracking.tracking_uri)
+    except ConnectionError as err:
+        raise ConfigError("mlflow.tracking_uri", tracking.tracking_uri, f"a usable MLflow store ({err})") from None
     try:
         result = run_trial(trial, train=train, tracking=tracking, experiment=args.experiment,
                            checkpoint_dir=args.checkpoint_dir, reuse=not args.retrain)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import logging
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,12 @@ KIND_TAG, KINDS_TAG = MACHINE_TAGS + "kind", MACHINE_TAGS + "kinds"
 KINDS_SEPARATOR = " | "
 MAX_BATCH = 100  # MLflow's limit on params per log_batch call
 _MAX_TAG = 5000
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""How long a call to a tracking server waits out an outage: MLflow's own retries of refused connections (and
+5xx answers) with exponential backoff, 0 + 4 + 8 + 16 + 32 + 64 s, about two minutes before the call fails.
+Set in the environment of every process that opens a server's client, unless the user set them already."""
+HEALTH_TIMEOUT = 5.0
 
 
 def resolve_uri(uri: str) -> str:
@@ -75,12 +84,65 @@ def _artifact_root(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
+def is_server(uri: str) -> bool:
+    """Whether the store is an MLflow tracking server (`http://` or `https://`)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str) -> None:
+    """Raise ConnectionError, in seconds, when the tracking server does not answer its `/health` (MLflow's
+    own retries would take minutes to say so); any other store passes."""
+    if not is_server(uri):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT) as answer:
+            answer.read()
+    except (OSError, urllib.error.URLError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(f"the MLflow tracking server does not answer ({reason})") from None
+
+
+class _OneRetryLine(logging.Filter):
+    """urllib3 logs every retry of a refused connection as a long warning: keep one readable line per outage
+    (per process), said again only after a call got through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Retrying"):
+            self.said = False
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args = ("the MLflow tracking server does not answer: retrying with backoff for up to "
+                                   "about two minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES)"), ()
+        return True
+
+
+_RETRY_LINE = _OneRetryLine()
+
+
+def _server_client(uri: str) -> MlflowClient:
+    """The client of a tracking server, its calls retried through an outage (`SERVER_RETRIES`)."""
+    for key, value in SERVER_RETRIES.items():
+        os.environ.setdefault(key, value)
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if _RETRY_LINE not in pool_log.filters:
+        pool_log.addFilter(_RETRY_LINE)
+    return MlflowClient(tracking_uri=uri)
+
+
 @functools.cache
 def client(uri: str) -> MlflowClient:
     """The client of a tracking store (one per URI and process). A SQLite store is opened under an
     exclusive lock on `<db>.lock`: processes opening a new store at once (trials starting together)
-    would otherwise race to create its tables and fail."""
+    would otherwise race to create its tables and fail; a server does that itself."""
     uri = resolve_uri(uri)
+    if is_server(uri):
+        return _server_client(uri)
     db = _sqlite_file(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
