@@ -1,9 +1,9 @@
-"""Shared fixtures: a tiny prepared built-in dataset, params files that point every stage at it, and a
-two-node Ray cluster on 127.0.0.1."""
+"""Shared fixtures: a tiny prepared built-in dataset, params files that point every stage at it, a
+two-node Ray cluster and an MLflow tracking server on PostgreSQL, both on 127.0.0.1."""
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tracking_server import TrackingServer, free_port
 
 from pipeline.config import PARAMS, BuiltinDataConfig, PrepareConfig
 from pipeline.data.prepare import prepare
@@ -80,12 +81,6 @@ def tiny_params(tmp_path: Path, tiny_data: Path) -> Callable[..., Path]:
     return make
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_start(*args: str, env: dict[str, str]) -> None:
     subprocess.run(["ray", "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=180)
@@ -99,7 +94,7 @@ def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     try:
         _ray_start("--head", f"--port={address.split(':')[1]}", f"--temp-dir={temp}", "--include-dashboard=false",
                    '--resources={"head_node": 1}', env=env)
@@ -107,3 +102,18 @@ def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
         yield address, temp
     finally:
         subprocess.run(["pkill", "-9", "-f", temp], check=False)
+
+
+@pytest.fixture(scope="session")
+def tracking_server() -> Iterator[TrackingServer]:
+    """A real MLflow tracking server on PostgreSQL, on 127.0.0.1, for the whole session; stopped afterwards
+    with its database."""
+    server = TrackingServer(Path(tempfile.mkdtemp(prefix="mlsrv", dir="/tmp")))
+    try:
+        server.start_database()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        server.stop_database()
+        shutil.rmtree(server.folder, ignore_errors=True)
