@@ -93,6 +93,11 @@ def clean_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
 
 
+def migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", default=MlflowConfig.tracking_uri, help="the store to copy")
+    parser.add_argument("--to", dest="target", required=True, help="the store to copy into, e.g. http://HOST:5000")
+
+
 def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), help="folder of results/<table>.json")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder the reports are written to")
@@ -198,6 +203,9 @@ COMMANDS: dict[str, Command] = {
     "train": Command("pipeline.training.cli", "Train and evaluate one trial", train_arguments),
     "clean": Command("pipeline.study.clean", "Remove checkpoints no resume or later stage needs (--dry-run: list)",
                      clean_arguments),
+    "migrate-tracking": Command("pipeline.training.migrate",
+                                "Copy an MLflow store (mlflow.db) onto a tracking server: nothing trains again",
+                                migrate_arguments),
     "report": Command("pipeline.report", "Tables 1-11 beside the paper's numbers, figures and an index",
                       report_arguments),
     "benchmark": Command("pipeline.bench.speed", "Table 10: frames/s of baseline vs NOAH models",

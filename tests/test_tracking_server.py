@@ -119,3 +119,25 @@ def test_a_server_that_does_not_answer_is_one_error_before_ray_starts(
     assert stage.stderr.startswith("error: mlflow.tracking_uri") and "does not answer" in stage.stderr
     assert stage.stderr.count("\n") == 1, "one line, before Ray starts"
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_finished_sqlite_study_migrated_onto_the_server_trains_nothing_again(
+        tracking_server: TrackingServer, tiny_params: Callable[..., Path], tmp_path: Path) -> None:
+    tables = {"moved": {"recipe": "resnet", "rows": {"baseline": BASELINE}}}
+    on_sqlite = load_params(tiny_params(seeds=[2], tables=tables))
+    expected = _numbers(run_study(on_sqlite, ["moved"], tmp_path / "sqlite"))
+    migrate = [sys.executable, "-m", "pipeline", "migrate-tracking", "--from", on_sqlite.mlflow.tracking_uri,
+               "--to", tracking_server.uri]
+    for copied in ("runs copied, 0 copied before", ": 0 runs copied"):  # again: nothing new to copy
+        done = subprocess.run(migrate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and copied in done.stderr and ": 0 runs copied, 0" not in done.stderr, done.stderr
+    client = MlflowClient(tracking_server.uri)
+    moved = [r for r in _trial_runs(client) if r.data.tags[TRIAL_TAG] == expected[0]["trial_id"]]
+    assert len(moved) == 1 and moved[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(moved[0].info.run_id, "val_top1")] == [0]
+    params = load_params(tiny_params(seeds=[2], tables=tables, mlflow={"tracking_uri": tracking_server.uri}))
+    results = run_study(params, ["moved"], tmp_path / "server")
+    assert _numbers(results) == expected
+    assert results["moved"]["rows"][0]["runs"][0]["run_id"] == moved[0].info.run_id, "reused, not retrained"
+    assert len([r for r in _trial_runs(client) if r.data.tags[TRIAL_TAG] == expected[0]["trial_id"]]) == 1
