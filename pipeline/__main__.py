@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         asked = argv[:1] in (["-h"], ["--help"])
-        lines = [f"  {name:<14}{command.help}" for name, command in COMMANDS.items()]
+        width = max(map(len, COMMANDS)) + 2
+        lines = [f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items()]
         print(f"{USAGE}\n\ncommands:\n" + "\n".join(lines), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     args = parser_of(argv[0]).parse_args(argv[1:])
