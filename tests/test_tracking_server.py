@@ -141,3 +141,13 @@ def test_a_finished_sqlite_study_migrated_onto_the_server_trains_nothing_again(
     assert _numbers(results) == expected
     assert results["moved"]["rows"][0]["runs"][0]["run_id"] == moved[0].info.run_id, "reused, not retrained"
     assert len([r for r in _trial_runs(client) if r.data.tags[TRIAL_TAG] == expected[0]["trial_id"]]) == 1
+
+
+def test_train_with_a_server_that_does_not_answer_is_one_error(tiny_data: Path, tmp_path: Path) -> None:
+    train = subprocess.run([sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--data",
+                            str(tiny_data), "--epochs", "1", "--img-size", "32", "--tracking-uri",
+                            f"http://127.0.0.1:{free_port()}", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert train.returncode == 2 and train.stderr.startswith("error: mlflow.tracking_uri"), train.stderr
+    assert "does not answer" in train.stderr and train.stderr.count("\n") == 1
+    assert not (tmp_path / "ckpt").exists(), "nothing started"
