@@ -63,7 +63,7 @@ class TrackingServer:
              "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", "1"], stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.server.poll() is None:
             try:
                 urllib.request.urlopen(self.uri + "/health", timeout=2).read()
                 return
