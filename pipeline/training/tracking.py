@@ -49,6 +49,8 @@ SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_B
 """How long a call to a tracking server waits out an outage: MLflow's own retries of refused connections (and
 5xx answers) with exponential backoff, 0 + 4 + 8 + 16 + 32 + 64 s, about two minutes before the call fails.
 Set in the environment of every process that opens a server's client, unless the user set them already."""
+RETRY_WINDOW = 130.0
+"""Seconds SERVER_RETRIES wait at most: one outage's retries, said in one line."""
 HEALTH_TIMEOUT = 5.0
 
 
@@ -103,23 +105,21 @@ def check_server(uri: str) -> None:
 
 
 class _OneRetryLine(logging.Filter):
-    """urllib3 logs every retry of a refused connection as a long warning: keep one readable line per outage
-    (per process), said again only after a call got through."""
+    """urllib3 logs each retry of a refused connection to a logger nobody shows (its NullHandler): print one
+    readable line per outage instead (per process), again only once a whole retry window has passed."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.said = False
+        self.said_at = -RETRY_WINDOW
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.getMessage().startswith("Retrying"):
-            self.said = False
             return True
-        if self.said:
-            return False
-        self.said = True
-        record.msg, record.args = ("the MLflow tracking server does not answer: retrying with backoff for up to "
-                                   "about two minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES)"), ()
-        return True
+        if time.monotonic() - self.said_at >= RETRY_WINDOW:
+            self.said_at = time.monotonic()
+            print("the MLflow tracking server does not answer: retrying with backoff for up to about two minutes "
+                  "(MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
+        return False
 
 
 _RETRY_LINE = _OneRetryLine()
