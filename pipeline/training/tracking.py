@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -99,7 +98,7 @@ def check_server(uri: str) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT) as answer:
             answer.read()
-    except (OSError, urllib.error.URLError) as err:
+    except OSError as err:  # refused, timed out, or an HTTP error (urllib.error.URLError and HTTPError too)
         reason = getattr(err, "reason", err)
         raise ConnectionError(f"the MLflow tracking server does not answer ({reason})") from None
 
