@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from tracking_server import free_port
 
 from pipeline import REPO_ROOT
 from pipeline.config import ConfigError, load_params
@@ -78,16 +78,10 @@ def test_concurrent_trials_lose_nothing_in_the_embedded_sqlite_store(tmp_path: P
     _assert_nothing_lost(uri)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """An `mlflow server` on 127.0.0.1 (SQLite backend) started for this test and stopped after it."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
