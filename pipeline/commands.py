@@ -68,6 +68,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a prepared dataset folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, augmentation and order")
     parser.add_argument("--img-size", type=int, default=224, help="training and evaluation resolution")
+    parser.add_argument("--width", type=float, default=1.0, help="the backbone's channels times this (ResNets)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (lr scales with it)")
     parser.add_argument("--experiment", default="train", help="MLflow experiment name")

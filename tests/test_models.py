@@ -158,6 +158,20 @@ def test_build_model_rejects_bad_sizes():
     assert (err.key, err.value, err.allowed) == ("img_size", 40, "a multiple of 16, at least 32")
 
 
+def test_width_narrows_every_resnet_stage_and_nothing_else():
+    """A narrow ResNet keeps its depth, blocks and map size: only channels shrink, so NOAH's head sees half the
+    features and the same 2x2 map; a backbone that cannot narrow says so instead of training the paper's width."""
+    with torch.device("meta"):
+        full = build_model("resnet50", {"kind": "noah"}, 8, 48)
+        half = build_model("resnet50", {"kind": "noah"}, 8, 48, width=0.5)
+    assert (full.backbone.num_features, half.backbone.num_features) == (2048, 1024)
+    assert len(list(half.backbone.modules())) == len(list(full.backbone.modules()))
+    x = torch.zeros(1, 3, 48, 48, device="meta")
+    assert half.backbone.forward_features(x).shape[2:] == full.backbone.forward_features(x).shape[2:] == (2, 2)
+    err = _error(lambda: build_model("mobilenetv2_100", {"kind": "baseline"}, 8, 48, width=0.5))
+    assert (err.key, err.value) == ("width", 0.5) and "resnet50" in err.allowed
+
+
 def test_build_head():
     x = torch.randn(2, 64, 3, 3)
     assert build_head({"kind": "noah", "N": 4, "r": 0.5}, 64, 7)(x).shape == (2, 7)

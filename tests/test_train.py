@@ -421,12 +421,12 @@ def test_schedules_follow_the_appendix_at_any_length() -> None:
 
 def test_trial_identity_covers_what_determines_a_result(data_dir: Path, tmp_path: Path) -> None:
     base = trial_id(_trial(data_dir))
-    assert trial_id(_trial(data_dir)) == base
+    assert trial_id(_trial(data_dir)) == base == trial_id(_trial(data_dir, width=1.0))
     assert trial_id(_trial(data_dir, head={"kind": "noah", "N": 4, "r": 0.5})) == base  # resolved defaults
     assert trial_id(_trial(data_dir, recipe=get_recipe("resnet", RECIPES))) == base
     assert trial_id(_trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet", RECIPES), name="renamed"))) == base
     changed = [_trial(data_dir, seed=1), _trial(data_dir, epochs=3), _trial(data_dir, batch_size=16),
-               _trial(data_dir, img_size=64), _trial(data_dir, head={"kind": "baseline"}),
+               _trial(data_dir, img_size=64), _trial(data_dir, width=0.5), _trial(data_dir, head={"kind": "baseline"}),
                _trial(data_dir, head={"kind": "noah", "aggregation": "max"}), _trial(data_dir, recipe="mobilenet"),
                _trial(data_dir, recipe=dataclasses.replace(get_recipe("resnet", RECIPES), weight_decay=0.0))]
     ids = {trial_id(t) for t in changed}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -73,10 +74,27 @@ def backbone_info(key: str) -> BackboneInfo:
     return backbone_table()[key]
 
 
-def create_backbone(key: str, num_classes: int, img_size: int = 224, **kwargs) -> nn.Module:
-    """Build backbone `key` (random init) with `num_classes` outputs (0: no classifier)."""
+def create_backbone(key: str, num_classes: int, img_size: int = 224, width: float = 1.0, **kwargs) -> nn.Module:
+    """Build backbone `key` (random init) with `num_classes` outputs (0: no classifier), its channels
+    `width` times the paper's."""
     backbone_info(key)
+    if width != 1:
+        kwargs.update(_narrowed(key, width))
     return _REGISTRY[key](key, num_classes=num_classes, img_size=img_size, **kwargs)
+
+
+RESNET_CHANNELS = (64, 128, 256, 512)
+"""timm's ResNet stage widths (a bottleneck's output is 4x its stage's), and 64 its stem's."""
+
+
+def _narrowed(key: str, width: float) -> dict[str, Any]:
+    """timm's options for `key` at `width` times its channels: every ResNet stage and the stem, so a narrow
+    ResNet keeps its depth, its blocks and its feature map's size."""
+    if not key.startswith("resnet"):
+        resnets = ", ".join(k for k in list_backbones() if k.startswith("resnet"))
+        raise ConfigError("width", width, f"1 for {key}: only the ResNets ({resnets}) narrow")
+    return {"channels": tuple(max(1, round(c * width)) for c in RESNET_CHANNELS),
+            "stem_width": max(1, round(RESNET_CHANNELS[0] * width))}
 
 
 def has_class_token(key: str) -> bool:

@@ -131,10 +131,11 @@ def default_heads(backbone: str) -> list[HeadConfig]:
     return [resolve_head(backbone, {"kind": k}) for k in kinds]
 
 
-def measure(backbone: str, head: HeadConfig, num_classes: int = 1000, img_size: int = 224) -> tuple[int, int]:
+def measure(backbone: str, head: HeadConfig, num_classes: int = 1000, img_size: int = 224,
+            width: float = 1.0) -> tuple[int, int]:
     """(Params, MAdds) of a meta-device model: no memory, no compute."""
     with torch.device("meta"):
-        model = build_model(backbone, head, num_classes, img_size)
+        model = build_model(backbone, head, num_classes, img_size, width=width)
     return count(model, img_size)
 
 

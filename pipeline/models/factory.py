@@ -43,13 +43,16 @@ def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes:
 
 def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_classes: int,
                 img_size: int = 224, drop_path_rate: float = 0.0, zero_init_last: bool = False,
-                block_dropout: float = 0.0) -> Classifier:
+                block_dropout: float = 0.0, width: float = 1.0) -> Classifier:
     """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised;
     `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule), `zero_init_last` its
     residual blocks' last norms at 0 (ResNets; ignored by backbones without them), `block_dropout` the
-    dropout inside every block's MLPs (timm's `proj_drop_rate`; DeiT, Mixer and gMLP only)."""
+    dropout inside every block's MLPs (timm's `proj_drop_rate`; DeiT, Mixer and gMLP only), `width` the
+    backbone's channels times the paper's (ResNets only)."""
     cfg = resolve_head(backbone, head)
-    opts: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    opts: dict[str, Any] = {"width": width}
+    if drop_path_rate:
+        opts["drop_path_rate"] = drop_path_rate
     if zero_init_last and backbone.startswith("resnet"):
         opts["zero_init_last"] = True
     if block_dropout:

@@ -49,7 +49,7 @@ class ReidNet(nn.Module):
 
 
 def build_reid_model(backbone: str, head: dict[str, Any] | HeadConfig, num_ids: int,
-                     img_size: int = 256, zero_init_last: bool = False) -> ReidNet:
+                     img_size: int = 256, zero_init_last: bool = False, width: float = 1.0) -> ReidNet:
     """ResNet50-FC (`head` kind `baseline`) or its NOAH variant (kind `noah`) over `num_ids` identities.
 
     The backbone is the zoo's (`build_model` with its own head, then that classifier removed), so its
@@ -61,6 +61,6 @@ def build_reid_model(backbone: str, head: dict[str, Any] | HeadConfig, num_ids: 
         raise ConfigError("head.kind", "gap", "'baseline' (ResNet50-FC) or 'noah' for a reid model")
     if not isinstance(num_ids, int) or isinstance(num_ids, bool) or num_ids < 2:
         raise ConfigError("num_ids", num_ids, "an integer >= 2 (training identities)")
-    net = build_model(backbone, {"kind": "baseline"}, num_ids, img_size, zero_init_last=zero_init_last)
+    net = build_model(backbone, {"kind": "baseline"}, num_ids, img_size, zero_init_last=zero_init_last, width=width)
     net.backbone.reset_classifier(0)
     return ReidNet(net, build_head(cfg, net.backbone.num_features, EMBED_DIM), cfg, num_ids)

@@ -285,6 +285,7 @@ def _model_spec(line: Line, config: dict[str, Any], meta: dict[str, Any], data_d
             "head": trial.get("head") or line.result.get("head") or {"kind": "noah"},
             "num_classes": (config.get("data") or {}).get("num_classes") or meta.get("num_classes"),
             "img_size": int(trial.get("img_size") or meta.get("img_size") or 224),
+            "width": float(trial.get("width") or 1.0),
             "data_dir": data_dir or trial.get("data_dir") or meta.get("data_dir"),
             "run_id": line.run["run_id"], "name": backbones()[line.paper["key"]]["paper_name"]}
 
@@ -308,7 +309,8 @@ def _draw_trained(state: dict[str, Any], spec: dict[str, Any], out: Path, title:
     if spec["num_classes"] is None:
         return Figure(title, note=f"run {spec['run_id']} records no number of classes")
     state = state.get("model", state) if isinstance(state, dict) else state
-    model = build_model(spec["backbone"], spec["head"], int(spec["num_classes"]), spec["img_size"])
+    model = build_model(spec["backbone"], spec["head"], int(spec["num_classes"]), spec["img_size"],
+                        width=spec["width"])
     model.load_state_dict(state)
     batch, labels = _distinct_classes(build_loader(data_dir, "val", spec["img_size"], 32, train=False), images)
     classes, stats = read_meta(data_dir)

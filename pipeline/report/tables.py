@@ -36,7 +36,7 @@ from .specs import (
 
 DASH = "—"
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
-META_KEYS = ("dataset", "num_classes", "img_size", "epochs", "profile", "commit", "date")
+META_KEYS = ("dataset", "num_classes", "img_size", "width", "epochs", "profile", "commit", "date")
 TIMING_KEYS = ("img_size", "cpu", "gpu", "commit", "date")  # Table 10 times random inputs: no dataset
 
 

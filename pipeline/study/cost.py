@@ -62,8 +62,8 @@ def _train_images(params: Params, trial: Trial) -> int | None:
 
 
 @functools.cache
-def _madds(backbone: str, head: Any, img_size: int) -> int:
-    return measure(backbone, head, img_size=img_size)[1]
+def _madds(backbone: str, head: Any, img_size: int, width: float = 1.0) -> int:
+    return measure(backbone, head, img_size=img_size, width=width)[1]
 
 
 def trial_hours(params: Params, trial: Trial, measured: Measured) -> float | None:
@@ -71,7 +71,7 @@ def trial_hours(params: Params, trial: Trial, measured: Measured) -> float | Non
     images = _train_images(params, trial)
     if images is None:
         return None
-    madds = _madds(trial.backbone, trial.head, trial.img_size)
+    madds = _madds(trial.backbone, trial.head, trial.img_size, trial.width)
     rate = measured.rates.get((trial.backbone, str(trial.data_dir), trial.img_size),
                               params.active.gpu_tflops * 1e12 / TRAIN_FLOPS_PER_MADD)
     return trial.epochs * images * madds / rate / 3600

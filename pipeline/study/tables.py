@@ -30,12 +30,12 @@ class RowTrials:
 
 
 @functools.cache
-def _checked_head(backbone: str, head: HeadConfig, img_size: int) -> HeadConfig:
+def _checked_head(backbone: str, head: HeadConfig, img_size: int, width: float) -> HeadConfig:
     """The head with N and r resolved, after building the model on the meta device (no memory, no time);
     cached, since tables repeat the same rows."""
     head = resolve_head(backbone, head)
     with torch.device("meta"):
-        build_model(backbone, head, num_classes=10, img_size=img_size)
+        build_model(backbone, head, num_classes=10, img_size=img_size, width=width)
     return head
 
 
@@ -52,14 +52,14 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
     for row in spec.rows.values():
         where = f"tables.{table}.rows.{row.name}"
         try:
-            head = _checked_head(row.backbone, row.head, img_size)
+            head = _checked_head(row.backbone, row.head, img_size, prof.width)
         except ConfigError as err:
             raise err.under(where) from None
 
         def trial(name: str, data: str, size: int, seed: int) -> Trial:
             return resolve_trial(
                 {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": seed,
-                 "recipe": params.recipe(name), "img_size": size, "epochs": prof.epochs,
+                 "recipe": params.recipe(name), "img_size": size, "width": prof.width, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 
         trials: dict[tuple[str, int], Trial] = {}
@@ -77,8 +77,8 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
 
 
 def departures(params: Params, trial: Trial, reid: bool) -> list[str]:
-    """How `trial` departs from the paper's settings for its profile's budget: its epochs, batch, lr and
-    image size against its recipe's and the `imagenet` profile's (the paper's), and each recipe field its
+    """How `trial` departs from the paper's settings for its profile's budget: its epochs, batch, lr, image
+    size and width against its recipe's and the `imagenet` profile's (the paper's), and each recipe field its
     profile sets (`profiles.<profile>.recipes`)."""
     recipe, paper, scaled = trial.recipe, params.recipes[trial.recipe.name], trial.scaled
     out = []
@@ -95,6 +95,8 @@ def departures(params: Params, trial: Trial, reid: bool) -> list[str]:
     size = None if imagenet is None else (imagenet.reid_img_size or imagenet.img_size) if reid else imagenet.img_size
     if size is not None and trial.img_size != size:
         out.append(f"{trial.img_size} px of {size}")
+    if trial.width != 1:
+        out.append(f"the backbone at {trial.width:g} of the paper's channel widths")
     for key in sorted(params.active.recipes.get(recipe.name, {})):
         if key not in ("lr", "batch_size", "epochs"):
             out += _changed(key, getattr(recipe, key), getattr(paper, key))

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
                                    log_weights=args.log_weights or params.mlflow.log_weights)
     trial = resolve_trial({"backbone": args.backbone, "head": parse_head_spec(args.head), "recipe": args.recipe,
                            "data_dir": args.data, "seed": args.seed, "img_size": args.img_size,
-                           "epochs": args.epochs, "batch_size": args.batch_size}, params.recipes)
+                           "width": args.width, "epochs": args.epochs, "batch_size": args.batch_size}, params.recipes)
     try:
         check_server(tracking.tracking_uri)
     except ConnectionError as err:

@@ -52,7 +52,7 @@ class Classification(Task):
 
     def build_model(self, trial: Trial, num_classes: int) -> nn.Module:
         return build_model(trial.backbone, trial.head, num_classes, trial.img_size, trial.recipe.drop_path,
-                           trial.recipe.zero_init_last, trial.recipe.block_dropout)
+                           trial.recipe.zero_init_last, trial.recipe.block_dropout, trial.width)
 
     def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         return evaluate(model, loaders[0], world)
@@ -69,7 +69,8 @@ class ReIdentification(Task):
     name, eval_splits, shard_eval, result_keys = "reid", ("query", "gallery"), False, ("map",)
 
     def build_model(self, trial: Trial, num_classes: int) -> nn.Module:
-        return build_reid_model(trial.backbone, trial.head, num_classes, trial.img_size, trial.recipe.zero_init_last)
+        return build_reid_model(trial.backbone, trial.head, num_classes, trial.img_size, trial.recipe.zero_init_last,
+                                trial.width)
 
     def validate(self, model: nn.Module, loaders: list[Loader], world: World) -> dict[str, float]:
         m = evaluate_reid(unwrap(model), *loaders)

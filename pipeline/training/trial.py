@@ -36,6 +36,8 @@ class Trial:
     img_size: int
     epochs: int
     batch_size: int
+    width: float = 1.0
+    """The backbone's channel widths times this (`ProfileConfig.width`)."""
     init_from: Trial | None = None
     """The classification trial whose checkpoint initialises the backbone (Table 9's fine-tuning)."""
 
@@ -46,8 +48,10 @@ class Trial:
 
     @property
     def label(self) -> str:
-        """`resnet18 noah(N=4,r=0.5) resnet seed 0`: the MLflow run name."""
-        return f"{self.backbone} {self.head.name} {self.recipe.name} seed {self.seed}"
+        """`resnet18 noah(N=4,r=0.5) resnet seed 0` (`resnet18 width 0.5 ...` for a narrower one): the MLflow run
+        name."""
+        width = "" if self.width == 1 else f" width {self.width:g}"
+        return f"{self.backbone}{width} {self.head.name} {self.recipe.name} seed {self.seed}"
 
 
 def resolve_trial(trial: Trial | TrialConfig | Mapping[str, Any],
@@ -60,17 +64,19 @@ def resolve_trial(trial: Trial | TrialConfig | Mapping[str, Any],
     scaled = scale(recipe, spec.epochs, spec.batch_size)
     return Trial(backbone=spec.backbone, data_dir=spec.data_dir, head=resolve_head(spec.backbone, spec.head),
                  recipe=recipe, seed=spec.seed, img_size=spec.img_size, epochs=scaled.epochs,
-                 batch_size=scaled.batch_size,
+                 batch_size=scaled.batch_size, width=spec.width,
                  init_from=resolve_trial(spec.init_from, recipes) if spec.init_from is not None else None)
 
 
 def identity(trial: Trial) -> dict[str, Any]:
-    """Everything that determines a trial's result, as plain data."""
+    """Everything that determines a trial's result, as plain data (a width only when narrowed, so the paper's
+    networks keep the identities they had before widths could change)."""
     recipe = to_dict(trial.recipe)
     recipe.pop("name")
     return {"backbone": trial.backbone, "head": to_dict(trial.head), "recipe": recipe,
             "data": manifest_hash(trial.data_dir), "seed": trial.seed, "img_size": trial.img_size,
             "epochs": trial.epochs, "batch_size": trial.batch_size, "code": TRAINING_CODE_VERSION,
+            **({"width": trial.width} if trial.width != 1 else {}),
             **({"init_from": trial_id(trial.init_from)} if trial.init_from is not None else {})}
 
 
