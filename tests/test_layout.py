@@ -214,7 +214,7 @@ DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),
              "profiles.smoke.epochs": (4, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),
-             "profiles.smoke.width": (1.0, {"study"}),
+             "profiles.smoke.resnet_width": (1.0, {"study"}),
              "seeds": ([0, 1, 2], {"study"}), "profiles.smoke.seeds": ([0, 1, 2], {"study"}),
              "profiles.smoke.recipes": ({}, {"study"}),
              "recipes.resnet.lr": (0.2, {"study"}),

@@ -81,6 +81,16 @@ def test_reid_table_trains_each_row_twice() -> None:
                                                          for s in params.seeds)] * 2
 
 
+def test_a_profile_narrows_its_resnets_alone() -> None:
+    """`resnet_width` reaches every ResNet trial (and its fine-tuning source) and no other family's."""
+    params = load_params()
+    width = params.profiles["smoke"].resnet_width
+    assert width < 1
+    assert {t.width for rt in table_rows(params, "table5") for t in rt.trials.values()} == {width}
+    assert {t.init_from.width for rt in table_rows(params, "table9") for t in rt.trials.values() if t.init_from}
+    assert {t.width for rt in table_rows(params, "table2") for t in rt.trials.values()} == {1.0}
+
+
 BAD = [
     ({"tablez": {}}, "tablez", "a known key"),
     ({"seeds": "zero"}, "seeds", "a non-empty list of distinct integers"),
@@ -89,7 +99,7 @@ BAD = [
     ({"seed": 0}, "seed", "`seeds:`, a list"),
     ({"profile": "huge"}, "profile", "a key of `profiles`"),
     ({"tables": {"table6": {"rows": {"spatial": {"head": {"N": 3}}}}}},
-     "tables.table6.rows.spatial.head.N", "a divisor of the 512 feature channels"),
+     "tables.table6.rows.spatial.head.N", "a divisor of the 256 feature channels"),  # ResNet18 at half width
     ({"tables": {"table6": {"rows": {"spatial": {"head": {"r": 0.001}}}}}},
      "tables.table6.rows.spatial.head.r", "key channels"),
     ({"tables": {"table6": {"rows": {"baseline": {"backbone": "resnet19"}}}}},
@@ -139,7 +149,7 @@ def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: tables.table6.rows.spatial.head.N: got 5; allowed: a divisor of the 512 feature channels, "
+        "error: tables.table6.rows.spatial.head.N: got 5; allowed: a divisor of the 256 feature channels, "
         "e.g. [1, 2, 4, 8, 16, 32, 64]"]
     assert not (tmp_path / "mlflow.db").exists()
     assert elapsed < 30, elapsed  # generous: shared CI machine; typically ~5 s, mostly imports

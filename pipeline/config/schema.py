@@ -343,9 +343,9 @@ class ProfileConfig:
     reid_dataset: str | None = None
     img_size: int = img_size_field(224)
     reid_img_size: int | None = img_size_field(None)
-    width: float = width_field()
-    """Every backbone's channels times this: a ResNet50 at 0.5 trains 3.4x faster on a CPU core, which is
-    what lets the embedded study train its ResNets at all in minutes (1: the paper's networks)."""
+    resnet_width: float = width_field()
+    """The ResNets' channels times this (other families keep the paper's widths): a ResNet50 at 0.5 trains
+    3.4x faster on a CPU core, which is what fits the embedded study's ResNets into minutes."""
     epochs: int | None = checked(lambda e: e >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     batch_size: int | None = checked(lambda b: b >= 1, "an integer >= 1 or null (the recipe's)", default=None)
     gpu_tflops: float = checked(lambda t: t > 0, "a positive number (effective TFLOP/s per GPU)", default=30.0)

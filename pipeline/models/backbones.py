@@ -87,11 +87,16 @@ RESNET_CHANNELS = (64, 128, 256, 512)
 """timm's ResNet stage widths (a bottleneck's output is 4x its stage's), and 64 its stem's."""
 
 
+def narrows(key: str) -> bool:
+    """Whether backbone `key` can be built at another width than the paper's (the ResNets)."""
+    return key.startswith("resnet")
+
+
 def _narrowed(key: str, width: float) -> dict[str, Any]:
     """timm's options for `key` at `width` times its channels: every ResNet stage and the stem, so a narrow
     ResNet keeps its depth, its blocks and its feature map's size."""
-    if not key.startswith("resnet"):
-        resnets = ", ".join(k for k in list_backbones() if k.startswith("resnet"))
+    if not narrows(key):
+        resnets = ", ".join(k for k in list_backbones() if narrows(k))
         raise ConfigError("width", width, f"1 for {key}: only the ResNets ({resnets}) narrow")
     return {"channels": tuple(max(1, round(c * width)) for c in RESNET_CHANNELS),
             "stem_width": max(1, round(RESNET_CHANNELS[0] * width))}

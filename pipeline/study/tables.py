@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError, HeadConfig, Params, TableRow, data_dir
-from ..models import build_model, resolve_head
+from ..models import build_model, narrows, resolve_head
 from ..training.trial import Trial, resolve_trial, trial_key
 
 
@@ -51,15 +51,16 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
     rows = []
     for row in spec.rows.values():
         where = f"tables.{table}.rows.{row.name}"
+        width = prof.resnet_width if narrows(row.backbone) else 1.0
         try:
-            head = _checked_head(row.backbone, row.head, img_size, prof.width)
+            head = _checked_head(row.backbone, row.head, img_size, width)
         except ConfigError as err:
             raise err.under(where) from None
 
         def trial(name: str, data: str, size: int, seed: int) -> Trial:
             return resolve_trial(
                 {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": seed,
-                 "recipe": params.recipe(name), "img_size": size, "width": prof.width, "epochs": prof.epochs,
+                 "recipe": params.recipe(name), "img_size": size, "width": width, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 
         trials: dict[tuple[str, int], Trial] = {}
