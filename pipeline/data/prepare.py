@@ -73,6 +73,8 @@ def convert(src: str, resize: int | None, max_side: int | None, quality: int) ->
     """
     try:
         data = Path(src).read_bytes()
+    except FileNotFoundError:  # listed a moment ago: a symbolic link to nothing, or deleted since
+        return {"error": f"unreadable file: {'broken symbolic link' if os.path.islink(src) else 'deleted'}"}
     except OSError as err:
         return {"error": f"unreadable file: {err.strerror or err}"}
     if not data:
@@ -162,8 +164,12 @@ def _job(scan: Scan, root: Path, items: list[Item], cfg: PrepareConfig) -> dict[
     """What is being built: the storing params and every input with its size and mtime."""
     digest = hashlib.sha256()
     for item in items:
-        st = (root / item.src).stat()
-        digest.update(f"{item.split}\t{item.cls}\t{item.src}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = (root / item.src).stat()
+            state = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError as err:  # a dangling symlink: rejected when converted, and a new job once it resolves
+            state = f"unreadable {err.errno}"
+        digest.update(f"{item.split}\t{item.cls}\t{item.src}\t{state}\n".encode())
     return {"source": cfg.source, "resize": cfg.resize, "max_side": cfg.max_side, "quality": cfg.quality,
             "shard_mb": cfg.shard_mb, "builtin": to_dict(cfg.builtin), "task": scan.task, "inputs": digest.hexdigest()}
 
