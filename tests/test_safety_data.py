@@ -1,5 +1,6 @@
 """prepare's safety: it replaces only folders it built, keeps the tones of 16-bit and other image modes, turns
-photos upright by their EXIF orientation, and rejects names that are not UTF-8 instead of failing."""
+photos upright by their EXIF orientation, and rejects names that are not UTF-8 and links to nothing instead of
+failing."""
 from __future__ import annotations
 
 import csv
@@ -214,6 +215,17 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, band: str
     for edge, strip in edges.items():
         red = strip[..., 0].mean() > 150 and strip[..., 2].mean() < 100
         assert red == (edge == band), edge
+
+
+def test_a_dangling_symlink_is_rejected_and_counted_not_fatal(small_tree: Path, tmp_path: Path):
+    (small_tree / "train" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (small_tree / "train" / "a" / "linked.jpg").symlink_to(small_tree / "val" / "a" / "0.jpg")
+    out = tmp_path / "out"
+    run = _cli("--source", "imagefolder", "--root", str(small_tree), "--out", str(out))
+    assert run.returncode == 0 and "1 rejected" in run.stderr, run.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rejected"] == [{"path": "train/a/gone.jpg", "reason": "unreadable file: broken symbolic link"}]
+    assert stats["counts"]["train"]["images"] == 3  # the link that resolves is read like any file
 
 
 def test_names_that_are_not_utf8_are_rejected_not_fatal(tmp_path: Path):

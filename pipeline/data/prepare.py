@@ -10,7 +10,8 @@ Work happens in `.<out>.partial` beside `out`: each finished shard is recorded t
 started again with the same inputs and params resumes after the last finished shard. The finished folder is
 renamed into place, so `out` never holds half a dataset. It carries `MARKER`: prepare replaces only a
 folder that holds it (or an empty or new one), so a mistyped `--out` can never delete files prepare did
-not write.
+not write. It never replaces a folder a training is reading, and a second prepare into the same `out` is
+refused while the first runs (lock.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from PIL import ExifTags, Image, ImageOps
 from ..config import ConfigError, Params, PrepareConfig, parse, profile_datasets, to_dict
 from ..utils.progress import progress
 from . import builtin
+from .lock import data_lock, prepare_lock
 from .prepared import MARKER, is_replaceable, write_manifest, write_meta
 from .shards import ShardWriter
 from .sources import SOURCES, Item, Scan, read_class_list, scan_imagefolder
@@ -73,6 +75,8 @@ def convert(src: str, resize: int | None, max_side: int | None, quality: int) ->
     """
     try:
         data = Path(src).read_bytes()
+    except FileNotFoundError:  # listed a moment ago: a symbolic link to nothing, or deleted since
+        return {"error": f"unreadable file: {'broken symbolic link' if os.path.islink(src) else 'deleted'}"}
     except OSError as err:
         return {"error": f"unreadable file: {err.strerror or err}"}
     if not data:
@@ -162,8 +166,12 @@ def _job(scan: Scan, root: Path, items: list[Item], cfg: PrepareConfig) -> dict[
     """What is being built: the storing params and every input with its size and mtime."""
     digest = hashlib.sha256()
     for item in items:
-        st = (root / item.src).stat()
-        digest.update(f"{item.split}\t{item.cls}\t{item.src}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = (root / item.src).stat()
+            state = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError as err:  # a dangling symlink: rejected when converted, and a new job once it resolves
+            state = f"unreadable {err.errno}"
+        digest.update(f"{item.split}\t{item.cls}\t{item.src}\t{state}\n".encode())
     return {"source": cfg.source, "resize": cfg.resize, "max_side": cfg.max_side, "quality": cfg.quality,
             "shard_mb": cfg.shard_mb, "builtin": to_dict(cfg.builtin), "task": scan.task, "inputs": digest.hexdigest()}
 
@@ -303,10 +311,15 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     """Build `cfg.out` from `cfg.source`, resuming a killed run of the same job; returns the stats."""
-    workers = default_workers() if workers is None else workers
     out = Path(cfg.out).resolve()
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with prepare_lock(out), data_lock(out, exclusive=True, key="out"):
+        return _prepare(cfg, out, default_workers() if workers is None else workers)
+
+
+def _prepare(cfg: PrepareConfig, out: Path, workers: int) -> dict[str, Any]:
+    """`prepare` under the locks of `out`: no other prepare builds it and no training reads it."""
     start = time.perf_counter()
     generated = out.with_name(f".{out.name}.generated")
     if cfg.source.startswith("builtin"):

@@ -101,6 +101,27 @@ def read_split(data_dir: str | Path, split: str) -> Split:
                  pid=arrays["pid"] if reid else None, camid=arrays["camid"] if reid else None)
 
 
+def check_shards(data_dir: str | Path) -> None:
+    """Refuse a prepared folder whose shards are shorter than its manifest says (cut short by a copy or a full
+    disk, or missing): one clear error before training, not a failed read mid-epoch. Sizes only, from one
+    pass over the manifest: checking the stored bytes would cost an epoch of reading."""
+    require_prepared(data_dir, (MANIFEST,))
+    folder = Path(data_dir)
+    ends: dict[str, int] = {}
+    with open(folder / MANIFEST, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        shard, offset, length = (header.index(name) for name in ("shard", "offset", "size"))
+        for row in reader:
+            ends[row[shard]] = max(ends.get(row[shard], 0), int(row[offset]) + int(row[length]))
+    for name, end in ends.items():
+        size = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if size is None or size < end:
+            found = "missing" if size is None else f"{size} bytes"
+            raise ConfigError("data_dir", str(data_dir), f"a complete prepared dataset; {name} is {found}, its "
+                              f"manifest needs at least {end} bytes (prepare the dataset again)")
+
+
 def train_images(data_dir: str | Path) -> int | None:
     """Training images of a prepared folder (its stats.json count), or None before it is prepared."""
     stats = Path(data_dir) / STATS

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..config import ConfigError, MlflowConfig, TrainConfig, flatten, to_dict
 from ..data.loaders import Loader, build_loader
-from ..data.prepared import manifest_hash, read_meta, train_images
+from ..data.lock import data_lock
+from ..data.prepared import check_shards, manifest_hash, read_meta, train_images
 from ..models.complexity import count
 from ..utils.cluster import connect, process_cpus
 from ..utils.interrupt import Interrupted, interruptible
@@ -327,7 +328,9 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     run, if they are this trial's (a damaged or foreign checkpoint is set aside and noted in the new run's
     `checkpoint_rejected` tag). `reuse=False` ignores both and trains from scratch into a new run. While another
     process trains the same trial into the same folder (another experiment of the repository), this one waits
-    for it, then reuses its run. Any error ends the run FAILED with the error text as its `failure_reason` tag;
+    for it, then reuses its run. The dataset is held for reading throughout (`data.lock`: prepare cannot replace
+    it, so the manifest hash the run records is that of the data it read) and its shards' sizes are checked
+    first. Any error ends the run FAILED with the error text as its `failure_reason` tag;
     SIGTERM or SIGINT ends it KILLED (in the main thread; raises `Interrupted`).
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune; `tags` are set
     on the run, new or reopened (the study's tables, rows and profile).
@@ -335,9 +338,12 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     if trial.recipe.mixup > 0 or trial.recipe.cutmix > 0:
         if trial.batch_size // train.num_workers % 2:
             raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
-    folder = Path(checkpoint_dir).absolute() if checkpoint_dir else trial_folder(train.checkpoint_root, trial_id(trial))
-    with trial_lock(folder, trial.label):  # another process training this trial finishes it first
-        return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, tags, reuse, on_epoch)
+    with data_lock(trial.data_dir, exclusive=False, key="data_dir"):  # prepare cannot replace it under us
+        check_shards(trial.data_dir)
+        folder = (Path(checkpoint_dir).absolute() if checkpoint_dir
+                  else trial_folder(train.checkpoint_root, trial_id(trial)))
+        with trial_lock(folder, trial.label):  # another process training this trial finishes it first
+            return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, tags, reuse, on_epoch)
 
 
 def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowConfig, experiment: str,
