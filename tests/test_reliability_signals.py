@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,7 +70,7 @@ def _runs(client: MlflowClient) -> list:
 
 
 @pytest.fixture
-def signal_params(tiny_params: Callable[..., Path]) -> Path:
+def signal_params(tiny_params: Callable[..., Path]) -> Iterator[Path]:
     """A one-row table of one resnet18 trial of EPOCHS epochs; its results files are removed afterwards."""
     yield tiny_params(profiles={"smoke": {"epochs": EPOCHS}}, tables={TABLE: {"recipe": "resnet", "rows": ROWS}})
     for suffix in ("json", "csv"):
