@@ -227,27 +227,33 @@ def test_a_full_disk_fails_the_trial_naming_the_checkpoint_and_the_cause(tiny_da
     assert sorted(p.name for p in small_disk.iterdir()) == sorted([LOCK, RUN_ID_FILE]), "no temp file is left behind"
 
 
-# ---- SIGTERM
+# ---- signals
+
+
+def _train_past_epoch_1(data: Path, params: Path, folder: Path, log: Path, epochs: int) -> subprocess.Popen:
+    """`python -m pipeline train` of `_trial(data, epochs=epochs)` into `folder`, returned (still training) once
+    its epoch 1 is checkpointed and logged."""
+    cmd = [sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--head", "kind=baseline",
+           "--data", str(data), "--img-size", "32", "--epochs", str(epochs), "--batch-size", "16",
+           "--params", str(params), "--checkpoint-dir", str(folder)]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while f"epoch 1/{epochs}" not in log.read_text():  # printed once epoch 1 is checkpointed and logged
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, "the trainer never finished its first epoch"
+        time.sleep(0.05)
+    return proc
 
 
 def test_sigterm_ends_the_run_killed_and_keeps_the_last_checkpoint(tiny_data: Path, tiny_params: Callable[..., Path],
                                                                    tmp_path: Path) -> None:
-    params = tiny_params()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # tiny_params' store
     folder = tmp_path / "ckpt"
     log = tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "pipeline", "train", "--backbone", "resnet18", "--head", "kind=baseline",
-           "--data", str(tiny_data), "--img-size", "32", "--epochs", "100", "--batch-size", "16",
-           "--params", str(params), "--checkpoint-dir", str(folder), "--experiment", "sigterm"]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 300
-        while "epoch 1/100" not in log.read_text():  # printed once epoch 1 is checkpointed and logged
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the trainer never finished its first epoch"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+    proc = _train_past_epoch_1(tiny_data, tiny_params(), folder, log, 100)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-2000:]
     assert "interrupted by SIGTERM" in log.read_text()
     run = client.get_run((folder / RUN_ID_FILE).read_text())
@@ -256,6 +262,30 @@ def test_sigterm_ends_the_run_killed_and_keeps_the_last_checkpoint(tiny_data: Pa
     state = load_checkpoint(folder / CHECKPOINT, run.data.tags["trial_id"])
     assert 1 <= state["epoch"] < 100
     assert not list(folder.glob(".*.tmp")), "an interrupted write leaves no temp file"
+
+
+@pytest.mark.parametrize("how", ["damaged", "retrain"])
+def test_a_run_a_killed_trainer_left_running_is_ended_by_the_run_that_supersedes_it(
+        tiny_data: Path, tiny_params: Callable[..., Path], tmp_path: Path, how: str) -> None:
+    """SIGKILL leaves the run RUNNING; the next training into the folder starts a new run (its checkpoint
+    rejected, or `--retrain`) and ends the old one KILLED, naming its successor."""
+    tracking, client = _store(tmp_path)  # tiny_params' store
+    folder = tmp_path / "ckpt"
+    proc = _train_past_epoch_1(tiny_data, tiny_params(), folder, tmp_path / "train.log", 3)
+    proc.kill()
+    proc.wait()
+    left = (folder / RUN_ID_FILE).read_text()
+    assert client.get_run(left).info.status == "RUNNING"
+    if how == "damaged":
+        _damage(folder / CHECKPOINT, "overwritten")
+    result = run_trial(_trial(tiny_data, epochs=3), train=QUIET, tracking=tracking, checkpoint_dir=folder,
+                       reuse=how != "retrain")
+    assert result["status"] == "FINISHED" and result["run_id"] != left
+    old = client.get_run(left)
+    assert old.info.status == "KILLED" and old.data.tags["superseded_by"] == result["run_id"]
+    reason = old.data.tags["failure_reason"]
+    assert reason.startswith(f"superseded by run {result['run_id']}: ")
+    assert ("checkpoint was rejected" if how == "damaged" else "--retrain") in reason, reason
 
 
 # ---- a deleted experiment

@@ -32,10 +32,10 @@ from .. import REPO_ROOT
 from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, data_dir, parse, to_dict
 from ..data.prepared import num_classes, require_prepared
 from ..training.engine import NonFiniteLossError
-from ..training.record import checkpoint_root
+from ..training.record import checkpoint_root, trial_lock
 from ..training.run import run_trial
 from ..training.tasks import chance_levels
-from ..training.tracking import check_server, client, git_commit, resolve_uri
+from ..training.tracking import TrialRun, check_server, client, git_commit, resolve_uri, running_runs
 from ..training.trial import resolve_trial, trial_key
 from ..utils.cluster import connect
 from ..utils.interrupt import Interrupted
@@ -48,7 +48,10 @@ from .schedule import Job, order
 from .table_runs import close_parent, sweep_parents, tag_trial_runs, trial_tags, write_row_runs
 from .tables import RowTrials, StudyTrial, departures, study_trials, table_order, table_rows
 
-NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Ray Tune's switch between its two console reporters
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
+"""Ray Tune's switch between its two console reporters: "0", the classic one, prints nothing at verbosity 0
+(the newer prints an experiment header and paths even then)."""
+TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -217,7 +220,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
             failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=params.ray.verbose,
             callbacks=[Console(trials)] if quiet else None))
     try:
-        with _sigterm_stops_tune() as stopped, _tune_output(quiet):
+        with _signals_stop_tune() as stopped, _environ({NEW_OUTPUT: "0"} if quiet else {}):
             grid = tuner.fit()
     finally:
         ray.shutdown()
@@ -229,40 +232,45 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
 
 
 @contextlib.contextmanager
-def _tune_output(quiet: bool) -> Iterator[None]:
-    """With `quiet`, Ray Tune's classic reporter at verbosity 0, which prints nothing: its newer output
-    prints an experiment header and paths even at verbosity 0."""
-    saved = os.environ.get(NEW_OUTPUT)
-    if quiet:
-        os.environ[NEW_OUTPUT] = "0"
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set while the block runs (Ray Tune reads its switches when `fit` starts)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(NEW_OUTPUT, None)
-        else:
-            os.environ[NEW_OUTPUT] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
-def _sigterm_stops_tune() -> Iterator[list[int]]:
-    """SIGTERM stops the Tune run as Ctrl-C does (Tune ends its trials and returns), and is raised as
-    `Interrupted` once Tune has returned. `ray.init` replaced this process's SIGTERM handler with one that
-    exits from inside Ray's own calls (or aborts); an exception raised there is not one Ray can pass on."""
+def _signals_stop_tune() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM stop the Tune run (Tune ends its trials and returns, in seconds) and are raised as
+    `Interrupted` once Tune has returned; more of them while it stops change nothing (an exception raised
+    inside Ray's calls is not one Ray can pass on: it becomes a SystemError). Tune's own Ctrl-C handler is off
+    (`TUNE_SIGINT`): it returns from `fit` as if the study had ended, so a stopped study would write partial
+    results and exit 0. `ray.init` replaced this process's SIGTERM handler with one that exits from inside
+    Ray's own calls (or aborts)."""
     stopped: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
+        if not stopped:
+            signal.raise_signal(signal.SIGUSR1)  # Tune's own stop, which it always listens for: end trials, return
         stopped.append(signum)
-        signal.raise_signal(signal.SIGINT)  # Tune's own handler: stop the trials, save, return
 
     if threading.current_thread() is not threading.main_thread():
         yield stopped
         return
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield stopped
+        with _environ({TUNE_SIGINT: "1"}):
+            yield stopped
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -279,9 +287,10 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
          f"{len(trials) - len(todo)} already finished, {len(todo)} to train")
     mlflow_client = client(uri)
     parents = sweep_parents(mlflow_client, tables, params.profile)
-    ended = "KILLED"  # unless it ends otherwise: interrupted (SIGINT, SIGTERM)
+    ended, why = "KILLED", "interrupted"  # unless it ends otherwise
     try:
         if todo:
+            end_stale_runs(params, uri, todo)
             tune_study(params, trials, {t: p.run_id for t, p in parents.items()}, measured)
             _free_checkpoints(params, uri, {t.key for t in todo})
         errors = {k: t.reason for k, t in trials.items() if t.reason}
@@ -290,14 +299,32 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
         for table in tables:
             write_row_runs(mlflow_client, parents[table], rows[table], results[table]["rows"], params.profile)
         ended = "FINISHED"
-    except Exception:
-        ended = "FAILED"
+    except Interrupted as err:
+        why = f"interrupted: {err}"
+        raise
+    except Exception as err:
+        ended, why = "FAILED", f"the study failed: {type(err).__name__}: {err}"[:500]
         raise
     finally:
         for parent in parents.values():
-            close_parent(mlflow_client, parent, ended)
+            close_parent(mlflow_client, parent, ended, None if ended == "FINISHED" else why)
     _summary(trials, results)
     return results
+
+
+def end_stale_runs(params: Params, uri: str, todo: list[StudyTrial]) -> None:
+    """End as KILLED, with the reason, the RUNNING runs of trials about to train that no process is training
+    (their folder's lock is free): the process that trained them died without ending them (SIGKILL, a lost
+    node). A trial another process trains now (another experiment) keeps its run; an ended run whose id its
+    folder keeps is reopened when the trial resumes."""
+    root = checkpoint_root(params.train.checkpoint_root)
+    for st in todo:
+        with trial_lock(root / st.key, st.label, wait=False) as free:
+            for run in running_runs(st.key, uri) if free else []:
+                TrialRun(uri, run.info.run_id).fail("interrupted: its process ended without ending the run (found "
+                                                    "RUNNING with no process training it by the next study)",
+                                                    killed=True)
+                _say(f"study: ended the stale RUNNING run {run.info.run_id} of {st.label} as KILLED")
 
 
 def _free_checkpoints(params: Params, uri: str, ran: set[str]) -> None:

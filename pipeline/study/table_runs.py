@@ -94,6 +94,8 @@ def sweep_parents(mlflow_client: MlflowClient, tables: list[str], profile: str) 
         if found:
             run_id = found[0].info.run_id
             mlflow_client.update_run(run_id, status="RUNNING")
+            if REASON_TAG in found[0].data.tags:  # why it ended last time
+                mlflow_client.delete_tag(run_id, REASON_TAG)
             mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             parents[table] = mlflow_client.get_run(run_id).info
         else:
@@ -103,14 +105,17 @@ def sweep_parents(mlflow_client: MlflowClient, tables: list[str], profile: str) 
     return parents
 
 
-def close_parent(mlflow_client: MlflowClient, parent: RunInfo, status: str) -> None:
-    """End a table's parent run with `status`, and as KILLED, with a reason, every trial run of it still
-    RUNNING: its process was ended with the sweep (a re-run reopens the run and resumes the trial)."""
+def close_parent(mlflow_client: MlflowClient, parent: RunInfo, status: str, reason: str | None = None) -> None:
+    """End a table's parent run with `status` and `reason` (why it did not finish), and as KILLED, with that
+    reason, every trial run of it still RUNNING: its process was ended with the sweep (a re-run reopens the
+    run and resumes the trial)."""
     left = mlflow_client.search_runs([parent.experiment_id], filter_string=(
         f"tags.{PARENT_TAG} = '{parent.run_id}' and attributes.status = 'RUNNING'"))
     for run in left:
-        mlflow_client.set_tag(run.info.run_id, REASON_TAG, f"interrupted: the sweep ended {status}")
+        mlflow_client.set_tag(run.info.run_id, REASON_TAG, reason or f"interrupted: the sweep ended {status}")
         mlflow_client.set_terminated(run.info.run_id, "KILLED")
+    if reason:
+        mlflow_client.set_tag(parent.run_id, REASON_TAG, reason)
     mlflow_client.set_terminated(parent.run_id, status)
 
 

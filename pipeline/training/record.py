@@ -56,19 +56,29 @@ def checkpoint_of(root: str | Path, tid: str) -> Path:
 
 
 @contextlib.contextmanager
-def trial_lock(folder: Path, label: str) -> Iterator[None]:
+def trial_lock(folder: Path, label: str, wait: bool = True) -> Iterator[bool]:
     """Hold the trial folder's lock while training it. Experiments run side by side (`dvc queue start -j 2`)
     share the checkpoint root, and two that need the same unfinished trial would write one checkpoint and one
     MLflow run at once: the second waits here, then finds the trial FINISHED and reuses it. The lock is the
-    kernel's (flock), so a process that dies releases it."""
+    kernel's (flock), so a process that dies releases it. Yields whether it is held: without `wait`, False
+    at once while another process holds it (a live process is training the trial)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             print(f"waiting for {label}: another process is training it ({folder})", file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        yield True
+
+
+def read_run_id(folder: Path) -> str | None:
+    """The id of the MLflow run the trial in `folder` trains into, None before it has one."""
+    path = folder / RUN_ID_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> Path:

@@ -4,7 +4,9 @@ The run is tracked in MLflow (`tracking`), checkpointed atomically after every e
 from the last checkpoint when started again; once FINISHED, its checkpoint keeps the final weights only.
 Each epoch is seeded from (seed, epoch), so a resumed run repeats what an uninterrupted one would have done,
 bit for bit on the same kind of machine, which every run records (`utils.machine`; MLflow tags
-`machine.*`). A damaged or foreign checkpoint is set aside and the trial starts from scratch in a new run.
+`machine.*`). A damaged or foreign checkpoint is set aside and the trial starts from scratch in a new run;
+the run it replaces (as `--retrain` does) names its successor in a `superseded_by` tag and, if a killed
+process left it RUNNING, ends KILLED.
 
 With `TrainConfig.num_workers > 1` the same loop (`fit`) runs data-parallel in Ray Train's TorchTrainer
 (gloo on CPU, NCCL on GPU) with the same global batch; only rank 0 writes checkpoints and logs to MLflow.
@@ -53,6 +55,7 @@ from .record import (
     compact,
     load_checkpoint,
     read_result,
+    read_run_id,
     reject_bad_checkpoint,
     save_checkpoint,
     trial_folder,
@@ -63,6 +66,7 @@ from .record import (
 from .tasks import Task, task_of
 from .tracking import (
     TrialRun,
+    end_superseded,
     find_finished,
     git_commit,
     metrics_csv,
@@ -363,6 +367,7 @@ def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowC
     if source_id is not None and not (source := checkpoint_of(train.checkpoint_root, source_id)).is_file():
         raise ConfigError("init_from", source_id, f"a trained classification trial (no checkpoint at {source}; "
                           "run that trial first)")
+    previous = read_run_id(folder)  # superseded if a new run starts below
     rejected = reject_bad_checkpoint(folder, tid)  # before --retrain deletes: only this trial's own goes
     if not reuse:
         clear(folder)
@@ -377,6 +382,12 @@ def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowC
     if not_applied := unapplied(trial.recipe):
         run_tags["recipe_not_applied"] = ", ".join(not_applied) + " (no such parameter in this backbone)"
     run = TrialRun.open(uri, experiment, folder, run_name=trial.label, tags=run_tags, parent_run_id=parent_run_id)
+    if previous is not None and previous != run.run_id:
+        if rejected is not None:
+            why = f"its checkpoint was rejected ({rejected})"
+        else:
+            why = "retrained (--retrain)" if not reuse else f"its checkpoint folder {folder} was another trial's"
+        end_superseded(uri, previous, run.run_id, why)
     job = Job(trial=trial, task=task, train=train, trial_id=tid, checkpoint_dir=str(folder), tracking_uri=uri,
               run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights, init_from=source_id)
     try:

@@ -26,11 +26,13 @@ from mlflow.exceptions import MlflowException
 from .. import REPO_ROOT, SHARED_ROOT
 from ..utils.io import atomic_write_text, csv_text
 from ..utils.machine import machine_kind
-from .record import RUN_ID_FILE
+from .record import RUN_ID_FILE, read_run_id
 
 SQLITE = "sqlite:///"
 TRIAL_TAG = "trial_id"
 REASON_TAG = "failure_reason"
+SUCCESSOR_TAG = "superseded_by"
+"""On a trial run replaced by a new run in its checkpoint folder: the new run's id (`end_superseded`)."""
 TABLES_TAG, ROWS_TAG, PROFILE_TAG, SEED_TAG = "tables", "rows", "profile", "seed"
 """What a study tags each trial run with: the tables and rows (`table:row`) that need it, its profile and seed."""
 DVC_EXP_TAG = "dvc_experiment"
@@ -194,14 +196,19 @@ def dvc_experiment() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
-def _newest_run(trial_id: str, tracking_uri: str, where: str, order: str) -> Run | None:
-    """The first run of a trial identity, in any active experiment, matching `where` in `order`."""
+def _runs(trial_id: str, tracking_uri: str, where: str, order: str, max_results: int) -> list[Run]:
+    """Runs of a trial identity, in any active experiment, matching `where` in `order`."""
     mlflow_client = client(tracking_uri)
     ids = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not ids:
-        return None
-    runs = mlflow_client.search_runs(ids, filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'{where}",
-                                     order_by=[order], max_results=1)
+        return []
+    return mlflow_client.search_runs(ids, filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'{where}",
+                                     order_by=[order], max_results=max_results)
+
+
+def _newest_run(trial_id: str, tracking_uri: str, where: str, order: str) -> Run | None:
+    """The first run of a trial identity, in any active experiment, matching `where` in `order`."""
+    runs = _runs(trial_id, tracking_uri, where, order, 1)
     return runs[0] if runs else None
 
 
@@ -214,6 +221,11 @@ def find_running(trial_id: str, tracking_uri: str) -> Run | None:
     """The newest RUNNING run of a trial identity (one training now, or `--retrain` over a FINISHED run), or
     None: its checkpoint is what it resumes from."""
     return _newest_run(trial_id, tracking_uri, " and attributes.status = 'RUNNING'", "attributes.start_time DESC")
+
+
+def running_runs(trial_id: str, tracking_uri: str) -> list[Run]:
+    """Every RUNNING run of a trial identity, newest first."""
+    return _runs(trial_id, tracking_uri, " and attributes.status = 'RUNNING'", "attributes.start_time DESC", 1000)
 
 
 def latest_run(trial_id: str, tracking_uri: str) -> Run | None:
@@ -257,8 +269,8 @@ class TrialRun:
         """Reopen the run whose id the checkpoint folder holds if it is this trial's (its `trial_id` tag is
         the one in `tags`), or start one and record its id there."""
         mlflow_client = client(tracking_uri)
-        id_file = checkpoint_dir / RUN_ID_FILE
-        held = _existing_run(mlflow_client, id_file.read_text().strip()) if id_file.exists() else None
+        run_id = read_run_id(checkpoint_dir)
+        held = _existing_run(mlflow_client, run_id) if run_id else None
         if held is not None and held.data.tags.get(TRIAL_TAG) == tags.get(TRIAL_TAG):
             mlflow_client.update_run(held.info.run_id, status="RUNNING")
             if REASON_TAG in held.data.tags:
@@ -269,7 +281,7 @@ class TrialRun:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = mlflow_client.create_run(experiment_id(mlflow_client, experiment), tags=all_tags, run_name=run_name)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(id_file, run.info.run_id)
+        atomic_write_text(checkpoint_dir / RUN_ID_FILE, run.info.run_id)
         return cls(tracking_uri, run.info.run_id)
 
     def run(self) -> Run:
@@ -330,6 +342,19 @@ class TrialRun:
         """End the run FAILED (KILLED: interrupted, e.g. by SIGTERM) with the reason as a tag."""
         self.set_tags({REASON_TAG: reason})
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+
+
+def end_superseded(tracking_uri: str, run_id: str, successor: str, why: str) -> None:
+    """Tag run `run_id` with the run that replaces it in its checkpoint folder (`SUCCESSOR_TAG`), and end it
+    KILLED with `why` if it was left RUNNING: the process that trained it died without ending it (the folder's
+    lock is held by the caller). A run the store no longer holds is left alone."""
+    mlflow_client = client(tracking_uri)
+    run = _existing_run(mlflow_client, run_id)
+    if run is None:
+        return
+    mlflow_client.set_tag(run_id, SUCCESSOR_TAG, successor)
+    if run.info.status == "RUNNING":
+        TrialRun(tracking_uri, run_id).fail(f"superseded by run {successor}: {why}", killed=True)
 
 
 def _existing_run(mlflow_client: MlflowClient, run_id: str) -> Run | None:

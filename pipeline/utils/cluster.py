@@ -3,8 +3,11 @@
 Ray takes the machine's outward-facing address as a node's IP (even when told 127.0.0.1), and its GCS,
 raylet and workers then listen on every interface. A local Ray has no other node to talk to, so it is
 started in Ray's single-machine mode (the mode Ray uses on macOS and Windows), where the node IP is the
-loopback address and every server binds to it. Token authentication (`RAY_AUTH_MODE=token`) is Ray's
-default here: a local Ray generates its token in `~/.ray/auth_token`.
+loopback address and every server binds to it. Its processes (GCS, raylet and the workers the raylet starts)
+run in a session of their own, so that a signal sent to the driver's process group (Ctrl-C in a terminal,
+GNU `timeout`, a scheduler's kill) reaches the driver alone, which then stops them in order; they die with
+the driver all the same if it is killed (Ray's kernel fate-sharing). Token authentication
+(`RAY_AUTH_MODE=token`) is Ray's default here: a local Ray generates its token in `~/.ray/auth_token`.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> str:
@@ -30,7 +34,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     if address:
         ray.init(address=address, log_to_driver=not quiet, logging_level=level)
         return address
-    with _single_machine():
+    with _single_machine(), _own_session():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet, logging_level=level)
     ip = ray.util.get_node_ip_address()
     if not ipaddress.ip_address(ip).is_loopback:
@@ -63,3 +67,23 @@ def _single_machine() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _own_session() -> Iterator[None]:
+    """Start the processes of a local Ray in a new session while it starts (Ray does the same on Windows,
+    with a new process group). Otherwise a group SIGTERM also ends the GCS, and the driver, stopping its
+    trials, waits a minute for the GCS to come back before it gives up."""
+    from ray._private import services
+
+    popen = services.ConsolePopen
+
+    class OwnSession(popen):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs, start_new_session=True)
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen

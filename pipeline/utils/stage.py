@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,5 +27,6 @@ def run_stage(body: Callable[[Params, list[str]], Any], argv: list[str]) -> int:
         return 2
     except Interrupted as err:
         print(f"error: interrupted by {err}; run the stage again to resume", file=sys.stderr)
+        gc.freeze()  # exit in seconds: no last full collection over the heap (torch, Ray, MLflow), which takes several
         return 128 + err.signum
     return 0
