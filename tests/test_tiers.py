@@ -29,6 +29,7 @@ PYTHON = sys.executable
     (["git", "rev-parse", "HEAD"], None),
     ([str(Path(PYTHON).with_name("ruff")), "check", "stages/study.py"], None),
     ([], None),
+    ("echo 'unbalanced", None),
 ])
 def test_slow_commands_are_ray_dvc_servers_stages_and_pipeline_commands(args: list, what: str | None) -> None:
     assert slow_command(args) == what

@@ -21,8 +21,11 @@ SLOW_PROGRAMS = frozenset({"dvc", "ray", "raylet", "gcs_server", "initdb", "pg_c
 
 def slow_command(args: Any) -> str | None:
     """What makes a command (a `subprocess.Popen` args value) one for the slow tier, or None."""
-    if isinstance(args, str | bytes | os.PathLike):
-        argv = shlex.split(os.fsdecode(args))  # a command line (shell=True) or one program
+    if isinstance(args, str | bytes | os.PathLike):  # a command line (shell=True) or one program
+        try:
+            argv = shlex.split(os.fsdecode(args))
+        except ValueError:  # unbalanced quotes: the shell's to report
+            argv = os.fsdecode(args).split()
     else:
         argv = [os.fsdecode(a) for a in args]
     if not argv:
