@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiers
 import torch
 import yaml
 from tracking_server import TrackingServer, free_port
@@ -21,6 +22,11 @@ from pipeline.data.prepare import prepare
 # Token authentication, as on every node of a real cluster (and a local Ray's default). Set here, before any
 # test module imports the study (and with it Ray), because Ray reads RAY_AUTH_MODE once, when first imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fast tier's guard (tests/tiers.py): an unmarked test that starts Ray, DVC, a stage or a server fails."""
+    config.pluginmanager.register(tiers, "tiers")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,6 +11,8 @@ from PIL import Image
 from pipeline.__main__ import main
 from pipeline.bench.imagenet_like import size_summary, write_imagenet_like
 
+pytestmark = pytest.mark.slow
+
 HAS_DVC = Path(sys.executable).with_name("dvc").is_file() or shutil.which("dvc") is not None
 needs_dvc = pytest.mark.skipif(shutil.which("git") is None or not HAS_DVC, reason="rehearse needs git and dvc")
 

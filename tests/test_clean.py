@@ -21,6 +21,8 @@ from pipeline.training.record import CHECKPOINT, LOCK, load_checkpoint, save_che
 from pipeline.training.run import run_trial
 from pipeline.training.trial import Trial, resolve_trial
 
+pytestmark = pytest.mark.slow
+
 RECIPES = load_params().recipes
 
 

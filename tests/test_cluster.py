@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.study.sweep import run_study
+
+pytestmark = pytest.mark.slow
 
 BASELINE = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 NOAH = {"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}

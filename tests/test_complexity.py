@@ -40,6 +40,7 @@ def _rel(ours, paper):
     return abs(ours - paper) / paper
 
 
+@pytest.mark.slow
 def test_tables_1_to_3_params_within_1_percent_and_madds_within_8(measured):
     rows = _main_rows(measured)
     pairs = [p for p in rows if p[1].kind != "gap"]
@@ -52,6 +53,7 @@ def test_tables_1_to_3_params_within_1_percent_and_madds_within_8(measured):
     assert _rel(gap[0][0], gap[1][0]) <= 0.01 and _rel(gap[0][1], gap[1][1]) <= 0.08
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", ["table4_N_r.csv", "table5_feature_split.csv", "table8_aggressive.csv",
                                    "table11_poca_variants.csv"])
 def test_ablation_variants_params_within_1_percent(measured, table):
@@ -70,6 +72,7 @@ def test_ablation_heads_are_the_variants_they_name():
     assert splits[1:4] == ["none", "first", "both"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", list_backbones())
 def test_noah_extra_madds_follow_the_paper_formula(measured, backbone):
     noah_cfg = resolve_head(backbone, {"kind": "noah"})
@@ -102,6 +105,7 @@ def test_count_on_a_real_cpu_model_equals_the_meta_count(backbone, head):
     assert model.training
 
 
+@pytest.mark.slow
 def test_cli_default_rows(tmp_path):
     out = tmp_path / "c.csv"
     proc = subprocess.run([sys.executable, "-m", "pipeline", "complexity", "--out", str(out),

@@ -238,6 +238,7 @@ def test_rand_augment_at_its_top_magnitude_runs_every_op():
         assert op(image).size == image.size, op.name
 
 
+@pytest.mark.slow
 def test_cli_reports_a_layout_error_with_exit_code_2(tmp_path: Path):
     run = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--source", "imagefolder",
                           "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
@@ -245,6 +246,7 @@ def test_cli_reports_a_layout_error_with_exit_code_2(tmp_path: Path):
     assert run.returncode == 2 and "error: root" in run.stderr and "ImageFolder tree" in run.stderr
 
 
+@pytest.mark.slow
 def test_dvc_stage_entry_builds_the_profile_datasets(tmp_path: Path):
     small = {k: getattr(SMALL, k) for k in SMALL.__dataclass_fields__}
     repo = Path(__file__).parents[1]

@@ -91,6 +91,7 @@ def test_check_shards_refuses_a_short_or_missing_shard_and_passes_a_whole_one(ti
         check_shards(data)
 
 
+@pytest.mark.slow
 def test_a_second_prepare_into_the_same_folder_is_refused(tmp_path: Path):
     out = tmp_path / "out"
     with _prepare_held_open(tmp_path / "src", out):

@@ -21,6 +21,8 @@ from test_reliability_dvc import TAG, _kill_tagged, _shrink, _trial_runs
 
 from pipeline import REPO_ROOT
 
+pytestmark = pytest.mark.slow
+
 COPIED = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pipeline", "stages")
 EXPERIMENTS = {  # name: -S overrides; exp-b shares exp-a's new Table 8 trial, both queued to run at once
     "exp-a": ["recipes.aggressive.weight_decay=0.04"],

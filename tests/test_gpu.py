@@ -115,6 +115,7 @@ def test_head_paths_match_float64_eq1_for_every_option(device: str, autocast: bo
 # ---- training steps: bf16 autocast and channels_last on a GPU, no host syncs but the NaN checks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, device, compile", [
     ("resnet18", "cpu", False),
     pytest.param("resnet18", "cuda", False, marks=GPU),
@@ -159,6 +160,7 @@ def test_training_on_a_fixed_batch_lowers_the_loss_without_host_syncs(backbone: 
 # ---- torch.compile: the same outputs and gradients as eager, the head's autograd function included
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_model_matches_eager(device: str) -> None:
     """A small conv + NOAH head (fused path: `PocaSum`, an autograd function) compiled by inductor gives the
@@ -225,6 +227,7 @@ def test_table10_gpu_columns_at_batch_200(tmp_path: Path) -> None:
     assert dict(zip(header.split(","), line.split(",")))["noah_gpu_fps"] == str(row["noah_gpu_fps"])
 
 
+@pytest.mark.slow
 @GPU
 def test_a_gpu_trial_compiles_and_resumes_from_its_checkpoint_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
     """Deterministic mode: a trial interrupted after its first epoch and resumed ends with the weights of
@@ -248,6 +251,7 @@ def test_a_gpu_trial_compiles_and_resumes_from_its_checkpoint_bit_for_bit(tiny_d
     assert tags["precision"] == "bf16" and client.get_run(resumed["run_id"]).data.params["train.compile"] == "None"
 
 
+@pytest.mark.slow
 @GPU
 def test_one_gpu_ray_train_run_over_nccl(tiny_data: Path, tmp_path: Path) -> None:
     """The data-parallel path (`_fit_ray`: TorchTrainer, NCCL with use_gpu) with one worker on the one GPU;
@@ -274,6 +278,7 @@ def test_one_gpu_ray_train_run_over_nccl(tiny_data: Path, tmp_path: Path) -> Non
     assert load_checkpoint(tmp_path / "ck" / CHECKPOINT, tid)["epoch"] == 1
 
 
+@pytest.mark.slow
 @GPU
 def test_a_tune_sweep_shares_the_gpu_between_two_trials(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     """`ray.gpus_per_trial: 0.5`: the two trials of a table train at the same time on the one GPU."""

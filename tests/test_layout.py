@@ -183,6 +183,7 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_changing_a_module_a_stage_imports_makes_dvc_report_it_changed(stand_in: Path) -> None:
     """In the stand-in repository, each of CHANGED is edited in turn: `dvc status` must report every stage that
     imports it (a dependency missed in dvc.yaml would not), and no stage whose deps do not hold it."""
@@ -250,11 +251,13 @@ def _reported_after(work: Path, key: str, value: object) -> set[str]:
         path.write_text(original)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(DISPLAY_ONLY))
 def test_display_only_params_leave_the_study_unchanged(stand_in: Path, key: str) -> None:
     assert _reported_after(stand_in, key, DISPLAY_ONLY[key]) == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(RESULTING))
 def test_params_that_change_outs_rerun_exactly_their_stages(stand_in: Path, key: str) -> None:
     value, stages = RESULTING[key]

@@ -27,6 +27,8 @@ from pipeline.data.shards import ShardReader
 from pipeline.training.run import run_trial
 from pipeline.training.trial import resolve_trial
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).parents[1]
 
 

@@ -17,6 +17,8 @@ from pipeline.paper import PAPER_TABLES
 IMG = 32
 KEYS = list_backbones()
 MAIN = list(csv.DictReader(open(PAPER_TABLES / "table1_3_main.csv")))
+HEAVY = {"resnet101", "resnet152", "deit_base", "mixer_base", "gmlp_small"}
+"""Backbones whose CPU forward passes take seconds: the slow tier runs them."""
 
 
 def meta_model(backbone: str, head: dict, num_classes: int = 1000, img_size: int = 224) -> Classifier:
@@ -40,8 +42,9 @@ def test_registry_is_backbones_csv():
     assert KEYS == list(backbone_table()) and len(KEYS) == 26
 
 
-@pytest.mark.parametrize("img", [IMG, 48])  # 48: a multiple of 16 that stride-32 stages round (the smoke profile's)
-@pytest.mark.parametrize("backbone", KEYS)
+# 48: a multiple of 16 that stride-32 stages round (the smoke profile's); the slow tier checks it
+@pytest.mark.parametrize("img", [IMG, pytest.param(48, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backbone", [pytest.param(k, marks=pytest.mark.slow) if k in HEAVY else k for k in KEYS])
 def test_forward_shapes(backbone, img):
     torch.set_num_threads(1)
     family = backbone_table()[backbone].family

@@ -156,6 +156,7 @@ def test_bad_profile_tables_and_seeds_name_the_key(tmp_path: Path, change: dict,
     assert err.value.key == key
 
 
+@pytest.mark.slow
 def test_plan_prices_the_proxy_alone_within_a_day_of_one_gpu(tmp_path: Path) -> None:
     params = dataclasses.replace(load_params(), profile="proxy",
                                  mlflow=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'none.db'}"))

@@ -159,6 +159,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_model_shapes(reid_models, kind):
     model = reid_models[kind]
@@ -185,6 +186,7 @@ def test_model_rejects_bad_options():
         build_reid_model("resnet50", {"kind": "baseline"}, 1, IMG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_finetune_loads_the_classification_backbone(reid_models, checkpoints, kind):
     model, (classifier, path) = reid_models[kind], checkpoints[kind]
@@ -204,6 +206,7 @@ def test_finetune_loads_the_classification_backbone(reid_models, checkpoints, ki
         assert torch.allclose(model.backbone.forward_features(x), classifier.forward_features(x))
 
 
+@pytest.mark.slow
 def test_finetune_rejects_other_checkpoints(reid_models, checkpoints, tmp_path: Path):
     with pytest.raises(ConfigError, match="noah head like this reid model's"):
         load_backbone(reid_models["noah"], checkpoints["baseline"][1])

@@ -26,6 +26,8 @@ from mlflow import MlflowClient
 
 from pipeline import REPO_ROOT
 
+pytestmark = pytest.mark.slow
+
 TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table11")
 BASELINE = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 NOAH = {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}

@@ -21,6 +21,8 @@ from pipeline.study.tables import table_rows
 from pipeline.training.record import CHECKPOINT, CheckpointError, load_checkpoint
 from pipeline.training.trial import trial_key
 
+pytestmark = pytest.mark.slow
+
 EPOCHS = 5
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 ROWS = {"baseline": ROW}  # a table of that one row

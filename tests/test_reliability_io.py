@@ -72,6 +72,7 @@ def _assert_nothing_lost(uri: str) -> None:
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == list(range(EPOCHS)), key
 
 
+@pytest.mark.slow
 def test_concurrent_trials_lose_nothing_in_the_embedded_sqlite_store(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_concurrently(uri, tmp_path / "ckpt")
@@ -110,6 +111,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             proc.wait()
 
 
+@pytest.mark.slow
 def test_concurrent_trials_lose_nothing_through_an_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     _log_concurrently(mlflow_server, tmp_path / "ckpt")
     _assert_nothing_lost(mlflow_server)
@@ -118,6 +120,7 @@ def test_concurrent_trials_lose_nothing_through_an_mlflow_server(mlflow_server: 
 # ---- a data root that does not exist
 
 
+@pytest.mark.slow
 def test_prepare_stage_names_a_missing_data_root_at_once(tmp_path: Path) -> None:
     params = {"profile": "p", "profiles": {"p": {"dataset": "imgs"}},
               "datasets": {"imgs": {"source": "imagefolder", "root": str(tmp_path / "no-such-root"),
@@ -223,6 +226,7 @@ def test_readme_mlflow_commands_bind_to_localhost() -> None:
 SECRET = "s3cr3t-reliability-4b1f0e"
 
 
+@pytest.mark.slow
 def test_no_environment_variable_or_secret_is_logged(tiny_data: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)

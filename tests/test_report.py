@@ -61,6 +61,7 @@ def body(path: Path) -> list[list[str]]:
     return tables[0][1:]
 
 
+@pytest.mark.slow
 def test_every_table_has_every_paper_row_in_order_in_both_formats(built: Path) -> None:
     for name, spec in TABLES.items():
         expected = [int(r["row"]) for r in paper_rows(spec)]
@@ -71,6 +72,7 @@ def test_every_table_has_every_paper_row_in_order_in_both_formats(built: Path) -
         assert [r["network"] for r in rows] == [r[0].rstrip("⁰¹²³⁴⁵⁶⁷⁸⁹").split(" [")[0] for r in md], name
 
 
+@pytest.mark.slow
 def test_csv_columns_follow_the_interface(built: Path) -> None:
     metrics = {name: ["params", "madds", "top1", "top5"] for name in TABLES}
     metrics["table9"] = ["scratch_top1", "scratch_map", "finetune_top1", "finetune_map"]
@@ -93,6 +95,7 @@ def test_csv_columns_follow_the_interface(built: Path) -> None:
                     float(v)
 
 
+@pytest.mark.slow
 def test_table4_means_intervals_and_marks_only_resolved_differences(built: Path) -> None:
     """Two seeds per row: means ± std, the paired difference to the baseline with its t interval, an arrow
     only when the interval excludes zero, bold only when it shows an improvement."""
@@ -138,6 +141,7 @@ def test_the_scale_line_names_each_departure_from_the_papers_settings() -> None:
     assert "Departs" not in "\n".join(scale_lines({**meta, "profile": "imagenet", "departures": []}, None))
 
 
+@pytest.mark.slow
 def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> None:
     text = (built / "table4.md").read_text()
     rows = body(built / "table4.md")
@@ -173,6 +177,7 @@ def test_failed_and_missing_trials_show_a_dash_and_a_footnote(built: Path) -> No
     assert [r["above_chance"] for r in records[:3]] == ["true"] * 3 and records[4]["above_chance"] == ""
 
 
+@pytest.mark.slow
 def test_report_params_and_madds_are_the_papers_models(tmp_path: Path) -> None:
     """Whatever trained them (here: nothing yet), every row of Tables 4–9 and 11 reports its model at the
     paper's settings: Params within 1% of the paper's, MAdds within 8% (Table 9 prints none: its ReID model)."""
@@ -228,6 +233,7 @@ def test_a_row_edited_in_params_is_labelled_with_its_setting_and_not_compared(
         assert record["edited"] == "" and record["paper_top1"] == "71.12"
 
 
+@pytest.mark.slow
 def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> None:
     for name, why in (("table7", "table7.json not produced yet (the `study` stage has not written it)"),
                       ("table6", "table6.json could not be read (JSONDecodeError")):
@@ -242,6 +248,7 @@ def test_missing_and_unreadable_results_files_keep_every_row(built: Path) -> Non
     assert "`benchmark` stage has not written it" not in (built / "table10.md").read_text()
 
 
+@pytest.mark.slow
 def test_table9_and_table10_layouts(built: Path) -> None:
     rows = body(built / "table9.md")  # each row trains twice: from scratch and fine-tuned, each with a status
     assert [r[0] for r in rows] == ["ResNet50-FC", "+ NOAH¹²"]  # NOAH's reid reading and its dropout: guesses
@@ -276,6 +283,7 @@ def test_table9_and_table10_layouts(built: Path) -> None:
     assert (records["resnet152"]["cpu_rounds"], records["resnet152"]["cpu_resolved"]) == ("5", "0")
 
 
+@pytest.mark.slow
 def test_dvc_metrics_and_plot_data_are_keyed_by_row_name(built: Path) -> None:
     """What `dvc metrics show` and `dvc plots show` read: per row name the values the report shows (with n and std:
     Table 4 has two seeds), Table 9's four metrics, Table 10's overheads per backbone; top-1 beside the paper's,
@@ -300,6 +308,7 @@ def test_dvc_metrics_and_plot_data_are_keyed_by_row_name(built: Path) -> None:
     assert [p.name for p in (built / "plots").rglob("*.csv")] == ["table4.csv"]  # no MLflow store: no curves
 
 
+@pytest.mark.slow
 def test_each_report_opens_with_its_scale(built: Path) -> None:
     lines = (built / "table4.md").read_text().splitlines()
     assert lines[0].startswith("# Table 4")
@@ -318,6 +327,7 @@ def test_each_report_opens_with_its_scale(built: Path) -> None:
     assert index.count("Not drawn:") == 2  # no tracking URI anywhere: the figures say so instead
 
 
+@pytest.mark.slow
 def test_markdown_parses_as_pipe_tables_with_consistent_widths(built: Path) -> None:
     for name in TABLES:
         table, *comparison = md_tables((built / f"{name}.md").read_text())
@@ -329,6 +339,7 @@ def test_markdown_parses_as_pipe_tables_with_consistent_widths(built: Path) -> N
     assert len(index) == 1 + len(TABLES)
 
 
+@pytest.mark.slow
 def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

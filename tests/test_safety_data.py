@@ -75,6 +75,7 @@ def user_folder(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_out_folder_it_did_not_build(small_tree: Path, user_folder: Path, tmp_path: Path):
     before, around = _snapshot(user_folder), sorted(p.name for p in tmp_path.iterdir())
     run = _cli("--source", "imagefolder", "--root", str(small_tree), "--out", str(user_folder))
@@ -85,6 +86,7 @@ def test_cli_refuses_an_out_folder_it_did_not_build(small_tree: Path, user_folde
     assert sorted(p.name for p in tmp_path.iterdir()) == around  # no staging folder either: refused before work
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_file_and_a_path_that_resolves_onto_a_user_folder(small_tree: Path, user_folder: Path):
     before = _snapshot(user_folder)
     for out, found in ((user_folder / "notes.txt", "found a file"),
@@ -94,6 +96,7 @@ def test_cli_refuses_a_file_and_a_path_that_resolves_onto_a_user_folder(small_tr
     assert _snapshot(user_folder) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out,found", [(".", "the working folder"), ("..", "a parent of the working folder")])
 def test_cli_refuses_the_working_folder_and_its_parents(tmp_path: Path, out: str, found: str):
     checkout = tmp_path / "checkout"
@@ -123,6 +126,7 @@ def test_the_filesystem_root_and_the_home_folder_are_refused(tmp_path: Path, mon
     check_out(tmp_path / "new")
 
 
+@pytest.mark.slow
 def test_rerun_onto_its_own_output_or_an_empty_folder_is_byte_identical(small_tree: Path, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
@@ -217,6 +221,7 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, band: str
         assert red == (edge == band), edge
 
 
+@pytest.mark.slow
 def test_a_dangling_symlink_is_rejected_and_counted_not_fatal(small_tree: Path, tmp_path: Path):
     (small_tree / "train" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (small_tree / "train" / "a" / "linked.jpg").symlink_to(small_tree / "val" / "a" / "0.jpg")
@@ -228,6 +233,7 @@ def test_a_dangling_symlink_is_rejected_and_counted_not_fatal(small_tree: Path, 
     assert stats["counts"]["train"]["images"] == 3  # the link that resolves is read like any file
 
 
+@pytest.mark.slow
 def test_names_that_are_not_utf8_are_rejected_not_fatal(tmp_path: Path):
     good = io.BytesIO()
     Image.new("RGB", (20, 16), (90, 120, 150)).save(good, "JPEG")
@@ -252,6 +258,7 @@ def test_names_that_are_not_utf8_are_rejected_not_fatal(tmp_path: Path):
     assert [r["path"] for r in rows] == ["train/a/0.jpg", "train/café/0.jpg", "val/a/0.jpg"]
 
 
+@pytest.mark.slow
 def test_market1501_names_that_are_not_utf8_are_rejected(tmp_path: Path):
     good = io.BytesIO()
     Image.new("RGB", (16, 32), (90, 120, 150)).save(good, "JPEG")

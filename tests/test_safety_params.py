@@ -20,6 +20,8 @@ from pipeline import REPO_ROOT
 from pipeline.config import MAX_SHOWN, PARAMS, ConfigError, load_params
 from pipeline.study.sweep import run_study
 
+pytestmark = pytest.mark.slow
+
 ROW = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 ROWS = {"baseline": ROW}  # a table of that one row
 

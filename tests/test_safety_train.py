@@ -36,6 +36,8 @@ from pipeline.training.record import (
 from pipeline.training.run import run_trial
 from pipeline.training.trial import Trial, resolve_trial
 
+pytestmark = pytest.mark.slow
+
 QUIET = TrainConfig(progress="off")
 
 

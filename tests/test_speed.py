@@ -73,6 +73,7 @@ def test_time_pair_stops_at_the_minimum_the_cap_or_the_budget():
         time_pair(pair, "cpu", 1, 32, 1, 5, 60, 0, warmup=0)
 
 
+@pytest.mark.slow
 def test_small_benchmark_writes_table10_and_one_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "results" / "table10"

@@ -21,6 +21,7 @@ from pipeline.study.tables import table_rows
 TRAINED = [name for name, spec in TABLES.items() if spec.producer == "study"]
 
 
+@pytest.mark.slow
 def test_repository_params_cover_every_paper_row() -> None:
     params = load_params()
     assert set(params.tables) == set(TRAINED) == {f"table{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11)} | {"proxy"}
@@ -38,6 +39,7 @@ def test_repository_params_cover_every_paper_row() -> None:
                     assert getattr(rt.row.head, option) == p[option], (table, p["row"])
 
 
+@pytest.mark.slow
 def test_dvc_set_param_addresses_every_row_by_its_name(tmp_path: Path) -> None:
     """`dvc exp run -S` (DVC's Hydra overrides) sets one option of any row of the repository's tables by name,
     an option the row states (`=`) or leaves to its default (`++`), and touches no other row."""
@@ -136,6 +138,7 @@ def test_bad_params_name_the_key(tmp_path: Path, changes: dict, key: str, allowe
     assert allowed in str(err.value)
 
 
+@pytest.mark.slow
 def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> None:
     """The stage exits 2 with one line naming the key, in seconds, and starts no Ray or MLflow."""
     params = yaml.safe_load(PARAMS.read_text())
@@ -155,6 +158,7 @@ def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
     assert elapsed < 30, elapsed  # generous: shared CI machine; typically ~5 s, mostly imports
 
 
+@pytest.mark.slow
 def test_plan_counts_no_configuration_twice() -> None:
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--profile", "imagenet", "--gpus", "64",
                           "--gpus-per-trial", "8", "--json"],
@@ -181,6 +185,7 @@ def test_plan_counts_no_configuration_twice() -> None:
     assert total["makespan_hours"] < min(total["table_by_table_hours"], sum(spans.values()))
 
 
+@pytest.mark.slow
 def test_plan_counts_every_seed(tmp_path: Path) -> None:
     """Three seeds train every row three times: three times the trials and the GPU-hours."""
     from pipeline.study.plan import plan
@@ -200,6 +205,7 @@ def test_plan_counts_every_seed(tmp_path: Path) -> None:
     assert three["total"]["gpu_hours"] == pytest.approx(3 * one["total"]["gpu_hours"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_plan_rejects_fewer_gpus_than_one_trial_needs() -> None:
     proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--gpus", "4", "--gpus-per-trial", "8"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -20,6 +20,8 @@ from pipeline.training.tracking import client as tracking_client
 from pipeline.training.tracking import resolve_uri
 from pipeline.training.trial import trial_key
 
+pytestmark = pytest.mark.slow
+
 ROWS_A = {"baseline": {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}},
           "noah": {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}}
 ROWS_B = {"sum": {"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}},  # = A's noah

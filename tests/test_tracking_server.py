@@ -21,6 +21,8 @@ from pipeline.config import load_params
 from pipeline.study.sweep import run_study
 from pipeline.training.tracking import TRIAL_TAG
 
+pytestmark = pytest.mark.slow
+
 BASELINE = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 NOAH = {"row": 1, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}
 TABLES = {"tc1": {"recipe": "resnet", "rows": {"baseline": BASELINE}},

@@ -80,6 +80,7 @@ def _logged(client: MlflowClient, run_id: str) -> dict[str, Any]:
 # ---- a complete run
 
 
+@pytest.mark.slow
 def test_trial_leaves_a_complete_mlflow_run_and_is_reused(data_dir: Path, tmp_path: Path,
                                                        capfd: pytest.CaptureFixture[str]) -> None:
     tracking, client = _store(tmp_path)
@@ -141,6 +142,7 @@ def _train_cmd(data_dir: Path, params_file: Path, ckpt: Path) -> list[str]:
             "--experiment", "kill_test", "--loader-workers", "2"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once(data_dir: Path,
                                                                                   tmp_path: Path) -> None:
     """With 2 loader workers: the resumed run ends with the weights of an uninterrupted one (0 workers)."""
@@ -188,6 +190,7 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint_and_logs_each_epoch_once
     assert all(torch.equal(killed["model"][k], uninterrupted["model"][k]) for k in killed["model"])
 
 
+@pytest.mark.slow
 def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: Path, tmp_path: Path,
                                                                     capfd: pytest.CaptureFixture[str]) -> None:
     # deit_pvt: warm-up, Mixup/CutMix, RandAugment, Random Erasing: every random draw is reseeded per epoch
@@ -223,6 +226,7 @@ def test_a_resumed_trial_ends_exactly_where_an_uninterrupted_one_does(data_dir: 
     assert resumed["top1"] == whole["top1"]
 
 
+@pytest.mark.slow
 def test_a_trial_repeats_bit_for_bit_whatever_the_loader_workers_and_records_its_machine(
         data_dir: Path, tmp_path: Path) -> None:
     """The same trial trained from scratch again (into its own store), with 1 or 2 loader workers, or resumed
@@ -274,6 +278,7 @@ def test_a_trial_repeats_bit_for_bit_whatever_the_loader_workers_and_records_its
         assert "machine.kinds" not in tags  # the crashed and the resumed attempt: one kind of machine
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_deterministic_gpu_trials_repeat_bit_for_bit_and_every_run_records_its_mode(data_dir: Path,
                                                                                      tmp_path: Path) -> None:
@@ -295,6 +300,7 @@ def test_deterministic_gpu_trials_repeat_bit_for_bit_and_every_run_records_its_m
 # ---- Ray Train, 2 workers
 
 
+@pytest.mark.slow
 def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> None:
     import ray
 
@@ -323,6 +329,7 @@ def test_two_ray_train_workers_log_like_one(data_dir: Path, tmp_path: Path) -> N
 # ---- failures
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_the_run_quickly_with_its_reason(data_dir: Path, tmp_path: Path) -> None:
     tracking, client = _store(tmp_path)
     exploding = dataclasses.replace(get_recipe("resnet", RECIPES), lr=1e30, name="exploding")
@@ -440,6 +447,7 @@ def test_trial_identity_covers_what_determines_a_result(data_dir: Path, tmp_path
     assert trial_id(_trial(copy)) != base
 
 
+@pytest.mark.slow
 def test_bench_train_measures_both_loops_on_the_same_work(data_dir: Path) -> None:
     from pipeline.bench.train import bench
     from pipeline.config import HeadConfig
