@@ -6,13 +6,15 @@ import dataclasses
 import json
 import sys
 
+from mlflow.exceptions import MlflowException
+
 from ..config import PARAMS, TrainConfig, check_name, load_params, parse, parse_head_spec, to_dict
 from ..utils.interrupt import Interrupted
 from ..utils.io import require_writable
 from .engine import NonFiniteLossError
 from .record import checkpoint_root
 from .run import run_trial
-from .tracking import check_store
+from .tracking import check_store, first_line
 from .trial import resolve_trial
 
 
@@ -42,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"error: the training diverged ({err}); the run is marked FAILED: try a lower lr", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk, a file-size limit, a permission taken away while it trained
-        print(f"error: {err}; the run is marked FAILED, its last good checkpoint kept", file=sys.stderr)
+    except (OSError, MlflowException) as err:  # a full disk, a file-size limit, a permission taken away mid-run
+        print(f"error: {first_line(err)}; the run is marked FAILED where its store allows, its last good "
+              "checkpoint kept", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

@@ -137,7 +137,7 @@ def check_store(uri: str, key: str) -> None:
     except ConfigError as err:
         raise ConfigError(key, uri, f"{STORE_RULE} ({err.value}: {err.allowed})") from None
     except Exception as err:  # noqa: BLE001 - whatever it is, it would fail the command once it had started
-        raise ConfigError(key, uri, f"{STORE_RULE} ({type(err).__name__}: {_first_line(err)})") from None
+        raise ConfigError(key, uri, f"{STORE_RULE} ({type(err).__name__}: {first_line(err)})") from None
 
 
 def _is_sqlite(db: Path) -> bool:
@@ -147,7 +147,7 @@ def _is_sqlite(db: Path) -> bool:
     return head in (b"", SQLITE_MAGIC)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """An exception's text up to its first line break (SQLAlchemy's run on with the SQL and a link)."""
     return (str(err).strip().splitlines() or [""])[0]
 
@@ -173,15 +173,15 @@ def waited(call: Callable[[], T], uri: str) -> T:
             time.sleep(1.0)
 
 
-class _NoLockTraceback(logging.Filter):
-    """MLflow logs each failed try on a locked SQLite store with its whole traceback (60 lines); `waited` says it
-    in one line instead."""
+class _NoDbTraceback(logging.Filter):
+    """MLflow logs each failed call on a SQLite store with its whole traceback (60 lines), then raises it: the
+    caller says it in one line (`waited` for a lock, the command for the rest)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return LOCKED not in record.getMessage()
+        return record.exc_info is None
 
 
-_NO_LOCK_TRACEBACK = _NoLockTraceback()
+_NO_DB_TRACEBACK = _NoDbTraceback()
 
 
 class _WaitingClient:
@@ -241,8 +241,8 @@ def client(uri: str) -> MlflowClient:
     if db is None:
         return cast(MlflowClient, _WaitingClient(MlflowClient(tracking_uri=uri)))
     db_log = logging.getLogger("mlflow.store.db.utils")
-    if _NO_LOCK_TRACEBACK not in db_log.filters:
-        db_log.addFilter(_NO_LOCK_TRACEBACK)
+    if _NO_DB_TRACEBACK not in db_log.filters:
+        db_log.addFilter(_NO_DB_TRACEBACK)
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
