@@ -358,9 +358,9 @@ def _escape(text: str) -> str:
 
 
 def markdown_text(text: str) -> str:
-    """Free text (a failure reason, an error) as plain Markdown text: besides `_escape`, the brackets of links and
-    images and code backticks escaped, so neither raw HTML, a `javascript:` link nor a remote image gets through."""
-    return _escape(re.sub(r"([\\`\[\]])", r"\\\1", str(text)))
+    """Free text (a failure reason, an error) as Markdown text: besides `_escape`, the brackets of links and images
+    escaped, so neither raw HTML, a `javascript:` link nor a remote image gets through (code spans stay)."""
+    return _escape(re.sub(r"([\\\[\]])", r"\\\1", str(text)))
 
 
 NOT_COMPARED = "this row ran with other settings than the paper's row: its paper values are not compared"
