@@ -30,8 +30,8 @@ from torch import nn
 from ..config import BenchmarkConfig, ConfigError, parse
 from ..models import build_model
 from ..paper import read_paper_table
-from ..training.tracking import MAX_BATCH, client, experiment_id, git_commit
-from ..utils.io import atomic_write_text, csv_text
+from ..training.tracking import MAX_BATCH, check_store, client, experiment_id, git_commit
+from ..utils.io import atomic_write_text, csv_text, require_writable
 from ..utils.machine import fixed_threads
 from ..utils.progress import steps
 from ..utils.stats import mean, t_interval
@@ -174,6 +174,9 @@ def log_mlflow(tracking_uri: str, rows: list[dict[str, Any]], meta: dict[str, An
 def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool | None = None) -> list[dict]:
     """Time every backbone pair, write PREFIX.csv/.json atomically, log the MLflow run; returns the rows."""
     keys = resolve_backbones(cfg.backbones)
+    require_writable(Path(cfg.out).parent, "benchmark.out")
+    if tracking_uri:
+        check_store(tracking_uri, "mlflow.tracking_uri")
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
     elif use_gpu and not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from .schema import (
                      TableRow,
                      TrainConfig,
                      TrialConfig,
+                     check_name,
                      flatten,
                      parse,
                      parse_head,
@@ -29,5 +30,5 @@ from .schema import (
 __all__ = ["PARAMS", "REPORTS", "RESULTS", "data_dir", "load_params", "profile_datasets", "IMG_SIZE_RULE",
            "MAX_SHOWN", "AugmentConfig", "BenchmarkConfig", "BuiltinDataConfig", "ConfigError", "HeadConfig",
            "MlflowConfig", "Params", "PrepareConfig", "ProfileConfig", "RayConfig", "RecipeConfig", "TableConfig",
-           "TableRow", "TrainConfig", "TrialConfig", "flatten", "parse", "parse_head", "parse_head_spec", "to_dict",
-           "valid_img_size"]
+           "TableRow", "TrainConfig", "TrialConfig", "check_name", "flatten", "parse", "parse_head", "parse_head_spec",
+           "to_dict", "valid_img_size"]

@@ -69,10 +69,18 @@ def load_params(path: str | Path = PARAMS) -> Params:
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
-    """What is wrong and where, on one line (PyYAML's own text spans several, quoting the file)."""
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return " ".join(f"{getattr(err, 'problem', None) or err}{where}".split())
+    """What is wrong and where, on one line (PyYAML's own text spans several, quoting the file). Where PyYAML
+    gives a context (the bracket or mapping left open), it is named with the line it opened at: the line
+    where PyYAML gave up may be far below the mistake."""
+    text = f"{getattr(err, 'problem', None) or err}{_at(getattr(err, 'problem_mark', None))}"
+    context, opened = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and opened is not None:
+        text += f"; {context} opened{_at(opened)}"
+    return " ".join(text.split())
+
+
+def _at(mark: yaml.Mark | None) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
 def data_dir(params: Params, name: str) -> str:

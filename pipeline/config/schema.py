@@ -286,6 +286,28 @@ def parse_head_spec(spec: str) -> HeadConfig:
 # ---- Study (lead): profiles, tables, Ray
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+NAME_RULE = ("a name of letters, digits, `_`, `.` and `-` that starts with a letter or digit, at most 100 characters "
+             "(it becomes a folder and an MLflow name: no `/`, `..` or `#`)")
+
+
+def check_name(key: str, name: Any) -> str:
+    """`name` if it may become a path or an MLflow name (`NAME_RULE`: it stays inside the folder it names a part
+    of, and MLflow keeps experiments with different names apart), else ConfigError naming `key`."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(key, name, NAME_RULE)
+    return name
+
+
+INSIDE_RULE = "a path inside the repository (no `..` above it), or an absolute path"
+
+
+def inside(path: str) -> bool:
+    """Whether a path from params.yaml stays in the root it is taken from: absolute, or relative without
+    climbing above it (`a/../../x`)."""
+    return bool(path) and (posixpath.isabs(path) or posixpath.normpath(path).split("/")[0] != "..")
+
+
 ROW_NAME = re.compile(r"[a-z][a-z0-9_]*")
 ROW_NAME_RULE = ("a row name of lowercase letters, digits and underscores that starts with a letter (e.g. `max`, "
                  "`resnet50_both`), so that DVC can address it: `-S tables.table7.rows.max.head.aggregation=avg`")
@@ -371,7 +393,7 @@ class RayConfig:
     gpus_per_trial: float = checked(lambda g: g >= 0, "a number >= 0 (fractions share a GPU)", default=0.0)
     max_concurrent: int = checked(lambda n: n >= 1, "an integer >= 1", default=2)
     max_failures: int = checked(lambda n: n >= 0, "an integer >= 0", default=2)
-    storage_path: str = ".ray_results"
+    storage_path: str = checked(inside, INSIDE_RULE, default=".ray_results")
     reuse_actors: bool = False
     verbose: int = checked(lambda v: v in (0, 1, 2, 3), "0 (the study's own lines), or 1-3 (Ray Tune's status "
                            "tables at that verbosity, with the trial processes' output)", default=0)
@@ -548,7 +570,9 @@ class TrialConfig:
 class MlflowConfig:
     """Where runs are tracked. A relative SQLite path is taken from the repository root."""
 
-    tracking_uri: str = checked(lambda u: bool(u), "an MLflow tracking URI", default="sqlite:///mlflow.db")
+    tracking_uri: str = checked(lambda u: inside(u.removeprefix("sqlite:///")),
+                                f"an MLflow tracking URI; a relative SQLite file or folder: {INSIDE_RULE}",
+                                default="sqlite:///mlflow.db")
     log_weights: bool = False
 
 
@@ -575,7 +599,7 @@ class TrainConfig:
     loader_workers: int | None = checked(lambda n: n >= 0, "null (the trial's CPUs minus one) or an integer >= 0",
                                          default=None)
     decode: str = choice("auto", "cpu", "gpu", default="auto")
-    checkpoint_root: str = checked(lambda d: bool(d), "a folder path", default="checkpoints")
+    checkpoint_root: str = checked(inside, f"a folder path: {INSIDE_RULE}", default="checkpoints")
     progress: str = choice("auto", "bar", "line", "off", default="auto")
     deterministic: bool = False
     compile: bool | None = checked(lambda c: isinstance(c, bool), "true, false or null (null: compile on a GPU, "
@@ -608,7 +632,7 @@ class BenchmarkConfig:
     cpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=1)
     gpu_batch: int = checked(lambda n: n >= 1, "an integer >= 1", default=200)
     img_size: int = img_size_field(224)
-    out: str = checked(lambda d: bool(d), "a path prefix (writes PREFIX.csv and PREFIX.json)",
+    out: str = checked(inside, f"a path prefix (writes PREFIX.csv and PREFIX.json): {INSIDE_RULE}",
                        default="results/table10")
 
     def __post_init__(self) -> None:
@@ -637,6 +661,9 @@ class Params:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def __post_init__(self) -> None:
+        for section in ("profiles", "datasets", "tables", "recipes"):
+            for name in getattr(self, section):
+                check_name(f"{section}.{name}", name)
         if self.profile not in self.profiles:
             raise ConfigError("profile", self.profile, "a key of `profiles`: " + ", ".join(self.profiles))
         for name, prof in self.profiles.items():

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ..config import ConfigError, Params, PrepareConfig, parse, profile_datasets, to_dict
+from ..utils.io import require_writable
 from ..utils.progress import progress
 from . import builtin
 from .lock import data_lock, prepare_lock
@@ -313,6 +314,7 @@ def prepare(cfg: PrepareConfig, workers: int | None = None) -> dict[str, Any]:
     """Build `cfg.out` from `cfg.source`, resuming a killed run of the same job; returns the stats."""
     out = Path(cfg.out).resolve()
     check_out(out)
+    require_writable(out.parent, "out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with prepare_lock(out), data_lock(out, exclusive=True, key="out"):
         return _prepare(cfg, out, default_workers() if workers is None else workers)

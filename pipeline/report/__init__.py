@@ -10,10 +10,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_write_text
+from ..training.tracking import check_store
+from ..utils.io import atomic_write_text, require_writable
 from . import figures, summaries
 from .specs import TABLES, TableSpec
-from .tables import Line, Results, build_lines, load_results, markdown, scale_lines, table_csv
+from .tables import Line, Results, build_lines, load_results, markdown, markdown_text, scale_lines, table_csv
 
 __all__ = ["TABLES", "build_reports", "build_table", "run"]
 
@@ -51,7 +52,7 @@ def _index(built: dict[str, tuple[Results, list[Line]]], drawn: list[Any]) -> st
             out.append(f"![{fig.title}]({fig.path.relative_to(fig.path.parents[1]).as_posix()})")
             out.append("")
         if fig.note:
-            out.append(f"Not drawn{' in part' if fig.path else ''}: {fig.note}.")
+            out.append(f"Not drawn{' in part' if fig.path else ''}: {markdown_text(fig.note)}.")
             out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -62,6 +63,9 @@ def build_reports(results_dir: Path, out_dir: Path, tracking_uri: str | None = N
     """All tables, the figures, the README index and the metrics and plot data DVC reads (`summaries`); returns
     what each table was built from."""
     out_dir = Path(out_dir)
+    require_writable(out_dir, "reports")
+    if tracking_uri:
+        check_store(tracking_uri, "mlflow.tracking_uri")
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # a DVC out even when no figure can be drawn
     built = {}
     for name, spec in TABLES.items():

@@ -11,8 +11,10 @@ the paper's columns; the trained model's own counts are the CSV's `trained_param
 """
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,12 +348,19 @@ class Footnotes:
         items = []
         for i, (reason, rows) in enumerate(self.notes.items(), 1):
             which = "row" if len(rows) == 1 else "rows"
-            items.append(f"{i}. {_escape(reason)} (paper {which} {', '.join(map(str, rows))})")
+            items.append(f"{i}. {markdown_text(reason)} (paper {which} {', '.join(map(str, rows))})")
         return "\n".join(items)
 
 
 def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A table cell: one line, `|` kept from ending the cell, HTML shown as text."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+
+
+def markdown_text(text: str) -> str:
+    """Free text (a failure reason, an error) as Markdown text: besides `_escape`, the brackets of links and images
+    escaped, so neither raw HTML, a `javascript:` link nor a remote image gets through (code spans stay)."""
+    return _escape(re.sub(r"([\\\[\]])", r"\\\1", str(text)))
 
 
 NOT_COMPARED = "this row ran with other settings than the paper's row: its paper values are not compared"

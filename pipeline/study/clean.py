@@ -21,8 +21,9 @@ from pathlib import Path
 
 from ..config import PARAMS, Params, load_params
 from ..training.record import CHECKPOINT, checkpoint_root, compact
-from ..training.tracking import find_finished, find_running, resolve_uri
+from ..training.tracking import check_store, find_finished, find_running, resolve_uri
 from ..training.trial import trial_key
+from ..utils.io import require_writable
 from .tables import study_trials, table_order, table_rows
 
 UNPREPARED = "unprepared-"
@@ -84,6 +85,8 @@ def apply(removals: list[Removal]) -> None:
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params or PARAMS)
     root = checkpoint_root(params.train.checkpoint_root)
+    require_writable(root, "train.checkpoint_root")
+    check_store(params.mlflow.tracking_uri, "mlflow.tracking_uri")
     removals = plan_clean(root, resolve_uri(params.mlflow.tracking_uri), needed_sources(params))
     for r in removals:
         print(f"{'would remove' if args.dry_run else 'remove'} {r.path} ({r.why}): {r.bytes / 1e6:.1f} MB")

@@ -16,7 +16,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param, Run, ViewType
 
 from ..config import ConfigError
-from .tracking import MAX_BATCH, check_server, client, experiment_id, local_store, resolve_uri
+from .tracking import MAX_BATCH, check_store, client, experiment_id, local_store, resolve_uri
 
 MIGRATED_TAG = "migrated_from"
 PARENT_TAG = "mlflow.parentRunId"
@@ -70,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     store = local_store(source)
     if store is not None and not store.exists():
         raise ConfigError("--from", args.source, "an existing MLflow store")
-    try:
-        check_server(target)
-    except ConnectionError as err:
-        raise ConfigError("--to", args.target, f"a usable MLflow store ({err})") from None
+    check_store(target, "--to")
     counts = migrate(source, target)
     print(f"migrate-tracking: {counts['copied']} runs copied, {counts['present']} copied before", file=sys.stderr)
     return 0

@@ -182,8 +182,9 @@ def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
                 ema.module.load_state_dict(state["ema"])
         history, start_epoch = state["history"], state["epoch"]
         if lead:  # why the first epoch shown is not 1
-            print(f"resuming {trial.label} from epoch {start_epoch + 1}/{trial.epochs} "
-                  f"(checkpoint {folder / CHECKPOINT})", file=sys.stderr, flush=True)
+            where = (f"from epoch {start_epoch + 1}/{trial.epochs}" if start_epoch < trial.epochs else
+                     f"after its last epoch ({trial.epochs}/{trial.epochs}): recording its result")
+            print(f"resuming {trial.label} {where} (checkpoint {folder / CHECKPOINT})", file=sys.stderr, flush=True)
     elif job.init_from is not None:
         task.initialise(model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
     train_loader, *eval_loaders = _loaders(job, world)
@@ -339,23 +340,36 @@ def run_trial(trial: Trial, *, train: TrainConfig = TrainConfig(), tracking: Mlf
     `on_epoch` gets each epoch's metrics (in the rank-0 process), e.g. to report to Ray Tune; `tags` are set
     on the run, new or reopened (the study's tables, rows and profile).
     """
-    if trial.recipe.mixup > 0 or trial.recipe.cutmix > 0:
-        if trial.batch_size // train.num_workers % 2:
-            raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
     with data_lock(trial.data_dir, exclusive=False, key="data_dir"):  # prepare cannot replace it under us
         check_shards(trial.data_dir)
+        classes, stats = read_meta(trial.data_dir)
+        task = task_of(stats)
+        check_model(trial, task, len(classes), train.num_workers)
         folder = (Path(checkpoint_dir).absolute() if checkpoint_dir
                   else trial_folder(train.checkpoint_root, trial_id(trial)))
         with trial_lock(folder, trial.label):  # another process training this trial finishes it first
-            return _run_trial(trial, folder, train, tracking, experiment, parent_run_id, tags, reuse, on_epoch)
+            return _run_trial(trial, task, len(classes), folder, train, tracking, experiment, parent_run_id, tags,
+                              reuse, on_epoch)
 
 
-def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowConfig, experiment: str,
-               parent_run_id: str | None, tags: Mapping[str, str] | None, reuse: bool,
+def check_model(trial: Trial, task: Task, num_classes: int, workers: int) -> None:
+    """Build the trial's model on the meta device (no memory, no time) and check its batch, so that a head the
+    backbone cannot take or a batch it cannot train on fails before anything is written to MLflow or the
+    checkpoint root."""
+    batch = trial.batch_size // workers
+    if (trial.recipe.mixup > 0 or trial.recipe.cutmix > 0) and batch % 2:
+        raise ConfigError("batch_size", trial.batch_size, "an even batch per worker (Mixup/CutMix pair images)")
+    with torch.device("meta"):
+        model = task.build_model(trial, num_classes)
+    if batch < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("batch_size", trial.batch_size, f"at least 2 images per worker for {trial.backbone} (its "
+                          "BatchNorm layers cannot normalise a batch of one)")
+
+
+def _run_trial(trial: Trial, task: Task, num_classes: int, folder: Path, train: TrainConfig, tracking: MlflowConfig,
+               experiment: str, parent_run_id: str | None, tags: Mapping[str, str] | None, reuse: bool,
                on_epoch: EpochCallback | None) -> dict[str, Any]:
     """`run_trial` under the lock of the trial's folder."""
-    classes, stats = read_meta(trial.data_dir)
-    task = task_of(stats)
     tid = trial_id(trial)
     uri = resolve_uri(tracking.tracking_uri)
     if reuse and (done := find_finished(tid, uri)) is not None:
@@ -389,7 +403,7 @@ def _run_trial(trial: Trial, folder: Path, train: TrainConfig, tracking: MlflowC
             why = "retrained (--retrain)" if not reuse else f"its checkpoint folder {folder} was another trial's"
         end_superseded(uri, previous, run.run_id, why)
     job = Job(trial=trial, task=task, train=train, trial_id=tid, checkpoint_dir=str(folder), tracking_uri=uri,
-              run_id=run.run_id, num_classes=len(classes), log_weights=tracking.log_weights, init_from=source_id)
+              run_id=run.run_id, num_classes=num_classes, log_weights=tracking.log_weights, init_from=source_id)
     try:
         with interruptible():
             run.set_tags({**(tags or {}), **({"checkpoint_rejected": rejected} if rejected is not None else {})})

@@ -15,16 +15,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from .. import REPO_ROOT, SHARED_ROOT
-from ..utils.io import atomic_write_text, csv_text
+from ..config import ConfigError, check_name
+from ..utils.io import atomic_write_text, csv_text, require_writable
 from ..utils.machine import machine_kind
 from .record import RUN_ID_FILE, read_run_id
 
@@ -53,6 +54,16 @@ Set in the environment of every process that opens a server's client, unless the
 RETRY_WINDOW = 130.0
 """Seconds SERVER_RETRIES wait at most: one outage's retries, said in one line."""
 HEALTH_TIMEOUT = 5.0
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql")
+"""The tracking URI schemes MLflow keeps runs in (a plain path is a file store too)."""
+STORE_RULE = ("a usable MLflow store: sqlite:///FILE (in a folder this process can write to), http(s)://HOST:PORT "
+              "of a tracking server that answers, or a file, postgresql, mysql or mssql URI")
+LOCK_WAIT = 120.0
+"""Seconds a call waits out a SQLite store that another process holds locked (MLflow's own wait is 20 s a try)."""
+SQLITE_MAGIC = b"SQLite format 3\0"
+LOCKED = "database is locked"
+"""SQLite's error when another process holds the store locked past MLflow's own wait."""
+T = TypeVar("T")
 
 
 def resolve_uri(uri: str) -> str:
@@ -105,6 +116,87 @@ def check_server(uri: str) -> None:
         raise ConnectionError(f"the MLflow tracking server does not answer ({reason})") from None
 
 
+def check_store(uri: str, key: str) -> None:
+    """The pre-flight of every command that writes to MLflow: ConfigError naming `key`, in seconds and before
+    anything is created, for an unsupported scheme, a SQLite or file store whose folder cannot be written, a file
+    that is not a SQLite database, a server that does not answer, or a store that stays locked past LOCK_WAIT."""
+    uri = resolve_uri(uri)
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme.split("+", 1)[0] not in STORE_SCHEMES:
+        raise ConfigError(key, uri, STORE_RULE)
+    store = local_store(uri)
+    try:
+        if store is not None:
+            require_writable(store.parent, key)
+        db = _sqlite_file(uri)
+        if db is not None and db.exists() and (not db.is_file() or not _is_sqlite(db)):
+            raise ConfigError(key, str(db), "a SQLite database (this file is not one)")
+        check_server(uri)
+        if store is None or store.exists():  # a new local store is created by the first run, not here
+            client(uri).search_experiments(max_results=1)
+    except ConfigError as err:
+        raise ConfigError(key, uri, f"{STORE_RULE} ({err.value}: {err.allowed})") from None
+    except Exception as err:  # noqa: BLE001 - whatever it is, it would fail the command once it had started
+        raise ConfigError(key, uri, f"{STORE_RULE} ({type(err).__name__}: {first_line(err)})") from None
+
+
+def _is_sqlite(db: Path) -> bool:
+    """Whether the file is a SQLite database, or empty (SQLite makes an empty file one)."""
+    with open(db, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    return head in (b"", SQLITE_MAGIC)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's text up to its first line break (SQLAlchemy's run on with the SQL and a link)."""
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def waited(call: Callable[[], T], uri: str) -> T:
+    """`call()`, retried while the SQLite store at `uri` is locked by another process, up to LOCK_WAIT seconds
+    (said in one line); then ConfigError. A server's outages are waited out by MLflow's own retries
+    (SERVER_RETRIES)."""
+    deadline = None
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if LOCKED not in str(err):  # another process holds the SQLite store locked
+                raise
+            if deadline is None:
+                deadline = time.monotonic() + LOCK_WAIT
+                print(f"the MLflow store {uri} is locked by another process: waiting up to {LOCK_WAIT:.0f} s",
+                      file=sys.stderr, flush=True)
+            elif time.monotonic() >= deadline:
+                raise ConfigError("mlflow.tracking_uri", uri, f"a store no other process holds locked for over "
+                                  f"{LOCK_WAIT:.0f} s (it is still locked)") from None
+            time.sleep(1.0)
+
+
+class _NoDbTraceback(logging.Filter):
+    """MLflow logs each failed call on a SQLite store with its whole traceback (60 lines), then raises it: the
+    caller says it in one line (`waited` for a lock, the command for the rest)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+_NO_DB_TRACEBACK = _NoDbTraceback()
+
+
+class _WaitingClient:
+    """An MlflowClient whose every call goes through `waited` (a store locked for a while never kills a trial)."""
+
+    def __init__(self, inner: MlflowClient):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        return lambda *args, **kwargs: waited(lambda: attr(*args, **kwargs), self._inner.tracking_uri)
+
+
 class _OneRetryLine(logging.Filter):
     """urllib3 logs each retry of a refused connection to a logger nobody shows (its NullHandler): print one
     readable line per outage instead (per process), again only once a whole retry window has passed."""
@@ -138,24 +230,31 @@ def _server_client(uri: str) -> MlflowClient:
 
 @functools.cache
 def client(uri: str) -> MlflowClient:
-    """The client of a tracking store (one per URI and process). A SQLite store is opened under an
-    exclusive lock on `<db>.lock`: processes opening a new store at once (trials starting together)
-    would otherwise race to create its tables and fail; a server does that itself."""
+    """The client of a tracking store (one per URI and process), its calls waiting out a locked store
+    (`waited`). A SQLite store is opened under an exclusive lock on `<db>.lock`: processes opening a new store
+    at once (trials starting together) would otherwise race to create its tables and fail; a server does that
+    itself."""
     uri = resolve_uri(uri)
     if is_server(uri):
         return _server_client(uri)
     db = _sqlite_file(uri)
     if db is None:
-        return MlflowClient(tracking_uri=uri)
+        return cast(MlflowClient, _WaitingClient(MlflowClient(tracking_uri=uri)))
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if _NO_DB_TRACEBACK not in db_log.filters:
+        db_log.addFilter(_NO_DB_TRACEBACK)
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return MlflowClient(tracking_uri=uri)  # creates or upgrades the tables
+        opened = waited(lambda: MlflowClient(tracking_uri=uri), uri)  # creates or upgrades the tables
+    return cast(MlflowClient, _WaitingClient(opened))
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, creating it if needed (tolerating another process creating it first).
-    A deleted one is restored: MLflow keeps its name taken and takes no runs into it while it is deleted."""
+    A deleted one is restored: MLflow keeps its name taken and takes no runs into it while it is deleted.
+    The name becomes its artifact folder, so it is checked like every such name (`check_name`)."""
+    check_name("experiment", name)
     for _ in range(2):
         found = mlflow_client.get_experiment_by_name(name)
         if found is not None and found.lifecycle_stage == "deleted":

@@ -52,12 +52,15 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
 
 
 def require_writable(folder: str | Path, key: str) -> None:
-    """Create `folder` if needed and prove a file can be written in it (permissions do not tell: root ignores
-    them, and a read-only mount or a full disk refuses root too); else one ConfigError naming `key`."""
-    folder = Path(folder)
-    probe = folder / f".write-probe-{secrets.token_hex(6)}"
+    """Prove a file can be written in `folder`, or, while it does not exist yet, in its nearest existing parent
+    (permissions do not tell: root ignores them, and a read-only mount or a full disk refuses root too); else
+    one ConfigError naming `key`. Creates nothing: a command refused later leaves no empty folder behind."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    probe = existing / f".write-probe-{secrets.token_hex(6)}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
         probe.write_bytes(b"probe")
         probe.unlink()
     except OSError as err:
