@@ -52,6 +52,7 @@ def refused(tiny_params: Callable[..., Path], tmp_path: Path) -> Path:
     return tiny_params()
 
 
+@pytest.mark.slow
 def test_commands_refuse_an_unusable_store_folder_or_name_in_one_line_creating_nothing(
         refused: Path, tiny_data: Path, tmp_path: Path) -> None:
     train = [*TRAIN, "--data", str(tiny_data), "--params", str(refused)]
@@ -77,6 +78,7 @@ def test_commands_refuse_an_unusable_store_folder_or_name_in_one_line_creating_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not.db", "params.yaml"]  # no store, no checkpoints/
 
 
+@pytest.mark.slow
 def test_clean_refuses_an_unusable_store(tiny_params: Callable[..., Path], tmp_path: Path) -> None:
     params = tiny_params(mlflow={"tracking_uri": "sqlite:////proc/nope/m.db"})
     _one_line(*_finish(_pipeline("clean", "--params", str(params))), "mlflow.tracking_uri")
@@ -120,6 +122,7 @@ def test_a_relative_path_that_climbs_out_of_the_repository_is_refused(tmp_path: 
     load_params(_repo_params(tmp_path, lambda d: d[key].update(dict.fromkeys(value, "/abs/x"))))  # taken as given
 
 
+@pytest.mark.slow
 def test_the_study_stage_refuses_a_table_named_like_a_path(tmp_path: Path) -> None:
     path = _repo_params(tmp_path, lambda d: d["tables"].update({"../../evil": d["tables"]["table7"]}))
     proc = subprocess.Popen([sys.executable, "stages/study.py", "--params", str(path), "../../evil"], cwd=REPO_ROOT,
