@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,17 @@ def test_study_stage_with_unprepared_data_fails_before_ray(tiny_params: Callable
     assert time.monotonic() - start < 30, "failed before Ray started"
     assert "Ray" not in proc.stderr and not (tmp_path / "ray_results").exists()
     assert not (REPO_ROOT / "results" / "tmiss.json").exists()
+
+
+def test_study_stage_with_shards_cut_short_fails_before_ray(tiny_params: Callable[..., Path], tiny_data: Path,
+                                                            tmp_path: Path) -> None:
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_data, cut)
+    os.truncate(next((cut / "shards").glob("train-*.tar")), 4000)
+    path = tiny_params(datasets={"builtin": {"out": str(cut)}}, tables={"tcut": {"recipe": "resnet", "rows": ROWS}})
+    line = _one_error_line(_stage("study", path, "tcut"), "datasets.builtin.out")
+    assert "manifest needs at least" in line and "prepare the dataset again" in line
+    assert "Ray" not in line and not (tmp_path / "ray_results").exists()
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from ray.tune.search import Searcher
 
 from .. import REPO_ROOT
 from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, data_dir, parse, to_dict
-from ..data.prepared import num_classes, require_prepared
+from ..data.prepared import check_shards, num_classes, require_prepared
 from ..training.engine import NonFiniteLossError
 from ..training.record import checkpoint_root, trial_lock
 from ..training.run import run_trial
@@ -377,13 +377,15 @@ def _summary(trials: dict[str, StudyTrial], results: dict[str, dict[str, Any]]) 
 
 def check_ready(params: Params, tables: list[str], out_dir: Path, uri: str) -> None:
     """Fail in seconds, before Ray starts, on what would fail every trial or lose its result: unprepared
-    data, a results, checkpoint or Ray folder that cannot be written, an MLflow store that cannot be used."""
+    data or shards cut short, a results, checkpoint or Ray folder that cannot be written, an MLflow store that
+    cannot be used."""
     prof = params.active
     reid = any(params.tables[t].task == "reid" for t in tables)
     for name in (prof.dataset, prof.reid_dataset if reid else None):
         if name is not None:
             try:
                 require_prepared(data_dir(params, name))
+                check_shards(data_dir(params, name))
             except ConfigError as err:
                 raise ConfigError(f"datasets.{name}.out", err.value, err.allowed) from None
     for key, folder in (("results", out_dir), ("train.checkpoint_root", checkpoint_root(params.train.checkpoint_root)),
