@@ -42,7 +42,8 @@ def _shrink(params: dict, tmp: Path) -> dict:
     params["profile"] = "smoke"
     params["seeds"] = [0]
     params["profiles"]["smoke"] = {"dataset": "builtin", "reid_dataset": "builtin_reid", "img_size": 32,
-                                   "reid_img_size": 32, "epochs": 1, "batch_size": 16,
+                                   "reid_img_size": 32, "resnet_width": params["profiles"]["smoke"]["resnet_width"],
+                                   "epochs": 1, "batch_size": 16,
                                    "recipes": params["profiles"]["smoke"]["recipes"], "seeds": None}
     params["datasets"]["builtin"] = {"source": "builtin", "out": "data/smoke/builtin", "resize": 40, "builtin": tiny}
     params["datasets"]["builtin_reid"] = {"source": "builtin_reid", "out": "data/smoke/builtin_reid", "resize": 32,
