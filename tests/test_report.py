@@ -313,8 +313,8 @@ def test_each_report_opens_with_its_scale(built: Path) -> None:
     lines = (built / "table4.md").read_text().splitlines()
     assert lines[0].startswith("# Table 4")
     scale = lines[2]
-    for part in ("dataset `builtin`", "num_classes `10`", "img_size `32`", "epochs `2`", "profile `smoke`",
-                 "commit `0123abc`", "date `2026-11-24 21:00 UTC`"):
+    for part in ("dataset `builtin`", "num_classes `10`", "img_size `32`", "width `1.0`", "epochs `2`",
+                 "profile `smoke`", "commit `0123abc`", "date `2026-11-24 21:00 UTC`"):
         assert part in scale
     assert lines[3] == ">" and "not from ImageNet" in lines[4]
     timing = (built / "table10.md").read_text().splitlines()
