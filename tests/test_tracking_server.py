@@ -150,6 +150,6 @@ def test_train_with_a_server_that_does_not_answer_is_one_error(tiny_data: Path, 
                             str(tiny_data), "--epochs", "1", "--img-size", "32", "--tracking-uri",
                             f"http://127.0.0.1:{free_port()}", "--checkpoint-dir", str(tmp_path / "ckpt")],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert train.returncode == 2 and train.stderr.startswith("error: mlflow.tracking_uri"), train.stderr
+    assert train.returncode == 2 and train.stderr.startswith("error: --tracking-uri"), train.stderr
     assert "does not answer" in train.stderr and train.stderr.count("\n") == 1
     assert not (tmp_path / "ckpt").exists(), "nothing started"
