@@ -223,7 +223,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """A classifier head; the NOAH options are the paper's design by default (interface.md)."""
+    """A classifier head; the NOAH options are the paper's design by default (docs/interface.md)."""
 
     kind: Literal["baseline", "gap", "noah"] = "noah"
     N: int | None = checked(lambda n: n >= 1, "an integer >= 1", default=None)
