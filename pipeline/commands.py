@@ -8,11 +8,12 @@ tests/test_cli.py holds this module to that.
 from __future__ import annotations
 
 import argparse
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BenchmarkConfig, MlflowConfig, PrepareConfig
+from .config import BenchmarkConfig, Decode, MlflowConfig, PrepareConfig
 from .data.prepared import MARKER
 
 
@@ -82,7 +83,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoding processes (default: params.yaml train.loader_workers; null there: CPUs - 1)")
     parser.add_argument("--compile", choices=("auto", "yes", "no"), default=None,
                         help="torch.compile the model; auto: on a GPU (default: params.yaml train.compile)")
-    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default=None,
+    parser.add_argument("--decode", choices=typing.get_args(Decode), default=None,
                         help="where JPEGs are decoded (default: params.yaml train.decode)")
     parser.add_argument("--checkpoint-dir", default=None, help="default: checkpoints/<trial_id>")
     parser.add_argument("--log-weights", action="store_true", help="store the final weights in MLflow")

@@ -276,7 +276,6 @@ def test_a_speed_bench_train_measured_put_as_gpu_tflops_prices_a_trial_at_that_s
     params = load_params().for_tables(["proxy"])
     trial = table_rows(params, "proxy")[3].trials["classify", 0]  # MobileNetV2 0.5x + NOAH
     tflops = equivalent_tflops(2500.0, trial.backbone, trial.head, trial.img_size)
-    measured = dataclasses.replace(params, profiles={**params.profiles, "proxy": dataclasses.replace(
-        params.active, gpu_tflops=tflops)})
     images = params.datasets["imagenet100"].train_images
-    assert trial_hours(measured, trial, Measured()) == pytest.approx(trial.epochs * images / 2500.0 / 3600)
+    hours = trial_hours(trial, Measured(), params.datasets, tflops)
+    assert hours == pytest.approx(trial.epochs * images / 2500.0 / 3600)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline import REPO_ROOT
-from pipeline.config import MAX_SHOWN, PARAMS, ConfigError, load_params
+from pipeline.config import MAX_SHOWN, PARAMS, ConfigError, load_params, parse_head
 from pipeline.study.sweep import run_study
 
 pytestmark = pytest.mark.slow
@@ -117,6 +117,24 @@ def test_train_compile_takes_true_false_or_null(tmp_path: Path, value: object) -
     assert load_params(_repo_params(tmp_path, train={**train, "compile": False})).train.compile is False
     with pytest.raises(ConfigError, match=r"train.compile: got .*; allowed: true, false or null \(null: compile on"):
         load_params(_repo_params(tmp_path, train={**train, "compile": value}))
+
+
+@pytest.mark.parametrize("value", ["fast", "GPU", 1, None])
+def test_train_decode_takes_one_of_its_words_and_a_bad_one_names_them(tmp_path: Path, value: object) -> None:
+    """A Literal field: the error names the key, the value given and every word allowed."""
+    train = yaml.safe_load(PARAMS.read_text())["train"]
+    assert load_params(_repo_params(tmp_path, train={**train, "decode": "cpu"})).train.decode == "cpu"
+    with pytest.raises(ConfigError) as err:
+        load_params(_repo_params(tmp_path, train={**train, "decode": value}))
+    assert str(err.value) == f"train.decode: got {value!r}; allowed: one of 'auto', 'cpu', 'gpu'"
+
+
+@pytest.mark.parametrize("value", [True, 1.0, 2, "3"])
+def test_a_literal_number_takes_that_number_alone(value: object) -> None:
+    """`kernel_size: Literal[1, 3]`: true equals 1 and 1.0 equals 1 in Python, but neither is the option's 1."""
+    assert parse_head({"kernel_size": 3}).kernel_size == 3
+    with pytest.raises(ConfigError, match=rf"^head.kernel_size: got {value!r}; allowed: one of 1, 3$"):
+        parse_head({"kernel_size": value})
 
 
 def test_builtin_data_seed_is_bounded_in_the_prepare_stage(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from .schema import (
                      BenchmarkConfig,
                      BuiltinDataConfig,
                      ConfigError,
+                     Decode,
                      HeadConfig,
                      MlflowConfig,
                      Params,
@@ -28,7 +29,7 @@ from .schema import (
 )
 
 __all__ = ["PARAMS", "REPORTS", "RESULTS", "data_dir", "load_params", "profile_datasets", "IMG_SIZE_RULE",
-           "MAX_SHOWN", "AugmentConfig", "BenchmarkConfig", "BuiltinDataConfig", "ConfigError", "HeadConfig",
+           "MAX_SHOWN", "AugmentConfig", "BenchmarkConfig", "BuiltinDataConfig", "ConfigError", "Decode", "HeadConfig",
            "MlflowConfig", "Params", "PrepareConfig", "ProfileConfig", "RayConfig", "RecipeConfig", "TableConfig",
            "TableRow", "TrainConfig", "TrialConfig", "check_name", "flatten", "parse", "parse_head", "parse_head_spec",
            "to_dict", "valid_img_size"]

@@ -83,10 +83,10 @@ def _at(mark: yaml.Mark | None) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def data_dir(params: Params, name: str) -> str:
-    """The folder of dataset `name` (a relative `out` is taken from the repository root)."""
-    out = Path(params.datasets[name].out)
-    return str(out if out.is_absolute() else REPO_ROOT / out)
+def data_dir(out: str) -> str:
+    """The folder a dataset's `out` names (a relative one is taken from the repository root)."""
+    path = Path(out)
+    return str(path if path.is_absolute() else REPO_ROOT / path)
 
 
 def profile_datasets(params: Params, names: list[str] | None = None) -> dict[str, PrepareConfig]:

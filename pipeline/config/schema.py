@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -52,11 +52,6 @@ INT64 = 2**63
 """Every integer the schema takes fits a signed 64-bit integer (what torch, numpy and SQLite hold)."""
 SEEDS = 2**32
 """Seeds are 0 … 2**32 - 1: numpy's global seed takes no more, and a seed must reach every generator."""
-
-
-def choice(*values: Any, default: Any = dataclasses.MISSING) -> Any:
-    """A field that only takes one of `values`."""
-    return field(default=default, metadata={"choices": values})
 
 
 def checked(check: Callable[[Any], bool], allowed: str, default: Any = dataclasses.MISSING,
@@ -122,8 +117,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(key, value, _type_name(tp))
-    if origin is typing.Literal:
-        if value in typing.get_args(tp):
+    if origin is typing.Literal:  # the same value and type: true is not 1, nor 1.0 the 1 of Literal[1, 3]
+        if any(value == allowed and type(value) is type(allowed) for allowed in typing.get_args(tp)):
             return value
         raise ConfigError(key, value, "one of " + ", ".join(map(repr, typing.get_args(tp))))
     if origin in (list, tuple):
@@ -188,9 +183,6 @@ def parse(cls: type[T], data: Any, where: str = "") -> T:
             if err.key != key or "allowed" not in f.metadata:
                 raise
             raise ConfigError(key, data[name], f"{f.metadata['allowed']} ({_type_name(hints[name])})") from None
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(key, value, "one of " + ", ".join(map(repr, choices)))
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
             raise ConfigError(key, value, f.metadata["allowed"])
@@ -226,25 +218,24 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Head
+# ---- Head: the classifier a row or trial puts on its backbone (baseline, GAP or NOAH) and NOAH's options
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """A classifier head; the NOAH options are the paper's design by default (interface.md)."""
+    """A classifier head; the NOAH options are the paper's design by default (docs/interface.md)."""
 
-    kind: str = choice("baseline", "gap", "noah", default="noah")
+    kind: Literal["baseline", "gap", "noah"] = "noah"
     N: int | None = checked(lambda n: n >= 1, "an integer >= 1", default=None)
     r: float | None = checked(lambda r: 0 < r < 1, "a number with 0 < r < 1", default=None)
-    feature_split: str = choice("both", "first", "none", default="both")
-    activation: str = choice("softmax", "sigmoid", default="softmax")
-    softmax_axis: str = choice("spatial", "channel", default="spatial")
-    aggregation: str = choice("sum", "avg", "max", "avg_spatial", "max_spatial", default="sum")
+    feature_split: Literal["both", "first", "none"] = "both"
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    softmax_axis: Literal["spatial", "channel"] = "spatial"
+    aggregation: Literal["sum", "avg", "max", "avg_spatial", "max_spatial"] = "sum"
     """How the N·H·W local POCAs of a class become its logit. Table 7's `avg` and `max` are one mean or max over
     all N·H·W of them; `avg_spatial` and `max_spatial` are the other reading (over H·W per block, then the sum
     over the N blocks). docs/fidelity.md."""
-    kernel_size: int = choice(1, 3, default=1)
+    kernel_size: Literal[1, 3] = 1
     shared_attention: bool = False
     extra_linear: bool = False
     dropout: float | None = checked(lambda p: 0 <= p < 1, "a number with 0 <= dropout < 1, or null (the "
@@ -283,7 +274,7 @@ def parse_head_spec(spec: str) -> HeadConfig:
     return parse_head(data, "--head")
 
 
-# ---- Study (lead): profiles, tables, Ray
+# ---- Study: profiles (the scale), the paper's tables as grids of rows, Ray
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -340,7 +331,7 @@ class TableConfig:
 
     recipe: str = checked(lambda r: bool(r), "a key of `recipes`")
     rows: dict[str, TableRow] = checked(lambda rows: len(rows) > 0, ROWS_RULE)
-    task: str = choice("classify", "reid", default="classify")
+    task: Literal["classify", "reid"] = "classify"
     finetune_recipe: str | None = None
     pretrain_recipe: str | None = None
 
@@ -399,7 +390,7 @@ class RayConfig:
                            "tables at that verbosity, with the trial processes' output)", default=0)
 
 
-# ---- Data (data helper): prepared datasets and training augmentation
+# ---- Data: prepared datasets and the loaders' augmentation
 
 
 @dataclass(frozen=True)
@@ -431,7 +422,7 @@ class PrepareConfig:
     JPEGs, 4:2:0 like ImageNet's own, in tar shards of about `shard_mb` MB.
     """
 
-    source: str = choice("builtin", "builtin_reid", "imagefolder", "market1501", default="builtin")
+    source: Literal["builtin", "builtin_reid", "imagefolder", "market1501"] = "builtin"
     root: str | None = None
     classes: str | None = checked(lambda s: bool(s), "null (every class folder) or a class list file: one WordNet "
                                   "id or folder name a line, prepared as labels 0..K-1 in its order", default=None)
@@ -463,7 +454,7 @@ class AugmentConfig:
     Erasing). Evaluation: resize the short side to size / `eval_crop_pct`, then the centre crop. Both
     standardise with `mean` and `std` (null: the prepared data's own)."""
 
-    kind: str = choice("standard", "timm", default="standard")
+    kind: Literal["standard", "timm"] = "standard"
     crop_scale: tuple[float, ...] = checked(lambda s: len(s) == 2 and 0 < s[0] <= s[1] <= 1,
                                             "[low, high] with 0 < low <= high <= 1 (RandomResizedCrop's area "
                                             "share)", default=(0.08, 1.0))
@@ -476,14 +467,14 @@ class AugmentConfig:
                                        default=None)
     color_jitter: float = checked(lambda c: c >= 0, "a number >= 0", default=0.0)
     reprob: float = checked(lambda p: 0 <= p <= 1, "a probability from 0 to 1 (Random Erasing)", default=0.0)
-    remode: str = choice("pixel", "const", "rand", default="pixel")
-    interpolation: str = choice("bilinear", "bicubic", "random", default="bilinear")
+    remode: Literal["pixel", "const", "rand"] = "pixel"
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
     repeats: int = checked(lambda n: n >= 1, "an integer >= 1 (1: every image once an epoch)", default=1)
     """Repeated augmentation: each drawn training image comes this many times in a row, differently augmented,
     in an epoch of as many samples as images (DeiT's RASampler, 3)."""
     eval_crop_pct: float = checked(lambda p: 0 < p <= 1, "a number with 0 < crop_pct <= 1 (the evaluation crop's "
                                    "side over the resized short side)", default=224 / 256)
-    eval_interpolation: str = choice("bilinear", "bicubic", default="bilinear")
+    eval_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, ...] | None = checked(lambda m: len(m) == 3, "null (the prepared data's own, stats.json) "
                                              "or three numbers (RGB, on the 0-1 scale)", default=None)
     std: tuple[float, ...] | None = checked(lambda s: len(s) == 3 and min(s) > 0, "null (the prepared data's own, "
@@ -491,7 +482,7 @@ class AugmentConfig:
                                             default=None)
 
 
-# ---- Training (train helper): recipes, trials, tracking and workers
+# ---- Training: recipes, trials, tracking and how a trial's processes run
 
 
 @dataclass(frozen=True)
@@ -503,7 +494,7 @@ class RecipeConfig:
     """
 
     name: str = "custom"
-    optimizer: str = choice("sgd", "adamw", "amsgrad", default="sgd")
+    optimizer: Literal["sgd", "adamw", "amsgrad"] = "sgd"
     lr: float = checked(lambda v: v > 0, "a positive number (the lr at `batch_size`)", default=0.1)
     batch_size: int = checked(lambda b: b >= 1, "an integer >= 1", default=256)
     epochs: int = checked(lambda e: e >= 1, "an integer >= 1", default=100)
@@ -514,8 +505,8 @@ class RecipeConfig:
     no_decay_norm_bias: bool = False
     """No weight decay on norms, biases and the model's `no_weight_decay()` (NOAH's biases, class tokens);
     without it every parameter decays, as in the authors' commands without `--nowd-bn`."""
-    schedule: str = choice("step", "multistep", "cosine", "linear", default="cosine")
-    lr_step: str = choice("update", "epoch", default="update")
+    schedule: Literal["step", "multistep", "cosine", "linear"] = "cosine"
+    lr_step: Literal["update", "epoch"] = "update"
     """When the schedule sets the lr: every update, or once at the start of each epoch (the DeiT, PVT and timm
     scripts the authors train ViTs and MLPs with)."""
     decay_epochs: float = checked(lambda d: d > 0, "a positive number of epochs (step schedule)", default=30.0)
@@ -576,6 +567,10 @@ class MlflowConfig:
     log_weights: bool = False
 
 
+Decode = Literal["auto", "cpu", "gpu"]
+"""Where a training process decodes JPEGs (`TrainConfig.decode`, and `train --decode`)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a trial runs (not what it computes, so none of this enters the trial identity).
@@ -598,15 +593,15 @@ class TrainConfig:
     use_gpu: bool | None = None
     loader_workers: int | None = checked(lambda n: n >= 0, "null (the trial's CPUs minus one) or an integer >= 0",
                                          default=None)
-    decode: str = choice("auto", "cpu", "gpu", default="auto")
+    decode: Decode = "auto"
     checkpoint_root: str = checked(inside, f"a folder path: {INSIDE_RULE}", default="checkpoints")
-    progress: str = choice("auto", "bar", "line", "off", default="auto")
+    progress: Literal["auto", "bar", "line", "off"] = "auto"
     deterministic: bool = False
     compile: bool | None = checked(lambda c: isinstance(c, bool), "true, false or null (null: compile on a GPU, "
                                    "not on a CPU)", default=None)
 
 
-# ---- Benchmark (head helper): Table 10 frames/s, the `benchmark` section of params.yaml
+# ---- Benchmark: Table 10's frames/s, the `benchmark` section of params.yaml
 
 
 def rounds_field(default: int) -> Any:
@@ -642,7 +637,7 @@ class BenchmarkConfig:
                 raise ConfigError(f"{dev}_max_repeats", most, f"an integer >= {dev}_repeats ({least})")
 
 
-# ---- Params (lead): the whole of params.yaml
+# ---- Params: the whole of params.yaml
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Models: the paper's 26 backbones with their own, GAP or NOAH heads (interface.md, "Python"), the
+"""Models: the paper's 26 backbones with their own, GAP or NOAH heads (docs/interface.md, "Python"), the
 re-identification model of Table 9, and their parameter and MAdd counts."""
 from .backbones import backbone_info, backbone_table, list_backbones, narrows
 from .classifier import Classifier

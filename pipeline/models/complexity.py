@@ -1,4 +1,4 @@
-"""Params and MAdds of any model, and `python -m pipeline complexity` (interface.md).
+"""Params and MAdds of any model, and `python -m pipeline complexity` (docs/interface.md).
 
 MAdds are torch's FlopCounterMode flops / 2: every matmul and convolution, attention matmuls included
 (the CPU flash-attention kernel has no formula in torch, so one is registered here). Bias adds,

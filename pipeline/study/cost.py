@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Params
+from ..config import PrepareConfig
 from ..data.prepared import train_images
 from ..models.complexity import measure
 from ..training.tracking import TRIAL_TAG, client, local_store
@@ -52,13 +53,12 @@ def read_measured(tracking_uri: str) -> Measured:
                     {k: statistics.median(v) for k, v in speeds.items()})
 
 
-def _train_images(params: Params, trial: Trial) -> int | None:
-    """Training images of the trial's data: as prepared, else what its `datasets:` entry expects."""
+def _train_images(trial: Trial, datasets: Mapping[str, PrepareConfig]) -> int | None:
+    """Training images of the trial's data: as prepared, else what its entry of `datasets` expects."""
     prepared = train_images(trial.data_dir)
     if prepared is not None:
         return prepared
-    name = next(n for n, d in params.datasets.items() if str(Path(trial.data_dir)).endswith(d.out))
-    return params.datasets[name].train_images
+    return next(d for d in datasets.values() if str(Path(trial.data_dir)).endswith(d.out)).train_images
 
 
 @functools.cache
@@ -66,14 +66,16 @@ def _madds(backbone: str, head: Any, img_size: int, width: float = 1.0) -> int:
     return measure(backbone, head, img_size=img_size, width=width)[1]
 
 
-def trial_hours(params: Params, trial: Trial, measured: Measured) -> float | None:
-    """Estimated device-hours of one trial (None when its training set size is unknown)."""
-    images = _train_images(params, trial)
+def trial_hours(trial: Trial, measured: Measured, datasets: Mapping[str, PrepareConfig],
+                gpu_tflops: float) -> float | None:
+    """Estimated device-hours of one trial (None when its training set size is unknown): at `measured`'s rate
+    where known, else at `gpu_tflops`; `datasets` (the `datasets:` entries) give the size of unprepared data."""
+    images = _train_images(trial, datasets)
     if images is None:
         return None
     madds = _madds(trial.backbone, trial.head, trial.img_size, trial.width)
     rate = measured.rates.get((trial.backbone, str(trial.data_dir), trial.img_size),
-                              params.active.gpu_tflops * 1e12 / TRAIN_FLOPS_PER_MADD)
+                              gpu_tflops * 1e12 / TRAIN_FLOPS_PER_MADD)
     return trial.epochs * images * madds / rate / 3600
 
 

@@ -35,7 +35,8 @@ def plan(params: Params, gpus: float = 1, gpus_per_trial: float = 1) -> dict[str
     measured = read_measured(params.mlflow.tracking_uri)
     slots = math.floor(gpus / gpus_per_trial + 1e-9)
     rows = {name: table_rows(params, name) for name in sorted(params.tables_of(), key=table_order)}
-    cost = {k: trial_hours(params, st.trial, measured) for k, st in study_trials(rows, frozenset()).items()}
+    cost = {k: trial_hours(st.trial, measured, params.datasets, params.active.gpu_tflops)
+            for k, st in study_trials(rows, frozenset()).items()}
     wall = {k: None if c is None else c / gpus_per_trial for k, c in cost.items()}
 
     def span(tables: dict[str, list[RowTrials]], done: frozenset[str]) -> float | None:

@@ -169,12 +169,12 @@ def _error_text(error: BaseException | None) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
-def _resources(params: Params) -> Any:
-    """Per-trial resources: one bundle, or one per Ray Train worker when a trial is data-parallel."""
-    ray_cfg, workers = params.ray, params.train.num_workers
+def _resources(cpus: float, gpus: float, workers: int) -> Any:
+    """Per-trial resources: one bundle of `cpus` and `gpus`, or one such bundle per Ray Train worker when a
+    trial is data-parallel (`workers` > 1)."""
     if workers == 1:
-        return {"cpu": ray_cfg.cpus_per_trial, "gpu": ray_cfg.gpus_per_trial}
-    worker = {"CPU": ray_cfg.cpus_per_trial, "GPU": ray_cfg.gpus_per_trial}
+        return {"cpu": cpus, "gpu": gpus}
+    worker = {"CPU": cpus, "GPU": gpus}
     return tune.PlacementGroupFactory([{"CPU": 0.5}] + [worker] * workers)
 
 
@@ -194,7 +194,8 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
     one keeps the memory of the trials before it (two reached 9 GB each over a dozen of Tables 1–3's large
     backbones and Ray's OOM killer ended the study)."""
     todo = {k: t for k, t in trials.items() if t.status == "PENDING"}
-    jobs = [Job(k, trial_hours(params, t.trial, measured) or 0.0, t.after) for k, t in todo.items()]
+    jobs = [Job(k, trial_hours(t.trial, measured, params.datasets, params.active.gpu_tflops) or 0.0, t.after)
+            for k, t in todo.items()]
     quiet = params.ray.verbose == 0
     # the store and checkpoint root as the driver resolves them (`SHARED_ROOT`), whatever a worker's environment
     root = str(checkpoint_root(params.train.checkpoint_root))
@@ -208,7 +209,8 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
          "longest first")
     storage = Path(params.ray.storage_path)
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, _resources(params)),
+        tune.with_resources(_trainable, _resources(params.ray.cpus_per_trial, params.ray.gpus_per_trial,
+                                                      params.train.num_workers)),
         param_space={"train": train, "mlflow": tracking},
         tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, order(jobs), space), num_samples=-1,
                                     max_concurrent_trials=params.ray.max_concurrent,
@@ -292,7 +294,8 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
         if todo:
             end_stale_runs(params, uri, todo)
             tune_study(params, trials, {t: p.run_id for t, p in parents.items()}, measured)
-            _free_checkpoints(params, uri, {t.key for t in todo})
+            _free_checkpoints(checkpoint_root(params.train.checkpoint_root), uri, needed_sources(params),
+                              {t.key for t in todo})
         errors = {k: t.reason for k, t in trials.items() if t.reason}
         tag_trial_runs(mlflow_client, trials, params.profile, uri)
         results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
@@ -327,12 +330,12 @@ def end_stale_runs(params: Params, uri: str, todo: list[StudyTrial]) -> None:
                 _say(f"study: ended the stale RUNNING run {run.info.run_id} of {st.label} as KILLED")
 
 
-def _free_checkpoints(params: Params, uri: str, ran: set[str]) -> None:
-    """Apply `clean`'s rules to the checkpoints of the trials this study ran: a finished trial keeps its weights
-    only while a fine-tuning trial of a configured table starts from it (checkpoints of other studies sharing
-    the root are left to `python -m pipeline clean`)."""
-    root = checkpoint_root(params.train.checkpoint_root)
-    removals = plan_clean(root, uri, needed_sources(params), only=ran)
+def _free_checkpoints(root: Path, uri: str, needed: set[str] | None, ran: set[str]) -> None:
+    """Apply `clean`'s rules to the checkpoints under `root` of the trials this study `ran`: a finished trial
+    keeps its weights only while a fine-tuning trial of a configured table starts from it (`needed`, as
+    `needed_sources` gives it; checkpoints of other studies sharing the root are left to
+    `python -m pipeline clean`)."""
+    removals = plan_clean(root, uri, needed, only=ran)
     apply_clean(removals)
     if removals:
         _say(f"study: freed {sum(r.bytes for r in removals) / 1e6:.0f} MB of checkpoints no resume or fine-tuning "
@@ -384,8 +387,8 @@ def check_ready(params: Params, tables: list[str], out_dir: Path, uri: str) -> N
     for name in (prof.dataset, prof.reid_dataset if reid else None):
         if name is not None:
             try:
-                require_prepared(data_dir(params, name))
-                check_shards(data_dir(params, name))
+                require_prepared(data_dir(params.datasets[name].out))
+                check_shards(data_dir(params.datasets[name].out))
             except ConfigError as err:
                 raise ConfigError(f"datasets.{name}.out", err.value, err.allowed) from None
     for key, folder in (("results", out_dir), ("train.checkpoint_root", checkpoint_root(params.train.checkpoint_root)),

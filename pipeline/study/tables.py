@@ -59,7 +59,7 @@ def table_rows(params: Params, table: str) -> list[RowTrials]:
 
         def trial(name: str, data: str, size: int, seed: int) -> Trial:
             return resolve_trial(
-                {"backbone": row.backbone, "data_dir": data_dir(params, data), "head": head, "seed": seed,
+                {"backbone": row.backbone, "data_dir": data_dir(params.datasets[data].out), "head": head, "seed": seed,
                  "recipe": params.recipe(name), "img_size": size, "width": width, "epochs": prof.epochs,
                  "batch_size": prof.batch_size}, params.recipes)
 

@@ -161,92 +161,160 @@ def fit(job: Job, world: World, on_epoch: EpochCallback | None = None,
 
 def _fit(job: Job, world: World, on_epoch: EpochCallback | None,
          wrap: Callable[[nn.Module], nn.Module] | None) -> dict[str, Any]:
-    trial, task, recipe = job.trial, job.task, job.trial.recipe
-    lead = world.rank == 0
-    folder = Path(job.checkpoint_dir)
-    seed_everything(mix_seed(trial.seed, 0))
-    model = task.build_model(trial, job.num_classes)
-    params, madds = count(model, img_size=trial.img_size) if lead else (0, 0)
-    cuda = world.device.type == "cuda"
-    placed(model, world.device)
-    optimizer = build_optimizer(model, trial.scaled)
-    ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
-    state = load_checkpoint(folder / CHECKPOINT, job.trial_id)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if "optimizer" in state:  # absent once compacted: a finished trial, whose epochs all ran
-            optimizer.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.module.load_state_dict(state["ema"])
-        history, start_epoch = state["history"], state["epoch"]
-        if lead:  # why the first epoch shown is not 1
-            where = (f"from epoch {start_epoch + 1}/{trial.epochs}" if start_epoch < trial.epochs else
-                     f"after its last epoch ({trial.epochs}/{trial.epochs}): recording its result")
-            print(f"resuming {trial.label} {where} (checkpoint {folder / CHECKPOINT})", file=sys.stderr, flush=True)
-    elif job.init_from is not None:
-        task.initialise(model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
+    """`fit`'s steps in order: build the model, resume it from its checkpoint, make the loaders and the training
+    step, tag the run (rank 0); then each remaining epoch trains, evaluates and is recorded; last, the result is
+    reported (rank 0; other ranks return {})."""
+    trial, lead = job.trial, world.rank == 0
+    built = _build(job, world, lead)
+    history, start_epoch = _resume(job, built, lead)
     train_loader, *eval_loaders = _loaders(job, world)
-    mixup = build_mixup(recipe, job.num_classes)
-    compiling = compiles(job.train.compile, world.device)
-    step = Step(model=compiled(wrap(model) if wrap else model, compiling), optimizer=optimizer,
-                scheduler=build_scheduler(optimizer, trial.scaled, len(train_loader)),
-                criterion=build_criterion(recipe, mixup), device=world.device, mixup=mixup, ema=ema,
-                clip_grad=recipe.clip_grad, updates=start_epoch * len(train_loader))
-    step.scheduler.step_update(num_updates=step.updates)
-    run = TrialRun(job.tracking_uri, job.run_id) if lead else None
-    if run is not None:
-        device = torch.cuda.get_device_name(world.device) if cuda else "cpu"
-        run.set_tags({"world_size": world.size, "device": device, "precision": precision_name(world.device),
-                      "compiled": str(compiling).lower(),
-                      "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
-                      "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
-        run.set_machine(machine_facts(world.device, job.train.deterministic, world.size))
-        run.log_epochs(history)  # epochs checkpointed before a crash but not yet logged
+    step, compiling = _training_step(job, world, built, start_epoch, len(train_loader), wrap)
+    run = _open_run(job, world, compiling, history) if lead else None
     mode = resolve_mode(job.train.progress) if lead else "off"
     name = f"{trial.backbone}/{trial.head.name} epoch"
     done = steps(trial.epochs, name, mode)
     for epoch in range(start_epoch, trial.epochs):
-        seed_everything(mix_seed(trial.seed, epoch, world.rank))
-        train_loader.set_epoch(epoch)
-        step.scheduler.step(epoch)  # a per-epoch schedule's lr for this epoch (per-update ones ignore it)
-        with ticker(len(train_loader), f"{name} {epoch + 1}/{trial.epochs}", mode) as tick:
-            stats = train_one_epoch(step, train_loader, tick)
-        images, correct = world.sum([stats["images"], stats["correct"]])
-        # train_top1 is against the (mixed) targets' argmax: Fig. 3's training curve, under augmentation
-        row = {"epoch": float(epoch), "train_loss": stats["train_loss"], "lr": stats["lr"],
-               "train_top1": 100.0 * correct / max(images, 1),
-               "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"],
-               "data_wait_fraction": stats["data_wait_fraction"], "loader_images_per_s": stats["loader_images_per_s"]}
-        row.update({f"val_{k}": v for k, v in task.validate(step.model, eval_loaders, world).items()})
-        if ema is not None:
-            row.update({f"val_{k}_ema": v for k, v in task.validate(ema.module, eval_loaders, world).items()})
+        row = _train_epoch(step, train_loader, world, trial.seed, epoch, f"{name} {epoch + 1}/{trial.epochs}", mode)
+        row.update(_evaluate(job.task, step, eval_loaders, world))
         history.append(row)
-        if lead:
-            save_checkpoint(folder / CHECKPOINT, {
-                "epoch": epoch + 1, "history": history, "trial_id": job.trial_id,
-                "model": unwrap(step.model).state_dict(), "optimizer": optimizer.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None})
-            run.log_epochs([row])
-            done(epoch + 1, f"loss {row['train_loss']:.4f} lr {row['lr']:.3g} top1 {row['val_top1']:.2f} "
-                            f"top5 {row['val_top5']:.2f} {row['images_per_s_epoch']:.0f} img/s "
-                            f"{row['epoch_seconds']:.1f}s")
+        if run is not None:
+            _record_epoch(job, run, step, epoch, history, done)
             if on_epoch is not None:
                 on_epoch(row)
-    if not lead:
+    if run is None:
         return {}
+    return _report(job, run, history, built, unwrap(step.model))
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A trial's model on its device, what trains it and its size (counted by rank 0 only; 0 elsewhere)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: ModelEmaV3 | None
+    params: int
+    madds: int
+
+
+def _build(job: Job, world: World, lead: bool) -> _Built:
+    """The trial's model, built under the trial's seed and placed on the device, its optimizer and EMA copy."""
+    trial, recipe = job.trial, job.trial.recipe
+    seed_everything(mix_seed(trial.seed, 0))
+    model = job.task.build_model(trial, job.num_classes)
+    params, madds = count(model, img_size=trial.img_size) if lead else (0, 0)
+    placed(model, world.device)
+    optimizer = build_optimizer(model, trial.scaled)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
+    return _Built(model, optimizer, ema, params, madds)
+
+
+def _resume(job: Job, built: _Built, lead: bool) -> tuple[list[dict[str, float]], int]:
+    """Load the trial's checkpoint, if any, into `built`, or else initialise a fine-tuned model from the trial it
+    starts from; returns the epochs' history and the number of epochs done."""
+    folder = Path(job.checkpoint_dir)
+    state = load_checkpoint(folder / CHECKPOINT, job.trial_id)
+    if state is None:
+        if job.init_from is not None:
+            job.task.initialise(built.model, checkpoint_of(job.train.checkpoint_root, job.init_from), job.init_from)
+        return [], 0
+    built.model.load_state_dict(state["model"])
+    if "optimizer" in state:  # absent once compacted: a finished trial, whose epochs all ran
+        built.optimizer.load_state_dict(state["optimizer"])
+        if built.ema is not None:
+            built.ema.module.load_state_dict(state["ema"])
+    history, start_epoch, trial = state["history"], state["epoch"], job.trial
+    if lead:  # why the first epoch shown is not 1
+        where = (f"from epoch {start_epoch + 1}/{trial.epochs}" if start_epoch < trial.epochs else
+                 f"after its last epoch ({trial.epochs}/{trial.epochs}): recording its result")
+        print(f"resuming {trial.label} {where} (checkpoint {folder / CHECKPOINT})", file=sys.stderr, flush=True)
+    return history, start_epoch
+
+
+def _training_step(job: Job, world: World, built: _Built, start_epoch: int, batches: int,
+                   wrap: Callable[[nn.Module], nn.Module] | None) -> tuple[Step, bool]:
+    """What one epoch trains with (the model compiled where `train.compile` says, and wrapped by `wrap`; its lr
+    schedule at the update `start_epoch` left it, for `batches` updates an epoch), and whether it compiles."""
+    trial, recipe = job.trial, job.trial.recipe
+    mixup = build_mixup(recipe, job.num_classes)
+    compiling = compiles(job.train.compile, world.device)
+    model = built.model
+    step = Step(model=compiled(wrap(model) if wrap else model, compiling), optimizer=built.optimizer,
+                scheduler=build_scheduler(built.optimizer, trial.scaled, batches),
+                criterion=build_criterion(recipe, mixup), device=world.device, mixup=mixup, ema=built.ema,
+                clip_grad=recipe.clip_grad, updates=start_epoch * batches)
+    step.scheduler.step_update(num_updates=step.updates)
+    return step, compiling
+
+
+def _open_run(job: Job, world: World, compiling: bool, history: list[dict[str, float]]) -> TrialRun:
+    """The trial's MLflow run, tagged with how this process trains it (device, precision, loaders, machine),
+    with the epochs checkpointed before a crash but not yet logged."""
+    trial = job.trial
+    run = TrialRun(job.tracking_uri, job.run_id)
+    device = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "cpu"
+    run.set_tags({"world_size": world.size, "device": device, "precision": precision_name(world.device),
+                  "compiled": str(compiling).lower(),
+                  "loader_workers": loader_workers(job.train, train_images(trial.data_dir) or 0),
+                  "decode": "device" if device_decode(job.train, trial, world.device) else "cpu"})
+    run.set_machine(machine_facts(world.device, job.train.deterministic, world.size))
+    run.log_epochs(history)
+    return run
+
+
+def _train_epoch(step: Step, loader: Loader, world: World, seed: int, epoch: int, label: str,
+                 mode: str) -> dict[str, float]:
+    """Train one epoch, seeded from (`seed`, `epoch`, rank); its training metrics, summed over the workers."""
+    seed_everything(mix_seed(seed, epoch, world.rank))
+    loader.set_epoch(epoch)
+    step.scheduler.step(epoch)  # a per-epoch schedule's lr for this epoch (per-update ones ignore it)
+    with ticker(len(loader), label, mode) as tick:
+        stats = train_one_epoch(step, loader, tick)
+    images, correct = world.sum([stats["images"], stats["correct"]])
+    # train_top1 is against the (mixed) targets' argmax: Fig. 3's training curve, under augmentation
+    return {"epoch": float(epoch), "train_loss": stats["train_loss"], "lr": stats["lr"],
+            "train_top1": 100.0 * correct / max(images, 1),
+            "images_per_s_epoch": images / stats["epoch_seconds"], "epoch_seconds": stats["epoch_seconds"],
+            "data_wait_fraction": stats["data_wait_fraction"], "loader_images_per_s": stats["loader_images_per_s"]}
+
+
+def _evaluate(task: Task, step: Step, loaders: list[Loader], world: World) -> dict[str, float]:
+    """The task's validation metrics of the model (`val_*`) and of its EMA copy (`val_*_ema`) where it has one."""
+    row = {f"val_{k}": v for k, v in task.validate(step.model, loaders, world).items()}
+    if step.ema is not None:
+        row.update({f"val_{k}_ema": v for k, v in task.validate(step.ema.module, loaders, world).items()})
+    return row
+
+
+def _record_epoch(job: Job, run: TrialRun, step: Step, epoch: int, history: list[dict[str, float]],
+                  done: Callable[[int, str], None]) -> None:
+    """Checkpoint the epoch just trained (atomically), log its metrics to the run and show its line."""
+    row = history[-1]
+    save_checkpoint(Path(job.checkpoint_dir) / CHECKPOINT, {
+        "epoch": epoch + 1, "history": history, "trial_id": job.trial_id,
+        "model": unwrap(step.model).state_dict(), "optimizer": step.optimizer.state_dict(),
+        "ema": step.ema.module.state_dict() if step.ema is not None else None})
+    run.log_epochs([row])
+    done(epoch + 1, f"loss {row['train_loss']:.4f} lr {row['lr']:.3g} top1 {row['val_top1']:.2f} "
+                    f"top5 {row['val_top5']:.2f} {row['images_per_s_epoch']:.0f} img/s "
+                    f"{row['epoch_seconds']:.1f}s")
+
+
+def _report(job: Job, run: TrialRun, history: list[dict[str, float]], built: _Built,
+            model: nn.Module) -> dict[str, Any]:
+    """The trial's result (last and best epochs, size, speed), logged to the run with its artifacts and written
+    to the trial's folder."""
     last = history[-1]
     result = {"top1": last["val_top1"], "top5": last["val_top5"],
-              "best_top1": max(row["val_top1"] for row in history), "params": params, "madds": madds,
+              "best_top1": max(row["val_top1"] for row in history), "params": built.params, "madds": built.madds,
               "train_seconds": sum(row["epoch_seconds"] for row in history),
               "images_per_s": sum(row["images_per_s_epoch"] for row in history) / len(history),
-              **{key: last[f"val_{key}"] for key in task.result_keys}}
-    if ema is not None:
+              **{key: last[f"val_{key}"] for key in job.task.result_keys}}
+    if built.ema is not None:
         result.update(top1_ema=last["val_top1_ema"], top5_ema=last["val_top5_ema"])
     run.log_final(result)
-    _log_artifacts(run, job, history, unwrap(step.model))
-    write_result(folder, result)
+    _log_artifacts(run, job, history, model)
+    write_result(Path(job.checkpoint_dir), result)
     return result
 
 
