@@ -57,8 +57,8 @@ def is_design(row: dict[str, str]) -> bool:
     if row.get("head") != "noah" or any(row.get(k, "") not in ("", v) for k, v in defaults.items()):
         return False
     bb = backbones()[row["key"]]
-    n, r = row.get("N") or bb["noah_N"], row.get("r") or bb["noah_r"]  # Tables 1-3 print the design only
-    return float(n) == float(bb["noah_N"]) and float(r) == float(bb["noah_r"])
+    n, r = row.get("N") or bb.noah_N, row.get("r") or bb.noah_r  # Tables 1-3 print the design only
+    return float(n) == float(bb.noah_N) and float(r) == float(bb.noah_r)
 
 
 def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
@@ -74,7 +74,7 @@ def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
             if None in ids or ids in seen:
                 continue
             seen.add(ids)
-            label = f"{backbones()[line.paper['key']]['paper_name']} ({name.replace('table', 'Table ')})"
+            label = f"{backbones()[line.paper['key']].name} ({name.replace('table', 'Table ')})"
             pairs.append((label, base, line))
     return pairs
 
@@ -287,7 +287,7 @@ def _model_spec(line: Line, config: dict[str, Any], meta: dict[str, Any], data_d
             "img_size": int(trial.get("img_size") or meta.get("img_size") or 224),
             "width": float(trial.get("width") or 1.0),
             "data_dir": data_dir or trial.get("data_dir") or meta.get("data_dir"),
-            "run_id": line.run["run_id"], "name": backbones()[line.paper["key"]]["paper_name"]}
+            "run_id": line.run["run_id"], "name": backbones()[line.paper["key"]].name}
 
 
 def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:

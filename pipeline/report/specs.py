@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, HeadConfig, to_dict
-from ..models import build_reid_model, resolve_head
+from ..models import backbone_table, build_reid_model, resolve_head
+from ..models.backbones import BackboneInfo
 from ..models.complexity import count, measure, paper_head
 from ..paper import read_paper_table
 
@@ -120,17 +121,16 @@ def edits(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[str]:
     return out + [f"{k}={v}" for k, v in ran.items() if v != paper.get(k) and v is not None]
 
 
-@functools.cache
-def backbones() -> dict[str, PaperRow]:
-    """`backbones.csv` keyed by backbone key."""
-    return {r["key"]: r for r in read_paper_table("backbones.csv")}
+def backbones() -> dict[str, BackboneInfo]:
+    """Every registered backbone's facts by key (`pipeline/models/backbones.py`): its name, family, defaults."""
+    return backbone_table()
 
 
 def paper_rows(spec: TableSpec) -> list[PaperRow]:
     """The paper's rows of a table in print order, each with a `row` number (Table 10 numbers them 1…26)."""
     rows = read_paper_table(spec.paper_csv)
     if spec.paper_table is not None:
-        rows = [r for r in rows if int(backbones()[r["key"]]["paper_table"]) == spec.paper_table]
+        rows = [r for r in rows if backbones()[r["key"]].paper_table == spec.paper_table]
     if spec.keys:
         rows = [r for r in rows if r["key"] in spec.keys]
     for i, r in enumerate(rows, 1):
@@ -156,8 +156,8 @@ def guess_notes(spec: TableSpec, row: PaperRow) -> list[str]:
     guess = GUESSES.get(spec.name)
     notes = [note] if guess is not None and (note := guess(row)) else []
     backbone = backbones()[row["key"]]
-    if row.get("head") == "noah" and backbone["noah_dropout_source"] == "guess":
-        notes.append(f"NOAH's dropout {backbone['noah_dropout']} is its family's: the authors' commands do not "
+    if row.get("head") == "noah" and backbone.dropout_source == "guess":
+        notes.append(f"NOAH's dropout {backbone.noah_dropout} is its family's: the authors' commands do not "
                      f"state it for {row['key']} ({FIDELITY})")
     return notes
 
@@ -179,7 +179,7 @@ def _choice(label: str, column: str, words: dict[str, str]) -> Setting:
 
 
 def _network(row: PaperRow) -> str:
-    return backbones()[row["key"]]["paper_name"] if is_baseline(row) else "+ NOAH"
+    return backbones()[row["key"]].name if is_baseline(row) else "+ NOAH"
 
 
 ACCURACY = (Metric("top1", "Top-1 (%)", "top1", source="best_top1"), Metric("top5", "Top-5 (%)", "top5"),
@@ -214,7 +214,7 @@ def _table9_network(row: PaperRow) -> str:
 
 
 def _table10_network(row: PaperRow) -> str:
-    return backbones()[row["key"]]["paper_name"]
+    return backbones()[row["key"]].name
 
 
 PROXY_BACKBONES = ("resnet18", "mobilenetv2_050", "deit_tiny_050", "gmlp_tiny_050")

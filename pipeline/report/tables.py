@@ -464,7 +464,7 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
         best = {m.name: _best([ln.paper_values[m.name] for ln in block], m.better) for m in spec.metrics}
         for line in block:
             if spec.groups:
-                current = backbones()[line.paper["key"]]["family"]
+                current = backbones()[line.paper["key"]].family
                 if current != family:
                     family = current
                     out.append("| " + " | ".join([f"*{FAMILIES.get(family, family)}*"] + [""] * (len(header) - 1))
@@ -499,7 +499,7 @@ def paper_comparisons(lines: list[Line]) -> dict[int, proxy.Comparison]:
         if paper is None or paper_base is None:
             continue
         delta = line.delta("top1")
-        out[line.row] = proxy.Comparison(backbones()[line.paper["key"]]["paper_name"], paper - paper_base,
+        out[line.row] = proxy.Comparison(backbones()[line.paper["key"]].name, paper - paper_base,
                                          delta.mean if delta else None, delta.interval if delta else None)
     return out
 
