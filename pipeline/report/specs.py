@@ -126,6 +126,32 @@ def backbones() -> dict[str, BackboneInfo]:
     return backbone_table()
 
 
+def backbone_name(key: str) -> str:
+    """A backbone's display name (the paper's, for the paper's backbones), or its key when not registered."""
+    info = backbones().get(key)
+    return info.name if info is not None else key
+
+
+def backbone_family(key: str) -> str:
+    info = backbones().get(key)
+    return info.family if info is not None else ""
+
+
+def unprinted_row(spec: TableSpec, number: int, result: dict[str, Any]) -> PaperRow:
+    """The row a result without a paper counterpart stands in (a backbone or row the paper does not print): the
+    paper CSV's columns, with its number, backbone, head kind and its own settings (`N`, `r`, a head option)
+    where the table prints them, and no paper value."""
+    columns = list(read_paper_table(spec.paper_csv)[0])
+    head = result.get("head") if isinstance(result.get("head"), dict) else {}
+    setting = {**head, **(result.get("setting") if isinstance(result.get("setting"), dict) else {})}
+    metrics = {m.paper for m in spec.metrics}
+    row = {c: "" if c in metrics or setting.get(c) is None else str(setting[c]) for c in columns}
+    row.update(row=str(number), key=str(result.get("backbone") or result.get("key") or ""))
+    if "head" in columns:
+        row["head"] = str(head.get("kind", ""))
+    return row
+
+
 def paper_rows(spec: TableSpec) -> list[PaperRow]:
     """The paper's rows of a table in print order, each with a `row` number (Table 10 numbers them 1…26)."""
     rows = read_paper_table(spec.paper_csv)
@@ -155,8 +181,8 @@ def guess_notes(spec: TableSpec, row: PaperRow) -> list[str]:
     """The footnotes of `row` for settings that rest on the pipeline's own reading (docs/fidelity.md)."""
     guess = GUESSES.get(spec.name)
     notes = [note] if guess is not None and (note := guess(row)) else []
-    backbone = backbones()[row["key"]]
-    if row.get("head") == "noah" and backbone.dropout_source == "guess":
+    backbone = backbones().get(row["key"])
+    if row.get("head") == "noah" and backbone is not None and backbone.dropout_source == "guess":
         notes.append(f"NOAH's dropout {backbone.noah_dropout} is its family's: the authors' commands do not "
                      f"state it for {row['key']} ({FIDELITY})")
     return notes
@@ -179,7 +205,7 @@ def _choice(label: str, column: str, words: dict[str, str]) -> Setting:
 
 
 def _network(row: PaperRow) -> str:
-    return backbones()[row["key"]].name if is_baseline(row) else "+ NOAH"
+    return backbone_name(row["key"]) if is_baseline(row) else "+ NOAH"
 
 
 ACCURACY = (Metric("top1", "Top-1 (%)", "top1", source="best_top1"), Metric("top5", "Top-5 (%)", "top5"),
@@ -214,7 +240,7 @@ def _table9_network(row: PaperRow) -> str:
 
 
 def _table10_network(row: PaperRow) -> str:
-    return backbones()[row["key"]].name
+    return backbone_name(row["key"])
 
 
 PROXY_BACKBONES = ("resnet18", "mobilenetv2_050", "deit_tiny_050", "gmlp_tiny_050")
