@@ -30,7 +30,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def complexity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
     parser.add_argument("--backbones", default=None,
-                        help="comma-separated backbones.csv keys (default: all 26)")
+                        help="comma-separated backbone keys (default: every registered backbone)")
     parser.add_argument("--head", default=None,
                         help="one head for every backbone, e.g. kind=noah,N=4,r=0.5 (default: baseline, the "
                              "paper's noah and gap where the paper has one)")
@@ -63,7 +63,7 @@ def plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="a backbones.csv key, e.g. resnet18")
+    parser.add_argument("--backbone", required=True, help="a registered backbone key, e.g. resnet18")
     parser.add_argument("--head", default="kind=noah", help="head options, e.g. kind=noah,N=4,r=0.5")
     parser.add_argument("--recipe", default="resnet", help="a recipe name of params.yaml `recipes:`")
     parser.add_argument("--data", required=True, help="a prepared dataset folder")
@@ -113,7 +113,8 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchmarkConfig()
-    parser.add_argument("--backbones", default=None, help="comma-separated backbones.csv keys (default: all 26)")
+    parser.add_argument("--backbones", default=None, help="comma-separated backbone keys (default: every "
+                        "registered backbone, Table 10's first in its order)")
     for dev, where in (("cpu", "on one CPU core"), ("gpu", "on the GPU")):
         parser.add_argument(f"--{dev}-repeats", type=int, default=getattr(d, f"{dev}_repeats"),
                             help=f"fewest timed rounds {where}")
@@ -149,7 +150,7 @@ def bench_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="resnet18", help="a backbones.csv key")
+    parser.add_argument("--backbone", default="resnet18", help="a registered backbone key")
     parser.add_argument("--head", default="kind=noah", help="head options, e.g. kind=noah,N=4,r=0.5")
     parser.add_argument("--recipe", default="resnet", help="the trainer's recipe (optimizer, schedule, mixup, EMA)")
     parser.add_argument("--img-size", type=int, default=32, help="input resolution")

@@ -44,11 +44,12 @@ def _rel(ours, paper):
 def test_tables_1_to_3_params_within_1_percent_and_madds_within_8(measured):
     rows = _main_rows(measured)
     pairs = [p for p in rows if p[1].kind != "gap"]
-    assert len(pairs) == 52
+    printed = [r for r in csv.DictReader(open(PAPER_TABLES / "table1_3_main.csv")) if r["head"] != "gap"]
+    assert sorted((b, h.kind) for b, h in pairs) == sorted((r["key"], r["head"]) for r in printed)
     params_ok = [p for p in pairs if _rel(rows[p][0][0], rows[p][1][0]) <= 0.01]
     madds_ok = [p for p in pairs if _rel(rows[p][0][1], rows[p][1][1]) <= 0.08]
-    assert len(params_ok) == 52, sorted(set(pairs) - set(params_ok))
-    assert len(madds_ok) >= 46, sorted(set(pairs) - set(madds_ok))
+    assert params_ok == pairs, sorted(set(pairs) - set(params_ok))
+    assert len(pairs) - len(madds_ok) <= 6, sorted(set(pairs) - set(madds_ok))  # MAdds counting conventions differ
     gap = rows[("deit_tiny_100", resolve_head("deit_tiny_100", {"kind": "gap"}))]
     assert _rel(gap[0][0], gap[1][0]) <= 0.01 and _rel(gap[0][1], gap[1][1]) <= 0.08
 

@@ -1,4 +1,4 @@
-"""The model zoo: all 26 backbones with their own and NOAH heads, Params against the paper, every error.
+"""The model zoo: every registered backbone with their own and NOAH heads, Params against the paper, every error.
 
 Models are built on the meta device (no memory, no init) and, for forward passes, materialised on the
 CPU with small random weights: shapes and the real kernels are exercised without timm's slow init.
@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import ConfigError, HeadConfig
 from pipeline.models import Classifier, NoahHead, backbone_table, build_head, build_model, list_backbones, resolve_head
-from pipeline.paper import PAPER_TABLES
+from pipeline.paper import PAPER_TABLES, read_paper_table
 
 IMG = 32
 KEYS = list_backbones()
@@ -38,8 +38,22 @@ def cpu_model(backbone: str, head: dict, num_classes: int = 5, img_size: int = I
     return model
 
 
-def test_registry_is_backbones_csv():
-    assert KEYS == list(backbone_table()) and len(KEYS) == 26
+def test_every_backbone_of_the_paper_is_registered_with_the_papers_facts():
+    """backbones.csv holds what the paper prints; the registry holds every backbone's facts. Each backbone the
+    paper lists is registered, in the paper's order, with the paper's name, family, table, width, N and r; the
+    registry may hold more (a backbone the paper does not use), and every key a paper table names is one of
+    backbones.csv's."""
+    paper = read_paper_table("backbones.csv")
+    table = backbone_table()
+    assert KEYS == list(table) and set(KEYS) >= {row["key"] for row in paper}
+    assert [k for k in KEYS if k in {row["key"] for row in paper}] == [row["key"] for row in paper]
+    for row in paper:
+        info = table[row["key"]]
+        assert (info.name, info.family, info.paper_table, info.width, info.noah_N, info.noah_r) == (
+            row["paper_name"], row["family"], int(row["paper_table"]), float(row["width"]), int(row["noah_N"]),
+            float(row["noah_r"])), row["key"]
+    for path in PAPER_TABLES.glob("table*.csv"):
+        assert {r["key"] for r in read_paper_table(path.name)} <= {row["key"] for row in paper}, path.name
 
 
 # 48: a multiple of 16 that stride-32 stages round (the smoke profile's); the slow tier checks it
@@ -118,10 +132,10 @@ def test_params_match_tables_1_to_3(row):
 # ---- resolve_head and the errors
 
 
-def test_resolve_head_fills_n_and_r_from_backbones_csv():
+def test_resolve_head_fills_n_r_and_dropout_from_the_registry():
     for key, info in backbone_table().items():
         cfg = resolve_head(key, {"kind": "noah"})
-        assert (cfg.N, cfg.r) == (info.noah_N, info.noah_r)
+        assert (cfg.N, cfg.r, cfg.dropout) == (info.noah_N, info.noah_r, info.noah_dropout)
     assert resolve_head("resnet50", {"kind": "noah", "N": 8}) == HeadConfig(kind="noah", N=8, r=0.125, dropout=0.1)
     assert resolve_head("resnet50", {"kind": "baseline"}).N is None
     assert resolve_head("mixer_base", None).kind == "noah"

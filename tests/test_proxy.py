@@ -132,8 +132,8 @@ def test_the_proxy_trains_only_its_table_with_its_own_seeds_and_no_other_profile
     for rt, paper in zip(rows.values(), paper_rows(TABLES["proxy"])):
         assert (rt.row.row, rt.row.backbone) == (int(paper["row"]), paper["key"])
         if rt.row.head.kind == "noah":  # the paper's N and r for the backbone
-            csv_row = backbones()[rt.row.backbone]
-            assert (rt.row.head.N, rt.row.head.r) == (int(csv_row["noah_N"]), float(csv_row["noah_r"]))
+            info = backbones()[rt.row.backbone]
+            assert (rt.row.head.N, rt.row.head.r) == (info.noah_N, info.noah_r)
     with pytest.raises(ConfigError, match="^tables: got \\['proxy', 'table6'\\]; allowed: tables that train at one"):
         params.for_tables(["proxy", "table6"])
     with pytest.raises(ConfigError, match="^tables: got 'table6'; allowed: a table of profile 'proxy'"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -13,8 +14,9 @@ from markdown_it import MarkdownIt
 
 from pipeline.commands import parser_of
 from pipeline.config import PARAMS, load_params
+from pipeline.models import backbone_info
 from pipeline.paper import PAPER_TABLES
-from pipeline.report import TABLES, build_reports, run
+from pipeline.report import TABLES, build_reports, build_table, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
 from pipeline.report.specs import paper_rows
 from pipeline.report.tables import scale_lines
@@ -464,3 +466,78 @@ def test_attention_figure_from_the_checkpoint_of_a_trained_run(tmp_path: Path) -
     assert (tmp_path / "reports" / "figures" / "attention.png").read_bytes()[:8] == PNG
     index = (tmp_path / "reports" / "README.md").read_text()
     assert "(figures/attention.png)" in index and f"run {result['run_id'][:8]}" in index
+
+
+def _finished(seed_top1: tuple[float, float]) -> list[dict]:
+    return [{"seed": s, "status": "FINISHED", "best_top1": t, "top1": t, "top5": 90.0, "run_id": f"r{s}{t}"}
+            for s, t in enumerate(seed_top1)]
+
+
+@pytest.fixture
+def another_backbone(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A 27th registered backbone the paper does not print (ResNet34, built like the ResNets)."""
+    from pipeline.models import backbones as registry
+
+    info = dataclasses.replace(registry.backbone_info("resnet18"), key="resnet34", name="ResNet34",
+                               dropout_source="guess")
+    monkeypatch.setitem(registry._INFO, "resnet34", info)
+    monkeypatch.setitem(registry._REGISTRY, "resnet34", registry._REGISTRY["resnet18"])
+    return "resnet34"
+
+
+def test_a_result_without_a_paper_row_is_shown_with_empty_paper_columns(tmp_path: Path, another_backbone: str):
+    """Table 1 results for a registered backbone the paper does not print (rows 21-22) and Table 4's results with
+    a row params.yaml adds (row 9): each follows the paper's rows, labelled, its measured values and its delta to
+    its own baseline shown, its paper columns empty, with a note and never an edit or a comparison."""
+    printed = len(paper_rows(TABLES["table1"]))
+    rows = [{"row": 1, "name": "resnet18_baseline", "backbone": "resnet18", "head": {"kind": "baseline"},
+             "runs": _finished((40.0, 41.0))},
+            {"row": printed + 1, "name": "resnet34_baseline", "backbone": another_backbone,
+             "head": {"kind": "baseline"}, "runs": _finished((42.0, 43.0))},
+            {"row": printed + 2, "name": "resnet34_noah", "backbone": another_backbone,
+             "head": {"kind": "noah", "N": 8, "r": 0.25}, "runs": _finished((45.0, 46.5))}]
+    table4 = json.loads((FIXTURES / "table4.json").read_text())
+    table4["rows"].append({**table4["rows"][1], "row": 9, "name": "n2_r1_4",
+                           "head": {"kind": "noah", "N": 2, "r": 0.25}})
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table1.json").write_text(json.dumps({"meta": {"profile": "smoke"}, "rows": rows}))
+    (tmp_path / "results" / "table4.json").write_text(json.dumps(table4))
+    for name in ("table1", "table4"):
+        build_table(TABLES[name], tmp_path / "results", tmp_path / "reports")
+    text = (tmp_path / "reports" / "table1.md").read_text()
+    md, records = body(tmp_path / "reports" / "table1.md"), read_csv(tmp_path / "reports" / "table1.csv")
+    assert len(md) == len(records) == printed + 2  # every paper row, then the two
+    assert [r["row"] for r in records] == [str(n) for n in range(1, printed + 3)]
+    base, noah = md[-2:]
+    assert base[0].startswith("ResNet34") and noah[0].startswith("+ NOAH") and "[" not in noah[0]
+    assert all(cell == "—" for cell in noah[3:10:2])  # Params, MAdds, Top-1, Top-5 paper columns: empty
+    assert noah[6].startswith("**45.75") and "↑3.25" in noah[6]  # measured, against its own baseline
+    assert "the paper prints no such row: nothing here is compared with the paper" in text
+    assert "other settings than the paper's row" not in text
+    extra = records[-1]
+    assert (extra["key"], extra["backbone"], extra["head"], extra["network"]) == (another_backbone,) * 2 + (
+        "noah", "+ NOAH")
+    assert extra["paper_top1"] == extra["paper_params"] == extra["edited"] == "" and extra["top1"] == "45.75"
+    assert int(extra["params"]) > 0  # counted at the paper's settings like every row
+    table4_md, table4_csv = body(tmp_path / "reports" / "table4.md"), read_csv(tmp_path / "reports" / "table4.csv")
+    assert len(table4_md) == len(paper_rows(TABLES["table4"])) + 1
+    assert table4_md[-1][0].startswith("+ NOAH") and table4_csv[-1]["row"] == "9"
+    assert table4_csv[-1]["paper_top1"] == table4_csv[-1]["edited"] == "" and table4_csv[-1]["top1"] != ""
+
+
+def test_table10_times_a_backbone_the_paper_does_not_within_its_family(tmp_path: Path, another_backbone: str):
+    """A benchmark row of an unprinted backbone (no row number, as a hand-made file may give) joins the CNNs."""
+    data = json.loads((FIXTURES / "table10.json").read_text())
+    data["rows"].append({**data["rows"][0], "key": another_backbone, "cpu_resolved": None})
+    data["rows"][-1].pop("row", None)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table10.json").write_text(json.dumps(data))
+    _, lines = build_table(TABLES["table10"], tmp_path / "results", tmp_path / "reports")
+    printed = len(paper_rows(TABLES["table10"]))
+    families = [backbone_info(ln.paper["key"]).family for ln in lines]
+    assert len(lines) == printed + 1 and families == sorted(families, key=["cnn", "vit", "mlp"].index)
+    cnns = families.count("cnn")
+    assert lines[cnns - 1].paper["key"] == another_backbone and not lines[cnns - 1].printed
+    record = read_csv(tmp_path / "reports" / "table10.csv")[cnns - 1]
+    assert record["network"] == "ResNet34" and record["paper_cpu_overhead_pct"] == ""
+    assert record["row"] == str(printed + 1) and record["cpu_overhead_pct"] != ""

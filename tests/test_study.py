@@ -24,11 +24,13 @@ TRAINED = [name for name, spec in TABLES.items() if spec.producer == "study"]
 @pytest.mark.slow
 def test_repository_params_cover_every_paper_row() -> None:
     params = load_params()
-    assert set(params.tables) == set(TRAINED) == {f"table{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11)} | {"proxy"}
+    assert set(params.tables) == set(TRAINED)
     for table in TRAINED:
         paper = paper_rows(TABLES[table])
         rows = table_rows(params.for_tables([table]), table)  # the proxy's at its own profile
-        assert [rt.row.row for rt in rows] == [int(p["row"]) for p in paper], table
+        # every paper row, in its order; rows the paper does not print (another backbone) may follow
+        assert [rt.row.row for rt in rows][:len(paper)] == [int(p["row"]) for p in paper], table
+        assert all(rt.row.row > len(paper) for rt in rows[len(paper):]), table
         for rt, p in zip(rows, paper):
             assert rt.row.backbone == p["key"]
             assert (rt.row.head.kind == "noah") == (p["head"] == "noah")
@@ -158,21 +160,51 @@ def test_study_stage_rejects_bad_params_before_ray_starts(tmp_path: Path) -> Non
     assert elapsed < 30, elapsed  # generous: shared CI machine; typically ~5 s, mostly imports
 
 
+def _identities(params) -> dict[str, tuple[set, set]]:
+    """Per trained table of params.yaml, in order, from params.yaml alone: the trials its rows need, as
+    (recipe, backbone, resolved head, kind), and the classification trials Table 9's fine-tuning starts from."""
+    from pipeline.config import to_dict
+    from pipeline.models import resolve_head
+
+    out = {}
+    for name, spec in params.tables.items():
+        if name == "proxy":  # trains at its own profile only
+            continue
+        own, sources = set(), set()
+        for row in spec.rows.values():
+            head = tuple(sorted(to_dict(resolve_head(row.backbone, row.head)).items()))
+            if spec.task == "reid":
+                own |= {(spec.recipe, row.backbone, head, "scratch"), (spec.finetune_recipe, row.backbone, head, "ft")}
+                sources.add((spec.pretrain_recipe, row.backbone, head, "classify"))
+            else:
+                own.add((row.recipe or spec.recipe, row.backbone, head, "classify"))
+        out[name] = (own, sources)
+    return out
+
+
 @pytest.mark.slow
 def test_plan_counts_no_configuration_twice() -> None:
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--profile", "imagenet", "--gpus", "64",
                           "--gpus-per-trial", "8", "--json"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     plan = json.loads(out)
-    tables, seeds = plan["tables"], len(load_params().seeds)  # each row trains once per seed
-    assert list(tables) == [f"table{n}" for n in range(1, 12)]
-    assert [tables[t]["unique_trials"] for t in ("table1", "table2", "table3")] == [20 * seeds, 17 * seeds, 16 * seeds]
-    assert tables["table4"] == {**tables["table4"], "rows": 8, "trials": 8 * seeds, "unique_trials": 7 * seeds}
-    assert tables["table9"]["trials"] == 4 * seeds
-    # Tables 4-7 and 11 reuse Table 1's ResNet18/50/101 rows and each other's; Table 8's recipe differs.
-    later = ("table4", "table5", "table6", "table7", "table8", "table11")
-    assert [tables[t]["new_unique_trials"] for t in later] == [n * seeds for n in (5, 6, 1, 2, 4, 4)]
-    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) == 79 * seeds
+    params = load_params()
+    tables, seeds = plan["tables"], len(params.seeds)  # each row trains once per seed
+    expected = _identities(params)
+    assert set(tables) == {*expected, "table10"} and tables["table10"]["trials"] == 0
+    # Tables 4-7 and 11 reuse Table 1's ResNet18/50/101 rows and each other's (Table 4 prints N=4, r=1/8
+    # twice); Table 8's recipe differs; Table 9 fine-tunes Table 4's ResNet50s.
+    seen: set = set()
+    for name, (own, sources) in expected.items():
+        rows = len(params.tables[name].rows)
+        kinds = 2 if params.tables[name].task == "reid" else 1
+        assert tables[name] == {**tables[name], "rows": rows, "trials": rows * kinds * seeds,
+                                "unique_trials": len(own) * seeds, "new_unique_trials": len(own - seen) * seeds}, name
+        seen |= own | sources
+    assert tables["table4"]["unique_trials"] < tables["table4"]["trials"]  # the repeated row trains once
+    everything = set().union(*(own for own, _ in expected.values()))
+    assert plan["total"]["unique_trials"] == sum(t["new_unique_trials"] for t in tables.values()) \
+        == len(everything) * seeds
     assert all(t["gpu_hours"] > 0 for name, t in tables.items() if name != "table10")
     # 8 trials at a time: a table alone takes at least its GPU-hours / 64. The whole study packed at once is
     # list scheduling, so it ends within one longest chain (no longer than the longest table alone) of that

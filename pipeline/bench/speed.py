@@ -7,7 +7,9 @@ the rounds, with its spread ((max - min) / median, %). Overhead % = (vanilla FPS
 × 100, as pipeline/paper/README.md defines it, taken per round and averaged, with a Student-t 95% interval
 (`{dev}_overhead_low`/`_high`). Rounds go on past the minimum until that interval is narrower than the
 paper's overhead for the row (`{dev}_resolved`), or the round cap or time budget is reached (`{dev}_rounds`
-says how many). Results go to PREFIX.csv / PREFIX.json (atomically; the JSON also keeps every round's
+says how many); a registered backbone Table 10 does not print is timed for the minimum rounds, `{dev}_resolved`
+empty (no paper overhead to resolve). Every registered backbone is timed by default, Table 10's in its order
+first. Results go to PREFIX.csv / PREFIX.json (atomically; the JSON also keeps every round's
 overhead) and to one MLflow run of experiment `table10`.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,7 +31,7 @@ from mlflow.entities import Metric, Param
 from torch import nn
 
 from ..config import BenchmarkConfig, ConfigError, parse
-from ..models import build_model
+from ..models import build_model, list_backbones
 from ..paper import read_paper_table
 from ..training.tracking import MAX_BATCH, check_store, client, experiment_id, git_commit
 from ..utils.io import atomic_write_text, csv_text, require_writable
@@ -107,10 +110,16 @@ def time_pair(pair: dict[str, nn.Module], device: str, batch: int, img_size: int
     return PairTiming({name: _fps(w, batch) for name, w in walls.items()}, overheads, (mean(overheads), low, high))
 
 
-def benchmark_backbone(paper: dict[str, str], cfg: BenchmarkConfig, use_gpu: bool) -> dict[str, Any]:
-    """One Table 10 row for the paper's row `paper`: Params (M) of both models, their frames/s on GPU (if
-    used) and one CPU core, NOAH's overhead with its interval, timed until narrower than the paper's."""
-    key = paper["key"]
+def benchmark_order() -> list[str]:
+    """Every registered backbone: Table 10's in its row order, then those it does not print (registry order)."""
+    printed = [k for k in paper_rows() if k in list_backbones()]
+    return printed + [k for k in list_backbones() if k not in printed]
+
+
+def benchmark_backbone(key: str, paper: dict[str, str] | None, cfg: BenchmarkConfig, use_gpu: bool) -> dict[str, Any]:
+    """One Table 10 row for backbone `key`: Params (M) of both models, their frames/s on GPU (if used) and one
+    CPU core, NOAH's overhead with its interval, timed until narrower than the paper's row `paper` (None: a
+    backbone the paper does not time, timed for the minimum rounds, `{dev}_resolved` None)."""
     pair = {name: build_model(key, {"kind": kind}, 1000, cfg.img_size).eval()
             for name, kind in (("vanilla", "baseline"), ("noah", "noah"))}
     row: dict[str, Any] = {"key": key}
@@ -120,7 +129,7 @@ def benchmark_backbone(paper: dict[str, str], cfg: BenchmarkConfig, use_gpu: boo
     if use_gpu:
         runs.insert(0, ("gpu", cfg.gpu_batch, cfg.gpu_repeats, cfg.gpu_max_repeats, cfg.gpu_seconds, cfg.gpu_warmup))
     for dev, batch, least, most, seconds, warmup in runs:
-        target = abs(float(paper[f"{dev}_overhead_pct"]))
+        target = abs(float(paper[f"{dev}_overhead_pct"])) if paper else math.inf
         timing = time_pair(pair, "cuda" if dev == "gpu" else "cpu", batch, cfg.img_size, least, most, seconds,
                            target, warmup)
         for name, (fps, spread) in timing.fps.items():
@@ -128,7 +137,7 @@ def benchmark_backbone(paper: dict[str, str], cfg: BenchmarkConfig, use_gpu: boo
         mean, low, high = timing.overhead
         row |= {f"{dev}_overhead_pct": round(mean, 2), f"{dev}_overhead_low": round(low, 2),
                 f"{dev}_overhead_high": round(high, 2), f"{dev}_rounds": len(timing.overheads),
-                f"{dev}_resolved": high - low < target,
+                f"{dev}_resolved": high - low < target if paper else None,
                 f"{dev}_round_overheads_pct": [round(o, 3) for o in timing.overheads]}
     return row
 
@@ -138,17 +147,22 @@ def _progress(row: dict[str, Any], dev: str, digits: int) -> str:
     return (f"{dev} {row[f'vanilla_{dev}_fps']:.{digits}f} vs {row[f'noah_{dev}_fps']:.{digits}f} fps "
             f"({row[f'{dev}_overhead_pct']:+.2f}% [{row[f'{dev}_overhead_low']:+.2f}, "
             f"{row[f'{dev}_overhead_high']:+.2f}], {row[f'{dev}_rounds']} rounds, "
-            f"{'narrower' if row[f'{dev}_resolved'] else 'not narrower'} than the paper's)")
+            f"{_verdict(row[f'{dev}_resolved'])})")
+
+
+def _verdict(resolved: bool | None) -> str:
+    return "no paper overhead" if resolved is None else f"{'' if resolved else 'not '}narrower than the paper's"
 
 
 def resolve_backbones(backbones: tuple[str, ...] | None) -> list[str]:
-    """The backbones to time, in Table 10's order; unknown keys are a ConfigError before any work."""
-    order = list(paper_rows())
+    """The backbones to time (None: every registered one) in `benchmark_order()`; unknown keys are a ConfigError
+    before any work."""
+    order = benchmark_order()
     if backbones is None:
         return order
     unknown = [k for k in backbones if k not in order]
     if unknown or not backbones:
-        raise ConfigError("benchmark.backbones", unknown[0] if unknown else [], "keys of backbones.csv: "
+        raise ConfigError("benchmark.backbones", unknown[0] if unknown else [], "registered backbones: "
                           + ", ".join(order))
     return sorted(dict.fromkeys(backbones), key=order.index)
 
@@ -182,7 +196,7 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
     elif use_gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu", "on", "'auto' or 'off' (CUDA is not available here)")
     paper = paper_rows()
-    order = list(paper)
+    order = benchmark_order()
     meta: dict[str, Any] = {
         "backbones": ",".join(keys), **{k: v for k, v in asdict(cfg).items() if k not in ("backbones", "out")},
         "gpu": torch.cuda.get_device_name() if use_gpu else None, "cpu": platform.processor() or platform.machine(),
@@ -193,7 +207,7 @@ def run_benchmark(cfg: BenchmarkConfig, tracking_uri: str | None, use_gpu: bool 
     started = time.perf_counter()
     step = steps(len(keys))
     for i, key in enumerate(keys, 1):
-        row = {"row": order.index(key) + 1, **benchmark_backbone(paper[key], cfg, use_gpu)}
+        row = {"row": order.index(key) + 1, **benchmark_backbone(key, paper.get(key), cfg, use_gpu)}
         rows.append(row)
         gpu = f", {_progress(row, 'gpu', 1)}" if use_gpu else ""
         step(i, f"{key}: {_progress(row, 'cpu', 2)}{gpu}  {time.perf_counter() - started:.0f}s")

@@ -239,7 +239,7 @@ class HeadConfig:
     shared_attention: bool = False
     extra_linear: bool = False
     dropout: float | None = checked(lambda p: 0 <= p < 1, "a number with 0 <= dropout < 1, or null (the "
-                                    "backbone's noah_dropout in backbones.csv)", default=None)
+                                    "backbone's registered noah_dropout)", default=None)
 
     @property
     def name(self) -> str:
@@ -251,7 +251,7 @@ class HeadConfig:
         return f"noah({','.join(parts)})"
 
     def options(self) -> dict[str, Any]:
-        """The options besides kind, N, r and dropout (each backbone's own, from backbones.csv) that differ
+        """The options besides kind, N, r and dropout (each backbone's own, from its registration) that differ
         from the paper's design: what makes a variant."""
         defaults = HeadConfig()
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -314,7 +314,7 @@ class TableRow:
     table's (Tables 1-3), that recipe."""
 
     row: int = checked(lambda r: r >= 1, "a paper row number >= 1")
-    backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
+    backbone: str = checked(lambda b: bool(b), "a registered backbone key (pipeline.models.list_backbones)")
     head: HeadConfig = field(default_factory=HeadConfig)
     recipe: str | None = None
     name: str = ""  # filled in from its key by TableConfig
@@ -542,10 +542,10 @@ class RecipeConfig:
 @dataclass(frozen=True)
 class TrialConfig:
     """One training run as params.yaml or the command line states it: a recipe by name (or given whole),
-    N and r possibly left to backbones.csv, `epochs` and `batch_size` null for the recipe's own.
+    N and r possibly left to the backbone's defaults, `epochs` and `batch_size` null for the recipe's own.
     `pipeline.training.trial.resolve_trial` turns it into the `Trial` that trains and is hashed."""
 
-    backbone: str = checked(lambda b: bool(b), "a backbone key of pipeline/paper/backbones.csv")
+    backbone: str = checked(lambda b: bool(b), "a registered backbone key (pipeline.models.list_backbones)")
     data_dir: str = checked(lambda d: bool(d), "a prepared dataset folder (with manifest.csv)")
     head: HeadConfig = field(default_factory=HeadConfig)
     recipe: str | RecipeConfig = "resnet"
@@ -615,7 +615,7 @@ class BenchmarkConfig:
     `*_repeats` rounds; then more until the 95% interval of the overhead is narrower than the paper's
     overhead for that row, or `*_max_repeats` rounds or `*_seconds` of timed rounds are reached."""
 
-    backbones: tuple[str, ...] | None = None  # null: all 26 of backbones.csv
+    backbones: tuple[str, ...] | None = None  # null: every registered backbone (pipeline.models.list_backbones)
     cpu_repeats: int = rounds_field(5)
     cpu_max_repeats: int = rounds_field(200)
     cpu_seconds: float = checked(lambda s: s >= 0, "a number of seconds >= 0", default=5.0)

@@ -1,5 +1,6 @@
-"""Models: the paper's 26 backbones with their own, GAP or NOAH heads (docs/interface.md, "Python"), the
-re-identification model of Table 9, and their parameter and MAdd counts."""
+"""Models: the registered backbones (`list_backbones()`: the paper's 26, in its order) with their own, GAP or
+NOAH heads (docs/interface.md, "Python"), the re-identification model of Table 9, and their parameter and MAdd
+counts."""
 from .backbones import backbone_info, backbone_table, list_backbones, narrows
 from .classifier import Classifier
 from .factory import build_head, build_model, resolve_head

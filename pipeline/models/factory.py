@@ -12,12 +12,10 @@ from .backbones import backbone_info, create_backbone, detach_head_conv, has_cla
 from .classifier import Classifier
 from .noah import NoahHead
 
-BLOCK_DROPOUT = ("deit_", "mixer_", "gmlp_")
-"""The backbones whose timm blocks take a dropout rate (`proj_drop_rate`): timm's ViT and MlpMixer."""
-
 
 def resolve_head(backbone: str, head: dict[str, Any] | HeadConfig | None) -> HeadConfig:
-    """The head config with N, r and dropout filled from backbones.csv for `kind: noah` (where not given)."""
+    """The head config with N, r and dropout filled from the backbone's registered defaults for `kind: noah`
+    (where not given)."""
     info = backbone_info(backbone)
     cfg = parse_head(head)
     if cfg.kind == "gap" and not has_class_token(backbone):
@@ -44,7 +42,7 @@ def build_head(head: dict[str, Any] | HeadConfig, in_channels: int, num_classes:
 def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_classes: int,
                 img_size: int = 224, drop_path_rate: float = 0.0, zero_init_last: bool = False,
                 block_dropout: float = 0.0, width: float = 1.0) -> Classifier:
-    """Backbone `backbone` (a backbones.csv key) with the head `head`, randomly initialised;
+    """Backbone `backbone` (a registered key, `list_backbones()`) with the head `head`, randomly initialised;
     `drop_path_rate` is the recipe's stochastic depth (timm's per-block schedule), `zero_init_last` its
     residual blocks' last norms at 0 (ResNets; ignored by backbones without them), `block_dropout` the
     dropout inside every block's MLPs (timm's `proj_drop_rate`; DeiT, Mixer and gMLP only), `width` the
@@ -53,17 +51,19 @@ def build_model(backbone: str, head: dict[str, Any] | HeadConfig | None, num_cla
     opts: dict[str, Any] = {"width": width}
     if drop_path_rate:
         opts["drop_path_rate"] = drop_path_rate
-    if zero_init_last and backbone.startswith("resnet"):
+    info = backbone_info(backbone)
+    if zero_init_last and info.zero_init_last:
         opts["zero_init_last"] = True
     if block_dropout:
-        if not backbone.startswith(BLOCK_DROPOUT):
+        if not info.block_dropout:
+            takers = ", ".join(k for k in list_backbones() if backbone_info(k).block_dropout)
             raise ConfigError("block_dropout", block_dropout, f"0 for {backbone}: only the blocks of "
-                              f"{', '.join(p.rstrip('_') for p in BLOCK_DROPOUT)} take dropout")
+                              f"{takers} take dropout")
         opts["proj_drop_rate"] = block_dropout
     _check_positive("num_classes", num_classes)
     if not valid_img_size(img_size):
         raise ConfigError("img_size", img_size, IMG_SIZE_RULE)
-    tokens = backbone_info(backbone).family in ("vit", "mlp")
+    tokens = info.family in ("vit", "mlp")
     if cfg.kind == "baseline":
         return Classifier(create_backbone(backbone, num_classes, img_size, **opts), None, tokens=tokens)
     if cfg.kind == "gap":

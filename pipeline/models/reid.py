@@ -54,7 +54,7 @@ def build_reid_model(backbone: str, head: dict[str, Any] | HeadConfig, num_ids: 
 
     The backbone is the zoo's (`build_model` with its own head, then that classifier removed), so its
     weights are the classification model's; the embedding head is `build_head(head, C, 512)`: GAP+FC
-    for `baseline`, the NOAH head with M = 512 (N and r from backbones.csv unless given) for `noah`.
+    for `baseline`, the NOAH head with M = 512 (N and r the backbone's defaults unless given) for `noah`.
     """
     cfg = resolve_head(backbone, head)
     if cfg.kind == "gap":

@@ -33,7 +33,7 @@ from ..training.record import (  # noqa: E402
 from ..training.tracking import client as mlflow_client  # noqa: E402
 from ..training.tracking import local_store  # noqa: E402
 from ..utils.io import atomic_write  # noqa: E402
-from .specs import backbones, is_baseline  # noqa: E402
+from .specs import backbone_name, backbones, is_baseline  # noqa: E402
 from .tables import Line  # noqa: E402
 
 TRAIN_KEYS = ("train_loss", "train/loss")
@@ -56,9 +56,11 @@ def is_design(row: dict[str, str]) -> bool:
     defaults = {k: getattr(design, k) for k in ("feature_split", "softmax_axis", "aggregation")} | {"variant": "poca"}
     if row.get("head") != "noah" or any(row.get(k, "") not in ("", v) for k, v in defaults.items()):
         return False
-    bb = backbones()[row["key"]]
-    n, r = row.get("N") or bb["noah_N"], row.get("r") or bb["noah_r"]  # Tables 1-3 print the design only
-    return float(n) == float(bb["noah_N"]) and float(r) == float(bb["noah_r"])
+    bb = backbones().get(row["key"])
+    if bb is None:
+        return False
+    n, r = row.get("N") or bb.noah_N, row.get("r") or bb.noah_r  # Tables 1-3 print the design only
+    return float(n) == float(bb.noah_N) and float(r) == float(bb.noah_r)
 
 
 def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
@@ -74,7 +76,7 @@ def design_pairs(tables: dict[str, list[Line]]) -> list[tuple[str, Line, Line]]:
             if None in ids or ids in seen:
                 continue
             seen.add(ids)
-            label = f"{backbones()[line.paper['key']]['paper_name']} ({name.replace('table', 'Table ')})"
+            label = f"{backbone_name(line.paper['key'])} ({name.replace('table', 'Table ')})"
             pairs.append((label, base, line))
     return pairs
 
@@ -287,7 +289,7 @@ def _model_spec(line: Line, config: dict[str, Any], meta: dict[str, Any], data_d
             "img_size": int(trial.get("img_size") or meta.get("img_size") or 224),
             "width": float(trial.get("width") or 1.0),
             "data_dir": data_dir or trial.get("data_dir") or meta.get("data_dir"),
-            "run_id": line.run["run_id"], "name": backbones()[line.paper["key"]]["paper_name"]}
+            "run_id": line.run["run_id"], "name": backbone_name(line.paper["key"])}
 
 
 def _distinct_classes(loader: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:

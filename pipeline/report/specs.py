@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, HeadConfig, to_dict
-from ..models import build_reid_model, resolve_head
+from ..models import backbone_table, build_reid_model, resolve_head
+from ..models.backbones import BackboneInfo
 from ..models.complexity import count, measure, paper_head
 from ..paper import read_paper_table
 
@@ -120,17 +121,42 @@ def edits(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[str]:
     return out + [f"{k}={v}" for k, v in ran.items() if v != paper.get(k) and v is not None]
 
 
-@functools.cache
-def backbones() -> dict[str, PaperRow]:
-    """`backbones.csv` keyed by backbone key."""
-    return {r["key"]: r for r in read_paper_table("backbones.csv")}
+def backbones() -> dict[str, BackboneInfo]:
+    """Every registered backbone's facts by key (`pipeline/models/backbones.py`): its name, family, defaults."""
+    return backbone_table()
+
+
+def backbone_name(key: str) -> str:
+    """A backbone's display name (the paper's, for the paper's backbones), or its key when not registered."""
+    info = backbones().get(key)
+    return info.name if info is not None else key
+
+
+def backbone_family(key: str) -> str:
+    info = backbones().get(key)
+    return info.family if info is not None else ""
+
+
+def unprinted_row(spec: TableSpec, number: int, result: dict[str, Any]) -> PaperRow:
+    """The row a result without a paper counterpart stands in (a backbone or row the paper does not print): the
+    paper CSV's columns, with its number, backbone, head kind and its own settings (`N`, `r`, a head option)
+    where the table prints them, and no paper value."""
+    columns = list(read_paper_table(spec.paper_csv)[0])
+    head = result.get("head") if isinstance(result.get("head"), dict) else {}
+    setting = {**head, **(result.get("setting") if isinstance(result.get("setting"), dict) else {})}
+    metrics = {m.paper for m in spec.metrics}
+    row = {c: "" if c in metrics or setting.get(c) is None else str(setting[c]) for c in columns}
+    row.update(row=str(number), key=str(result.get("backbone") or result.get("key") or ""))
+    if "head" in columns:
+        row["head"] = str(head.get("kind", ""))
+    return row
 
 
 def paper_rows(spec: TableSpec) -> list[PaperRow]:
     """The paper's rows of a table in print order, each with a `row` number (Table 10 numbers them 1…26)."""
     rows = read_paper_table(spec.paper_csv)
     if spec.paper_table is not None:
-        rows = [r for r in rows if int(backbones()[r["key"]]["paper_table"]) == spec.paper_table]
+        rows = [r for r in rows if backbones()[r["key"]].paper_table == spec.paper_table]
     if spec.keys:
         rows = [r for r in rows if r["key"] in spec.keys]
     for i, r in enumerate(rows, 1):
@@ -155,9 +181,9 @@ def guess_notes(spec: TableSpec, row: PaperRow) -> list[str]:
     """The footnotes of `row` for settings that rest on the pipeline's own reading (docs/fidelity.md)."""
     guess = GUESSES.get(spec.name)
     notes = [note] if guess is not None and (note := guess(row)) else []
-    backbone = backbones()[row["key"]]
-    if row.get("head") == "noah" and backbone["noah_dropout_source"] == "guess":
-        notes.append(f"NOAH's dropout {backbone['noah_dropout']} is its family's: the authors' commands do not "
+    backbone = backbones().get(row["key"])
+    if row.get("head") == "noah" and backbone is not None and backbone.dropout_source == "guess":
+        notes.append(f"NOAH's dropout {backbone.noah_dropout} is its family's: the authors' commands do not "
                      f"state it for {row['key']} ({FIDELITY})")
     return notes
 
@@ -179,7 +205,7 @@ def _choice(label: str, column: str, words: dict[str, str]) -> Setting:
 
 
 def _network(row: PaperRow) -> str:
-    return backbones()[row["key"]]["paper_name"] if is_baseline(row) else "+ NOAH"
+    return backbone_name(row["key"]) if is_baseline(row) else "+ NOAH"
 
 
 ACCURACY = (Metric("top1", "Top-1 (%)", "top1", source="best_top1"), Metric("top5", "Top-5 (%)", "top5"),
@@ -214,7 +240,7 @@ def _table9_network(row: PaperRow) -> str:
 
 
 def _table10_network(row: PaperRow) -> str:
-    return backbones()[row["key"]]["paper_name"]
+    return backbone_name(row["key"])
 
 
 PROXY_BACKBONES = ("resnet18", "mobilenetv2_050", "deit_tiny_050", "gmlp_tiny_050")

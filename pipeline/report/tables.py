@@ -1,7 +1,9 @@
 """One report table: the paper's rows joined with a results file, rendered as Markdown and as a tidy CSV.
 
-Rows always come from the paper (never dropped, never reordered); a row the results lack, a failed trial or an
+Rows come from the paper (never dropped, never reordered); a row the results lack, a failed trial or an
 unreadable results file becomes "—" with the reason in a footnote, so a partial study still reads correctly.
+A result the paper has no row for (another registered backbone, a row params.yaml adds) follows the paper's
+rows (Table 10: within its family) with empty paper columns and a note, and is never compared with the paper.
 
 A trained row holds one run per seed: its value is the mean over the seeds that finished, with the sample
 std, and its difference to the block's baseline is the mean of the per-seed differences (paired by seed)
@@ -28,12 +30,14 @@ from .specs import (
     Metric,
     PaperRow,
     TableSpec,
-    backbones,
+    backbone_family,
+    backbone_name,
     edits,
     guess_notes,
     is_baseline,
     paper_complexity,
     paper_rows,
+    unprinted_row,
 )
 
 DASH = "—"
@@ -65,8 +69,9 @@ def load_results(path: Path, spec: TableSpec) -> Results:
         for item in data.get("rows") or []:
             number = item.get("row")
             key = item.get("key") or item.get("backbone")
-            if number is None and key in keyed:
-                number = keyed[key]["row"]
+            if number is None and spec.groups:  # the benchmark's rows are its backbones; one the paper does not
+                # time follows the paper's
+                number = keyed[key]["row"] if key in keyed else max([len(keyed), *res.rows]) + 1
             if spec.seeded and not isinstance(item.get("runs"), list):
                 raise KeyError(f"row {number} has no list of per-seed `runs`")
             res.rows[int(number)] = item
@@ -116,6 +121,7 @@ class Line:
     trained: dict[str, int] = field(default_factory=dict)  # the trained model's own params and madds
     above_chance: bool | None = None  # its top-1 tested against the dataset's chance level (None: untested)
     baseline: Line | None = None
+    printed: bool = True  # False: a result the paper has no row for (its paper columns stay empty)
 
     @property
     def row(self) -> int:
@@ -185,7 +191,8 @@ def _seeded(reason: str | None, run: dict[str, Any], runs: list[dict[str, Any]])
     return reason if len(runs) == 1 or reason is None else f"seed {run.get('seed')}: {reason}"
 
 
-def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None) -> Line:
+def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None,
+                  printed: bool = True) -> Line:
     """A row of a trained table: per-seed samples of each trained metric, their means, and the model's
     Params and MAdds at the paper's settings (those of the row as it ran, else of the paper's row)."""
     runs = result.get("runs") or []
@@ -218,14 +225,16 @@ def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error:
     first = next((r for r in runs if r.get("params") is not None), {})
     trained = {k: int(first[k]) for k in ("params", "madds") if first.get(k) is not None}
     line = Line(row, spec.network(row), status, reason, result, samples, values,
-                {m.name: _paper_value(row, m) for m in spec.metrics}, n, edits(spec, row, result),
-                guess_notes(spec, row), reasons, trained)
+                {m.name: _paper_value(row, m) for m in spec.metrics}, n,
+                edits(spec, row, result) if printed else [], guess_notes(spec, row), reasons, trained,
+                printed=printed)
     if 0 < n < len(runs):
         line.notes.append(f"mean over the {n} of {len(runs)} seeds that finished")
     return line
 
 
-def _timed_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None) -> Line:
+def _timed_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: str | None,
+                printed: bool = True) -> Line:
     """A row of the benchmark: its values as timed (no seeds, nothing trained)."""
     status, reason = ("MISSING", error) if error else ("MISSING", f"no result for this row in {spec.name}.json") \
         if not result else ("FINISHED", None)
@@ -233,21 +242,34 @@ def _timed_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error: s
     reasons = {m.name: reason or (None if values[m.name] is not None else
                                   f"{spec.name}.json holds no value for this column") for m in spec.metrics}
     return Line(row, spec.network(row), status, reason, result, {}, values,
-                {m.name: _paper_value(row, m) for m in spec.metrics}, reasons=reasons)
+                {m.name: _paper_value(row, m) for m in spec.metrics}, reasons=reasons, printed=printed)
+
+
+NOT_PRINTED = "the paper prints no such row: nothing here is compared with the paper"
 
 
 def build_lines(spec: TableSpec, results: Results) -> list[Line]:
-    """The paper's rows in order, each joined with its result and linked to its block's baseline row."""
+    """The paper's rows in order, each joined with its result and linked to its block's baseline row, then the
+    results the paper has no row for (`unprinted_row`), in row order; Table 10 keeps each within its family."""
     lines: list[Line] = []
     baselines: dict[str, Line] = {}
-    for row in paper_rows(spec):
+    printed = paper_rows(spec)
+    numbers = {int(row["row"]) for row in printed}
+    extra = [unprinted_row(spec, n, results.rows[n]) for n in sorted(results.rows) if n not in numbers]
+    for row in [*printed, *extra]:
+        is_printed = int(row["row"]) in numbers
         result = results.rows.get(int(row["row"])) or {}
-        line = (_trained_line if spec.seeded else _timed_line)(spec, row, result, results.error)
+        line = (_trained_line if spec.seeded else _timed_line)(spec, row, result, results.error, is_printed)
+        if not is_printed:
+            line.notes.insert(0, NOT_PRINTED)
         if is_baseline(row):
             baselines[row["key"]] = line
         else:
             line.baseline = baselines.get(row["key"])
         lines.append(line)
+    if spec.groups:  # a stable sort: the paper's rows keep their order, another backbone joins its family
+        order = list(FAMILIES)
+        lines.sort(key=lambda ln: order.index(f) if (f := backbone_family(ln.paper["key"])) in order else len(order))
     if spec.seeded:
         _flag_chance(spec, results.meta, lines)
         _flag_machines(lines)
@@ -464,7 +486,7 @@ def markdown(spec: TableSpec, results: Results, lines: list[Line]) -> str:
         best = {m.name: _best([ln.paper_values[m.name] for ln in block], m.better) for m in spec.metrics}
         for line in block:
             if spec.groups:
-                current = backbones()[line.paper["key"]]["family"]
+                current = backbone_family(line.paper["key"])
                 if current != family:
                     family = current
                     out.append("| " + " | ".join([f"*{FAMILIES.get(family, family)}*"] + [""] * (len(header) - 1))
@@ -499,7 +521,7 @@ def paper_comparisons(lines: list[Line]) -> dict[int, proxy.Comparison]:
         if paper is None or paper_base is None:
             continue
         delta = line.delta("top1")
-        out[line.row] = proxy.Comparison(backbones()[line.paper["key"]]["paper_name"], paper - paper_base,
+        out[line.row] = proxy.Comparison(backbone_name(line.paper["key"]), paper - paper_base,
                                          delta.mean if delta else None, delta.interval if delta else None)
     return out
 

@@ -1,8 +1,8 @@
 """A trial and its identity.
 
 `TrialConfig` (pipeline.config) is a trial as params.yaml or the command line states it; `resolve_trial`
-turns it, once, into a `Trial`: the recipe looked up, the head's N and r filled in from backbones.csv, the
-epochs and batch the recipe is fitted to. A trial's identity hash covers everything that determines its
+turns it, once, into a `Trial`: the recipe looked up, the head's N, r and dropout filled in from the backbone's
+defaults, the epochs and batch the recipe is fitted to. A trial's identity hash covers everything that determines its
 result (its data by the manifest's hash, not its folder), so equal trials of different tables train once.
 """
 from __future__ import annotations
