@@ -2,6 +2,7 @@
 at once with one message naming the key, before Ray, MLflow or data are touched."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -15,7 +16,7 @@ import yaml
 from dvc.utils.hydra import apply_overrides
 
 from pipeline import REPO_ROOT
-from pipeline.config import PARAMS, ConfigError, load_params, profile_datasets
+from pipeline.config import PARAMS, ConfigError, StudyConfig, load_params, profile_datasets
 from pipeline.report.specs import TABLES, paper_rows
 from pipeline.study.tables import table_rows
 
@@ -68,6 +69,14 @@ def test_the_study_stage_params_name_exactly_the_tables_of_study_tables() -> Non
     assert tables == [t for t in TRAINED if t not in ("table1", "table2", "table3", "proxy")]
     assert [p.removeprefix("tables.") for p in stage["params"] if p.startswith("tables.")] == tables
     assert "study.tables" in stage["params"] and stage["outs"] == ["results/study"]
+
+
+def test_the_study_stage_with_no_table_named_and_no_study_tables_names_the_key() -> None:
+    from pipeline.study.sweep import study_stage
+
+    params = dataclasses.replace(load_params(), study=StudyConfig())
+    with pytest.raises(ConfigError, match=r"^study\.tables: got \[\]; allowed: one or more keys of `tables`"):
+        study_stage(params, [])
 
 
 def test_study_tables_are_tables_each_named_once(tmp_path: Path) -> None:
