@@ -2,8 +2,8 @@
 per-table metrics and plot data that DVC's `metrics`, `plots` and `exp show` compare (`summaries`).
 
 Reads only finished artefacts (`results/<table>.json`, or `results/study/<table>.json` for the tables the study
-stage trains, the MLflow store, logged weights); never trains, so it
-runs in seconds and always writes every table, with "—" and a footnote where something is not there yet.
+stage trains, the MLflow store, logged weights); never trains, so it runs in seconds and always writes every table,
+with "—" and a footnote where something is not there yet.
 """
 from __future__ import annotations
 
