@@ -101,7 +101,8 @@ def migrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", type=Path, default=Path("results"), help="folder of results/<table>.json")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="folder of <table>.json (its study/ subfolder's first)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder the reports are written to")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store with the runs' per-epoch metrics and weights (default: the results' meta)")

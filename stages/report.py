@@ -1,6 +1,7 @@
-"""DVC stage `report`: Tables 4-11 (Markdown and CSV), the figures, reports/README.md and the metrics and plot
-data DVC reads (reports/metrics, reports/plots) from results/, the MLflow store and the trainer's checkpoints (for
-the attention maps). Never trains; runs in seconds."""
+"""DVC stage `report`: every table (Markdown and CSV), the figures, reports/README.md and the metrics and plot
+data DVC reads (reports/metrics, reports/plots), all under its out folder reports/, from results/ (results/study/
+for the study stage's tables), the MLflow store and the trainer's checkpoints (for the attention maps). Never
+trains; runs in seconds."""
 import sys
 
 import workspace  # noqa: F401 - first: this checkout's `pipeline`, not the installed one

@@ -82,8 +82,9 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 
 
 def _trial_ids(repo: Path, table: str) -> set[str]:
-    """Every trial id `results/<table>.json` reports (a re-identification row has a scratch and a fine-tuning one)."""
-    rows = json.loads((repo / "results" / f"{table}.json").read_text())["rows"]
+    """Every trial id `results/study/<table>.json` reports (a re-identification row has a scratch and a fine-tuning
+    one)."""
+    rows = json.loads((repo / "results" / "study" / f"{table}.json").read_text())["rows"]
     return {v for row in rows for run in row["runs"] for k, v in run.items() if k.endswith("trial_id")}
 
 
@@ -109,7 +110,7 @@ def test_queued_and_temp_experiments_run_in_their_own_workspaces(tmp_path: Path)
         _git(repo, "add", "-A")
         _git(repo, "commit", "-q", "-m", "baseline")
         before, baseline = _snapshot(repo), {r.data.tags["trial_id"] for r in _trial_runs(uri)}
-        assert baseline and "results/table8.json" in before and "reports/table9.md" in before
+        assert baseline and "results/study/table8.json" in before and "reports/table9.md" in before
 
         for name in ("exp-a", "exp-b"):
             _dvc(repo, env, "exp", "run", "--queue", "-n", name, *(a for s in EXPERIMENTS[name] for a in ("-S", s)))

@@ -211,7 +211,7 @@ DISPLAY_ONLY = {"train.progress": "off", "profiles.imagenet.gpu_tflops": 12.5, "
                 "train.compile": True,
                 "mlflow.log_weights": True, "ray.address": "auto", "ray.max_concurrent": 1, "ray.verbose": 2,
                 "ray.reuse_actors": False, "profiles.proxy.epochs": 3, "profiles.proxy.seeds": [0],
-                "tables.proxy.recipe": "aggressive"}
+                "tables.proxy.recipe": "aggressive", "tables.table1.recipe": "aggressive"}
 """Params that change how or where trials run (or another profile), never a stage's outs: dvc.yaml's header."""
 RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.resize": (96, {"prepare"}),
              "profiles.smoke.epochs": (4, {"study"}), "profiles.smoke.reid_img_size": (96, {"study"}),
@@ -219,7 +219,8 @@ RESULTING = {"profile": ("imagenet", {"prepare", "study"}), "datasets.builtin.re
              "seeds": ([0, 1, 2], {"study"}), "profiles.smoke.seeds": ([0, 1, 2], {"study"}),
              "profiles.smoke.recipes": ({}, {"study"}),
              "recipes.resnet.lr": (0.2, {"study"}),
-             "tables.table6.recipe": ("aggressive", {"study"}), "benchmark.cpu_seconds": (1, {"benchmark"}),
+             "tables.table6.recipe": ("aggressive", {"study"}), "study.tables": (["table4"], {"study"}),
+             "benchmark.cpu_seconds": (1, {"benchmark"}),
              "mlflow.tracking_uri": ("sqlite:///other.db", {"study", "report"}),
              "train.checkpoint_root": ("elsewhere", {"report"})}
 """Params that change outs, with the stages whose outs they change."""

@@ -25,10 +25,11 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import REPO_ROOT
+from pipeline.config import load_params
 
 pytestmark = pytest.mark.slow
 
-TABLES = ("table4", "table5", "table6", "table7", "table8", "table9", "table11")
+TABLES = load_params().study.tables  # what `dvc repro` trains
 BASELINE = {"row": 1, "backbone": "resnet18", "head": {"kind": "baseline"}}
 NOAH = {"row": 2, "backbone": "resnet18", "head": {"kind": "noah", "N": 4, "r": 0.5}}
 TAG = "NOAH_RELIABILITY_DVC"

@@ -13,10 +13,10 @@ import yaml
 from markdown_it import MarkdownIt
 
 from pipeline.commands import parser_of
-from pipeline.config import PARAMS, load_params
+from pipeline.config import PARAMS, RESULTS, load_params, results_dir
 from pipeline.models import backbone_info
 from pipeline.paper import PAPER_TABLES
-from pipeline.report import TABLES, build_reports, build_table, run
+from pipeline.report import TABLES, build_reports, build_table, results_file, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
 from pipeline.report.specs import paper_rows
 from pipeline.report.tables import scale_lines
@@ -233,6 +233,20 @@ def test_a_row_edited_in_params_is_labelled_with_its_setting_and_not_compared(
     else:
         assert avg[0].startswith("+ NOAH") and "[" not in avg[0] and avg[8] == "71.12 (↑0.87)"
         assert record["edited"] == "" and record["paper_top1"] == "71.12"
+
+
+def test_the_tables_of_the_study_stage_have_their_results_in_its_out_folder(tmp_path: Path) -> None:
+    """The study writes a table of `study.tables` into results/study/ (the stage's out), any other into results/
+    (Tables 1-3 and the proxy, trained by name outside `dvc repro`); the report reads results/study/ first."""
+    params = load_params()
+    assert [results_dir(params, t) for t in ("table4", "table11", "table1", "proxy")] == \
+        [RESULTS / "study", RESULTS / "study", RESULTS, RESULTS]
+    (tmp_path / "study").mkdir()
+    (tmp_path / "table7.json").write_text("{}")
+    assert results_file(tmp_path, "table7") == tmp_path / "table7.json"
+    (tmp_path / "study" / "table7.json").write_text("{}")
+    assert results_file(tmp_path, "table7") == tmp_path / "study" / "table7.json"
+    assert results_file(tmp_path, "table1") == tmp_path / "table1.json"
 
 
 @pytest.mark.slow

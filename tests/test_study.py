@@ -2,7 +2,9 @@
 at once with one message naming the key, before Ray, MLflow or data are touched."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import yaml
 from dvc.utils.hydra import apply_overrides
 
 from pipeline import REPO_ROOT
-from pipeline.config import PARAMS, ConfigError, load_params, profile_datasets
+from pipeline.config import PARAMS, ConfigError, StudyConfig, load_params, profile_datasets
 from pipeline.report.specs import TABLES, paper_rows
 from pipeline.study.tables import table_rows
 
@@ -60,14 +62,32 @@ def test_dvc_set_param_addresses_every_row_by_its_name(tmp_path: Path) -> None:
     assert after.tables["table7"].rows["sum"].head.aggregation == "sum"
 
 
-def test_the_study_stage_names_the_same_tables_in_its_command_params_and_outs() -> None:
-    """dvc.yaml lists the tables `dvc repro` trains three times; they must agree (Tables 1-3 and the proxy stay
-    out)."""
+def test_the_study_stage_params_name_exactly_the_tables_of_study_tables() -> None:
+    """`dvc repro` trains `study.tables` (the stage's command names none), each a param of the study stage, whose
+    out is one folder; they must agree (Tables 1-3 and the proxy stay out)."""
     stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["study"]
-    tables = stage["cmd"].split()[2:]
+    tables = list(load_params().study.tables)
+    assert stage["cmd"] == "python stages/study.py"
     assert tables == [t for t in TRAINED if t not in ("table1", "table2", "table3", "proxy")]
     assert [p.removeprefix("tables.") for p in stage["params"] if p.startswith("tables.")] == tables
-    assert stage["outs"] == [f"results/{t}.{ext}" for t in tables for ext in ("json", "csv")]
+    assert "study.tables" in stage["params"] and stage["outs"] == ["results/study"]
+
+
+def test_the_study_stage_with_no_table_named_and_no_study_tables_names_the_key() -> None:
+    from pipeline.study.sweep import study_stage
+
+    params = dataclasses.replace(load_params(), study=StudyConfig())
+    with pytest.raises(ConfigError, match=r"^study\.tables: got \[\]; allowed: one or more keys of `tables`"):
+        study_stage(params, [])
+
+
+def test_study_tables_are_tables_each_named_once(tmp_path: Path) -> None:
+    for tables, key in ((["table4", "nope"], "study.tables[1]"), (["table4", "table5", "table4"], "study.tables[2]")):
+        data = yaml.safe_load(PARAMS.read_text())
+        data["study"]["tables"] = tables
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}: got"):
+            load_params(tmp_path / "p.yaml")
 
 
 def test_prepare_builds_the_active_profiles_datasets_or_those_named() -> None:

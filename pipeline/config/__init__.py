@@ -1,5 +1,5 @@
 """Configuration: the schema of every option (`schema`) and the params file that fills it (`params`)."""
-from .params import PARAMS, REPORTS, RESULTS, data_dir, load_params, profile_datasets
+from .params import PARAMS, REPORTS, RESULTS, STUDY_RESULTS, data_dir, load_params, profile_datasets, results_dir
 from .schema import (
                      IMG_SIZE_RULE,
                      MAX_SHOWN,
@@ -15,6 +15,7 @@ from .schema import (
                      ProfileConfig,
                      RayConfig,
                      RecipeConfig,
+                     StudyConfig,
                      TableConfig,
                      TableRow,
                      TrainConfig,
@@ -28,8 +29,8 @@ from .schema import (
                      valid_img_size,
 )
 
-__all__ = ["PARAMS", "REPORTS", "RESULTS", "data_dir", "load_params", "profile_datasets", "IMG_SIZE_RULE",
-           "MAX_SHOWN", "AugmentConfig", "BenchmarkConfig", "BuiltinDataConfig", "ConfigError", "Decode", "HeadConfig",
-           "MlflowConfig", "Params", "PrepareConfig", "ProfileConfig", "RayConfig", "RecipeConfig", "TableConfig",
-           "TableRow", "TrainConfig", "TrialConfig", "check_name", "flatten", "parse", "parse_head", "parse_head_spec",
-           "to_dict", "valid_img_size"]
+__all__ = ["PARAMS", "REPORTS", "RESULTS", "STUDY_RESULTS", "data_dir", "load_params", "profile_datasets",
+           "results_dir", "IMG_SIZE_RULE", "MAX_SHOWN", "AugmentConfig", "BenchmarkConfig", "BuiltinDataConfig",
+           "ConfigError", "Decode", "HeadConfig", "MlflowConfig", "Params", "PrepareConfig", "ProfileConfig",
+           "RayConfig", "RecipeConfig", "StudyConfig", "TableConfig", "TableRow", "TrainConfig", "TrialConfig",
+           "check_name", "flatten", "parse", "parse_head", "parse_head_spec", "to_dict", "valid_img_size"]

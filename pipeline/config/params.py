@@ -11,6 +11,8 @@ from .schema import ConfigError, Params, PrepareConfig, parse
 
 PARAMS = REPO_ROOT / "params.yaml"
 RESULTS = REPO_ROOT / "results"
+STUDY_RESULTS = "study"
+"""The study stage's out folder under results/: the results of the tables of `study.tables` (`dvc repro`'s)."""
 REPORTS = REPO_ROOT / "reports"
 
 MAX_YAML_VALUES = 100_000
@@ -87,6 +89,13 @@ def data_dir(out: str) -> str:
     """The folder a dataset's `out` names (a relative one is taken from the repository root)."""
     path = Path(out)
     return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+def results_dir(params: Params, table: str, results: Path = RESULTS) -> Path:
+    """The folder of `table`'s `<table>.json|csv` under `results`: the study stage's out folder `study/` for a table
+    of `study.tables` (what `dvc repro` trains, whoever trains it), `results` itself for any other (Tables 1-3 and
+    the proxy, trained by name outside `dvc repro`, which DVC must never delete)."""
+    return results / STUDY_RESULTS if table in params.study.tables else results
 
 
 def profile_datasets(params: Params, names: list[str] | None = None) -> dict[str, PrepareConfig]:

@@ -375,6 +375,16 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """The study stage of `dvc repro`: `python stages/study.py` with no table named trains these tables as one
+    schedule, into its out folder `results/study/`. Tables 1-3 and the proxy stay out (they are trained by name,
+    outside `dvc repro`). dvc.yaml's study stage lists each of them as a param (`tables.<table>`), its only other
+    mention: a stage's params are exactly the keys that change its outs."""
+
+    tables: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """Where sweeps run: a cluster address (or RAY_ADDRESS) or a local Ray, and per-trial resources."""
 
@@ -654,6 +664,7 @@ class Params:
     ray: RayConfig = field(default_factory=RayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         for section in ("profiles", "datasets", "tables", "recipes"):
@@ -683,6 +694,11 @@ class Params:
                                "a key of `tables`: " + ", ".join(self.tables))
                     raise ConfigError(f"profiles.{name}.tables[{i}]", table, allowed)
                 owner[table] = name
+        for i, table in enumerate(self.study.tables):
+            if table not in self.tables or table in self.study.tables[:i]:
+                allowed = ("each table once" if table in self.tables else
+                           "a key of `tables`: " + ", ".join(self.tables))
+                raise ConfigError(f"study.tables[{i}]", table, allowed)
         for name, table in self.tables.items():
             for key in ("recipe", "finetune_recipe", "pretrain_recipe"):
                 ref = getattr(table, key)

@@ -1,8 +1,9 @@
 """The report: Tables 1–11 as Markdown and tidy CSV beside the paper's numbers, figures, an index, and the
 per-table metrics and plot data that DVC's `metrics`, `plots` and `exp show` compare (`summaries`).
 
-Reads only finished artefacts (`results/<table>.json`, the MLflow store, logged weights); never trains, so it
-runs in seconds and always writes every table, with "—" and a footnote where something is not there yet.
+Reads only finished artefacts (`results/<table>.json`, or `results/study/<table>.json` for the tables the study
+stage trains, the MLflow store, logged weights); never trains, so it runs in seconds and always writes every table,
+with "—" and a footnote where something is not there yet.
 """
 from __future__ import annotations
 
@@ -10,18 +11,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..config import STUDY_RESULTS
 from ..training.tracking import check_store
 from ..utils.io import atomic_write_text, require_writable
 from . import figures, summaries
 from .specs import TABLES, TableSpec
 from .tables import Line, Results, build_lines, load_results, markdown, markdown_text, scale_lines, table_csv
 
-__all__ = ["TABLES", "build_reports", "build_table", "run"]
+__all__ = ["TABLES", "build_reports", "build_table", "results_file", "run"]
+
+
+def results_file(results_dir: Path, name: str) -> Path:
+    """`<results>/study/<name>.json` (the study stage's out folder) where it exists, else `<results>/<name>.json`
+    (Tables 1-3, the proxy and Table 10, written outside that folder)."""
+    study = Path(results_dir) / STUDY_RESULTS / f"{name}.json"
+    return study if study.exists() else Path(results_dir) / f"{name}.json"
 
 
 def build_table(spec: TableSpec, results_dir: Path, out_dir: Path) -> tuple[Results, list[Line]]:
-    """Write `<out>/<table>.md` and `.csv` from `<results>/<table>.json`."""
-    results = load_results(Path(results_dir) / f"{spec.name}.json", spec)
+    """Write `<out>/<table>.md` and `.csv` from the table's results (`results_file`)."""
+    results = load_results(results_file(results_dir, spec.name), spec)
     lines = build_lines(spec, results)
     atomic_write_text(Path(out_dir) / f"{spec.name}.md", markdown(spec, results, lines))
     atomic_write_text(Path(out_dir) / f"{spec.name}.csv", table_csv(spec, lines))

@@ -302,6 +302,6 @@ TABLES: dict[str, TableSpec] = {s.name: s for s in (
     TableSpec("proxy", "A one-GPU proxy study: light backbones with and without NOAH on an ImageNet class subset",
               "table1_3_main.csv", (), IMAGENET, _network, keys=PROXY_BACKBONES, proxy=True),
 )}
-"""Tables 1–11 and the proxy study by results name (`results/<name>.json` → `reports/<name>.md|.csv`)."""
+"""Tables 1–11 and the proxy study by results name (`results/[study/]<name>.json` → `reports/<name>.md|.csv`)."""
 
 FAMILIES = {"cnn": "CNNs", "vit": "ViTs", "mlp": "MLPs"}

@@ -57,7 +57,8 @@ class Results:
 
 
 def load_results(path: Path, spec: TableSpec) -> Results:
-    """Read `results/<table>.json`; a missing or malformed file gives an `error`, never an exception."""
+    """Read a table's results (`results/[study/]<table>.json`); a missing or malformed file gives an `error`,
+    never an exception."""
     res = Results(Path(path))
     if not res.path.exists():
         res.error = f"{res.path.name} not produced yet (the `{spec.producer}` stage has not written it)"

@@ -70,7 +70,16 @@ def plan_clean(root: Path, uri: str, needed: set[str] | None, only: Collection[s
     if not root.is_dir():
         return []
     return [r for folder in sorted(p for p in root.iterdir() if p.is_dir() and (only is None or p.name in only))
-            for r in _trial_removals(folder, uri, needed)]
+            for r in _removals_if_present(folder, uri, needed)]
+
+
+def _removals_if_present(folder: Path, uri: str, needed: set[str] | None) -> list[Removal]:
+    """`_trial_removals`, or nothing when a file vanishes while it looks: another study or `dvc exp` workspace
+    sharing the checkpoint root cleaned the same folder first."""
+    try:
+        return _trial_removals(folder, uri, needed)
+    except FileNotFoundError:
+        return []
 
 
 def apply(removals: list[Removal]) -> None:

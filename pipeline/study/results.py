@@ -1,5 +1,6 @@
 """A table's results files: `results/<table>.json` (meta + one row per printed row, each trial's outcome
-read back from MLflow, per seed) and the same flattened to one line per row and seed in `results/<table>.csv`."""
+read back from MLflow, per seed) and the same flattened to one line per row and seed in `results/<table>.csv`;
+under results/study/ for the tables of `study.tables`, the study stage's out folder (`config.results_dir`)."""
 from __future__ import annotations
 
 import json

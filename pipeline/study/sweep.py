@@ -7,7 +7,8 @@ Ray, or the cluster at `ray.address` / `RAY_ADDRESS`), handed out by `TrialQueue
 from has finished. A trial resumes from the checkpoint folder named by its identity, so Ray's retries
 (`max_failures`) and a re-run of an interrupted study pick up where they stopped; on a multi-node cluster
 `train.checkpoint_root` and the MLflow store must be shared storage. Each table's results are then read
-back from MLflow into `results/<table>.json|csv` and into each table's row runs (`study.table_runs`), under
+back from MLflow into `results/<table>.json|csv` (`results/study/` for the tables of `study.tables`, the study
+stage's out folder: `config.results_dir`) and into each table's row runs (`study.table_runs`), under
 the table's one parent run; a trial that failed is a row without a result (and is listed at the end), not a
 failed study.
 """
@@ -29,7 +30,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from .. import REPO_ROOT
-from ..config import RESULTS, ConfigError, MlflowConfig, Params, TrainConfig, data_dir, parse, to_dict
+from ..config import ConfigError, MlflowConfig, Params, TrainConfig, data_dir, parse, results_dir, to_dict
 from ..data.prepared import check_shards, num_classes, require_prepared
 from ..training.engine import NonFiniteLossError
 from ..training.record import checkpoint_root, trial_lock
@@ -275,13 +276,15 @@ def _signals_stop_tune() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
-    """Validate, reuse finished trials, train the rest as one schedule, write `results/<table>.json|csv` for
-    each of `tables`; returns those results by table."""
+def run_study(params: Params, tables: list[str], out_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Validate, reuse finished trials, train the rest as one schedule, write `<table>.json|csv` for each of
+    `tables` into `out_dir` (default: the table's own folder, `config.results_dir`); returns those results by
+    table."""
     tables = sorted(dict.fromkeys(tables), key=table_order)
     rows = {t: table_rows(params, t) for t in tables}
     uri = resolve_uri(params.mlflow.tracking_uri)
-    check_ready(params, tables, out_dir, uri)
+    out_dirs = {t: out_dir or results_dir(params, t) for t in tables}
+    check_ready(params, tables, sorted(set(out_dirs.values())), uri)
     measured = read_measured(uri)
     trials = study_trials(rows, measured.finished)
     todo = [t for t in trials.values() if t.status == "PENDING"]
@@ -298,7 +301,7 @@ def run_study(params: Params, tables: list[str], out_dir: Path = RESULTS) -> dic
                               {t.key for t in todo})
         errors = {k: t.reason for k, t in trials.items() if t.reason}
         tag_trial_runs(mlflow_client, trials, params.profile, uri)
-        results = {table: _table_results(params, table, rows[table], uri, errors, out_dir) for table in tables}
+        results = {t: _table_results(params, t, rows[t], uri, errors, out_dirs[t]) for t in tables}
         for table in tables:
             write_row_runs(mlflow_client, parents[table], rows[table], results[table]["rows"], params.profile)
         ended = "FINISHED"
@@ -344,7 +347,7 @@ def _free_checkpoints(root: Path, uri: str, needed: set[str] | None, ran: set[st
 
 def _table_results(params: Params, table: str, rows: list[RowTrials], uri: str, errors: dict[str, str],
                    out_dir: Path) -> dict[str, Any]:
-    """Write and return `results/<table>.json|csv`: meta and each row's outcome read back from MLflow."""
+    """Write and return `<out_dir>/<table>.json|csv`: meta and each row's outcome read back from MLflow."""
     prof, seed = params.active, params.trial_seeds[0]
     first = rows[0].trials.get(("classify", seed)) or rows[0].trials["scratch", seed]  # the data every row scores on
     meta = {"table": table, "profile": params.profile,
@@ -378,7 +381,7 @@ def _summary(trials: dict[str, StudyTrial], results: dict[str, dict[str, Any]]) 
     _say("\n".join(["study summary:", *lines] if lines else ["study: nothing trained in this run"]))
 
 
-def check_ready(params: Params, tables: list[str], out_dir: Path, uri: str) -> None:
+def check_ready(params: Params, tables: list[str], out_dirs: list[Path], uri: str) -> None:
     """Fail in seconds, before Ray starts, on what would fail every trial or lose its result: unprepared
     data or shards cut short, a results, checkpoint or Ray folder that cannot be written, an MLflow store that
     cannot be used."""
@@ -391,14 +394,18 @@ def check_ready(params: Params, tables: list[str], out_dir: Path, uri: str) -> N
                 check_shards(data_dir(params.datasets[name].out))
             except ConfigError as err:
                 raise ConfigError(f"datasets.{name}.out", err.value, err.allowed) from None
-    for key, folder in (("results", out_dir), ("train.checkpoint_root", checkpoint_root(params.train.checkpoint_root)),
+    for key, folder in (*(("results", out) for out in out_dirs),
+                        ("train.checkpoint_root", checkpoint_root(params.train.checkpoint_root)),
                         ("ray.storage_path", REPO_ROOT / params.ray.storage_path)):
         require_writable(folder, key)
     check_store(uri, "mlflow.tracking_uri")
 
 
 def study_stage(params: Params, tables: list[str]) -> None:
-    """The DVC stage `study`: `tables` are the keys of `tables:` to run (at least one)."""
-    if not tables:
-        raise ConfigError("tables", tables, "one or more keys of `tables`: " + ", ".join(params.tables))
+    """The DVC stage `study`: `tables` are the keys of `tables:` to run; none named, those of `study.tables` (the
+    tables `dvc repro` trains)."""
+    if not tables and not params.study.tables:
+        raise ConfigError("study.tables", [], "one or more keys of `tables` (or tables named on the command line): "
+                          + ", ".join(params.tables))
+    tables = tables or list(params.study.tables)
     run_study(params.for_tables(tables), tables)
