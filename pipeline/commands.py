@@ -216,7 +216,7 @@ COMMANDS: dict[str, Command] = {
                          benchmark_arguments),
     "bench-head": Command("pipeline.bench.head", "Head latency, train step and saved memory: ours vs straightforward",
                           bench_head_arguments),
-    "bench-prepare": Command("pipeline.bench.prepare", "Prepare throughput vs a one-process PIL loop",
+    "bench-prepare": Command("pipeline.bench.prepare_throughput", "Prepare throughput vs a one-process PIL loop",
                              bench_prepare_arguments),
     "bench-train": Command("pipeline.bench.train", "Trainer images/s vs a bare PyTorch loop", bench_train_arguments),
     "bench-loader": Command("pipeline.bench.loader",

@@ -18,7 +18,7 @@ from tracking_server import free_port
 
 from pipeline import REPO_ROOT
 from pipeline.config import ConfigError, MlflowConfig, TrainConfig, load_params
-from pipeline.report.tables import Footnotes
+from pipeline.report.render import Footnotes
 from pipeline.training import tracking
 from pipeline.training.record import CHECKPOINT
 from pipeline.training.run import run_trial

@@ -27,7 +27,7 @@ from pipeline.report.proxy import COLUMNS, Comparison
 from pipeline.report.specs import backbones, paper_rows
 from pipeline.study.cost import Measured, equivalent_tflops, trial_hours
 from pipeline.study.plan import plan
-from pipeline.study.tables import table_rows
+from pipeline.study.rows import table_rows
 
 CLASSES = {f"n0100000{i}": kind for i, kind in enumerate(SHAPES[:5])}  # WordNet-like folder names, one shape each
 PAPER_DELTAS = {"resnet18": 1.56, "mobilenetv2_050": 3.14, "deit_tiny_050": 5.30, "gmlp_tiny_050": 1.90}

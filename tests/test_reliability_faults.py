@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
+from pipeline.study.rows import table_rows
 from pipeline.study.sweep import run_study
-from pipeline.study.tables import table_rows
 from pipeline.training.record import CHECKPOINT, CheckpointError, load_checkpoint
 from pipeline.training.trial import trial_key
 

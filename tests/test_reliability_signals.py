@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 
 from pipeline import REPO_ROOT
 from pipeline.config import RESULTS, load_params
+from pipeline.study.rows import study_trials, table_rows
 from pipeline.study.sweep import end_stale_runs
-from pipeline.study.tables import study_trials, table_rows
 from pipeline.training.record import checkpoint_root, trial_lock
 from pipeline.training.tracking import REASON_TAG, experiment_id
 

@@ -18,8 +18,8 @@ from pipeline.models import backbone_info
 from pipeline.paper import PAPER_TABLES
 from pipeline.report import TABLES, build_reports, build_table, results_file, run
 from pipeline.report.figures import attention_figure, curves, head_maps, trained_attention
+from pipeline.report.render import scale_lines
 from pipeline.report.specs import paper_rows
-from pipeline.report.tables import scale_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report" / "results"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -212,7 +212,7 @@ def test_a_row_edited_in_params_is_labelled_with_its_setting_and_not_compared(
     """Table 7's average-pooling row given a dropout in params.yaml: 0.2 is another model than the paper's row
     and says so; 0.1 is ResNet18's own NOAH dropout (backbones.csv), so that row is still the paper's."""
     from pipeline.study.results import row_result
-    from pipeline.study.tables import table_rows
+    from pipeline.study.rows import table_rows
 
     data = yaml.safe_load(PARAMS.read_text())
     data["tables"]["table7"]["rows"]["avg"]["head"]["dropout"] = dropout
@@ -405,7 +405,7 @@ def test_cli_writes_reports_and_figures_from_real_mlflow_runs(tmp_path: Path) ->
 
 
 def _lines(results: Path):
-    from pipeline.report.tables import build_lines, load_results
+    from pipeline.report.render import build_lines, load_results
 
     return build_lines(TABLES["table6"], load_results(results / "table6.json", TABLES["table6"]))
 

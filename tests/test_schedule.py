@@ -8,9 +8,9 @@ import pytest
 from ray.tune.search import Searcher
 
 from pipeline.config import load_params
-from pipeline.study.schedule import Job, makespan, order, priorities
+from pipeline.study.rows import study_trials, table_rows
+from pipeline.study.schedule import Job, by_priority, makespan, priorities
 from pipeline.study.sweep import TrialQueue
-from pipeline.study.tables import study_trials, table_rows
 
 
 def test_makespan_of_independent_jobs_is_worked_by_hand() -> None:
@@ -27,7 +27,7 @@ def test_a_chain_goes_first_and_its_second_half_waits_for_the_first() -> None:
     # t=0 s, x(5); t=1 f to 7; t=5 y to 10. Own cost first would start x and y, then s at 5, f at 6 to 12.
     jobs = [Job("x", 5), Job("y", 5), Job("s", 1), Job("f", 6, after="s")]
     assert priorities(jobs) == {"x": 5, "y": 5, "s": 7, "f": 6}
-    assert order(jobs) == ["s", "f", "x", "y"]
+    assert by_priority(jobs) == ["s", "f", "x", "y"]
     assert makespan(jobs, slots=2) == 10
     assert makespan([Job("f", 6, after="done-already")], slots=1) == 6, "a source not scheduled is finished"
     with pytest.raises(ValueError, match="slots"):

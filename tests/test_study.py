@@ -18,7 +18,7 @@ from dvc.utils.hydra import apply_overrides
 from pipeline import REPO_ROOT
 from pipeline.config import PARAMS, ConfigError, StudyConfig, load_params, profile_datasets
 from pipeline.report.specs import TABLES, paper_rows
-from pipeline.study.tables import table_rows
+from pipeline.study.rows import table_rows
 
 TRAINED = [name for name, spec in TABLES.items() if spec.producer == "study"]
 

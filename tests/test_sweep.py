@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 from pipeline.config import load_params
 from pipeline.report import build_reports
 from pipeline.study.results import row_result
+from pipeline.study.rows import table_rows
 from pipeline.study.sweep import run_study
 from pipeline.study.table_runs import sweep_parents, write_row_runs
-from pipeline.study.tables import table_rows
 from pipeline.training.tracking import client as tracking_client
 from pipeline.training.tracking import resolve_uri
 from pipeline.training.trial import trial_key

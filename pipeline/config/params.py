@@ -55,7 +55,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 
 
 def load_params(path: str | Path = PARAMS) -> Params:
-    """Parse and cross-check a params file (structure only; `study.tables.table_rows` builds the models)."""
+    """Parse and cross-check a params file (structure only; `study.rows.table_rows` builds the models)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("params", str(path), "an existing params.yaml")

@@ -15,8 +15,8 @@ from ..config import STUDY_RESULTS
 from ..training.tracking import check_store
 from ..utils.io import atomic_write_text, require_writable
 from . import figures, summaries
+from .render import Line, Results, build_lines, load_results, markdown, markdown_text, scale_lines, table_csv
 from .specs import TABLES, TableSpec
-from .tables import Line, Results, build_lines, load_results, markdown, markdown_text, scale_lines, table_csv
 
 __all__ = ["TABLES", "build_reports", "build_table", "results_file", "run"]
 

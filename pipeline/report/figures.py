@@ -33,8 +33,8 @@ from ..training.record import (  # noqa: E402
 from ..training.tracking import client as mlflow_client  # noqa: E402
 from ..training.tracking import local_store  # noqa: E402
 from ..utils.io import atomic_write  # noqa: E402
+from .render import Line  # noqa: E402
 from .specs import backbone_name, backbones, is_baseline  # noqa: E402
-from .tables import Line  # noqa: E402
 
 TRAIN_KEYS = ("train_loss", "train/loss")
 VAL_KEYS = ("val_top1", "val/top1")  # per epoch; the final `top1` is one value, not a curve

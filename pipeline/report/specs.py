@@ -110,7 +110,7 @@ def paper_complexity(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> 
     return {"params": params, "madds": madds}
 
 
-def edits(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[str]:
+def changed_settings(spec: TableSpec, row: PaperRow, result: dict[str, Any]) -> list[str]:
     """How the row as it ran differs from the paper's row (`option=value`): its backbone, or a head option a
     user set in params.yaml. Such a row is labelled with them and not compared with the paper."""
     if not spec.seeded or not result.get("head"):

@@ -25,8 +25,8 @@ from mlflow.exceptions import MlflowException
 from ..utils.io import atomic_write_text, csv_text
 from ..utils.stats import mean
 from .figures import VAL_KEYS, metric_history, open_store
+from .render import Line, Results
 from .specs import TABLES, TableSpec
-from .tables import Line, Results
 
 METRICS, CURVES, TOP1 = Path("metrics"), Path("plots") / "curves", Path("plots") / "top1"
 DIGITS = 4
@@ -66,7 +66,8 @@ def top1_points(spec: TableSpec, lines: list[Line]) -> list[dict[str, Any]]:
     for line in lines:
         if not line.name:
             continue
-        for who, value in (("ours", line.values["top1"]), ("paper", None if line.edits else line.paper_values["top1"])):
+        paper = None if line.changed_settings else line.paper_values["top1"]
+        for who, value in (("ours", line.values["top1"]), ("paper", paper)):
             if value is not None:
                 out.append({"row": f"{line.name} ({who})", "top1": _value(value)})
     return out

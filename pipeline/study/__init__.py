@@ -1,2 +1,2 @@
-"""The study: params.yaml's tables as trials (`tables`), swept with Ray Tune (`sweep`) into results files
+"""The study: params.yaml's tables as trials (`rows`), swept with Ray Tune (`sweep`) into results files
 (`results`), and costed before it runs (`plan`)."""

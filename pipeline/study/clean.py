@@ -24,7 +24,7 @@ from ..training.record import CHECKPOINT, checkpoint_root, compact
 from ..training.tracking import check_store, find_finished, find_running, resolve_uri
 from ..training.trial import trial_key
 from ..utils.io import require_writable
-from .tables import study_trials, table_order, table_rows
+from .rows import study_trials, table_order, table_rows
 
 UNPREPARED = "unprepared-"
 

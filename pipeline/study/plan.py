@@ -20,8 +20,8 @@ from ..config import PARAMS, ConfigError, Params, load_params
 from ..models import list_backbones
 from ..training.trial import trial_key
 from .cost import read_measured, trial_hours
+from .rows import RowTrials, study_trials, table_order, table_rows
 from .schedule import Job, makespan
-from .tables import RowTrials, study_trials, table_order, table_rows
 
 BENCHMARK_TABLE = "table10"  # the speed benchmark: model pairs, no training
 

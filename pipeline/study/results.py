@@ -10,7 +10,7 @@ from typing import Any
 from ..config import flatten, to_dict
 from ..training.tracking import latest_run, result_of
 from ..utils.io import atomic_write_text, csv_text
-from .tables import RowTrials
+from .rows import RowTrials
 
 
 def row_result(rt: RowTrials, keys: dict[tuple[str, int], str], uri: str, errors: dict[str, str]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def priorities(jobs: Iterable[Job]) -> dict[str, float]:
     return out
 
 
-def order(jobs: Iterable[Job]) -> list[str]:
+def by_priority(jobs: Iterable[Job]) -> list[str]:
     """The keys by priority, highest first (ties by key, so the order is stable)."""
     prio = priorities(jobs)
     return sorted(prio, key=lambda k: (-prio[k], k))
@@ -55,7 +55,7 @@ def makespan(jobs: Iterable[Job], slots: int) -> float:
     if slots < 1:
         raise ValueError(f"slots: got {slots}; allowed: an integer >= 1")
     jobs = {j.key: j for j in jobs}
-    ranked = order(jobs.values())
+    ranked = by_priority(jobs.values())
     done: set[str] = set()
     running: list[tuple[float, str]] = []  # (end, key), a heap
     pending = list(ranked)

@@ -45,9 +45,9 @@ from .clean import apply as apply_clean
 from .clean import needed_sources, plan_clean
 from .cost import Measured, read_measured, trial_hours
 from .results import row_result, unfinished, write_results
-from .schedule import Job, order
+from .rows import RowTrials, StudyTrial, departures, study_trials, table_order, table_rows
+from .schedule import Job, by_priority
 from .table_runs import close_parent, sweep_parents, tag_trial_runs, trial_tags, write_row_runs
-from .tables import RowTrials, StudyTrial, departures, study_trials, table_order, table_rows
 
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
 """Ray Tune's switch between its two console reporters: "0", the classic one, prints nothing at verbosity 0
@@ -120,7 +120,7 @@ class TrialQueue(Searcher):
                 self.trials[other].status, self.trials[other].reason = "BLOCKED", f"its source trial {st.key} failed"
 
 
-class Console(tune.Callback):
+class TrialLines(tune.Callback):
     """The study's console in place of Ray Tune's status tables: a line when a trial starts, one per epoch,
     one when it ends, with its top-1 and time or why it failed."""
 
@@ -213,7 +213,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
         tune.with_resources(_trainable, _resources(params.ray.cpus_per_trial, params.ray.gpus_per_trial,
                                                       params.train.num_workers)),
         param_space={"train": train, "mlflow": tracking},
-        tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, order(jobs), space), num_samples=-1,
+        tune_config=tune.TuneConfig(search_alg=TrialQueue(trials, by_priority(jobs), space), num_samples=-1,
                                     max_concurrent_trials=params.ray.max_concurrent,
                                     reuse_actors=params.ray.reuse_actors,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
@@ -221,7 +221,7 @@ def tune_study(params: Params, trials: dict[str, StudyTrial], parents: dict[str,
             name=f"study-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
             storage_path=str(storage if storage.is_absolute() else REPO_ROOT / storage),
             failure_config=tune.FailureConfig(max_failures=params.ray.max_failures), verbose=params.ray.verbose,
-            callbacks=[Console(trials)] if quiet else None))
+            callbacks=[TrialLines(trials)] if quiet else None))
     try:
         with _signals_stop_tune() as stopped, _environ({NEW_OUTPUT: "0"} if quiet else {}):
             grid = tuner.fit()

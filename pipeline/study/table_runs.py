@@ -34,7 +34,7 @@ from ..training.tracking import (
     latest_run,
 )
 from .results import kind_prefix
-from .tables import RowTrials, StudyTrial, table_order
+from .rows import RowTrials, StudyTrial, table_order
 
 SWEEP_TAG = "sweep"  # on a table's parent run: the table
 TABLE_TAG, ROW_TAG = "table", "row"  # on a row run: its table and row (trial runs carry `tables` and `rows`)

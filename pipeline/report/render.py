@@ -32,7 +32,7 @@ from .specs import (
     TableSpec,
     backbone_family,
     backbone_name,
-    edits,
+    changed_settings,
     guess_notes,
     is_baseline,
     paper_complexity,
@@ -116,7 +116,7 @@ class Line:
     values: dict[str, float | None]
     paper_values: dict[str, float | None]
     n: int = 0  # seeds whose every trial finished
-    edits: list[str] = field(default_factory=list)  # how the trained row differs from the paper's
+    changed_settings: list[str] = field(default_factory=list)  # how the trained row differs from the paper's
     notes: list[str] = field(default_factory=list)
     reasons: dict[str, str | None] = field(default_factory=dict)  # per metric: why it has no value
     trained: dict[str, int] = field(default_factory=dict)  # the trained model's own params and madds
@@ -227,7 +227,7 @@ def _trained_line(spec: TableSpec, row: PaperRow, result: dict[str, Any], error:
     trained = {k: int(first[k]) for k in ("params", "madds") if first.get(k) is not None}
     line = Line(row, spec.network(row), status, reason, result, samples, values,
                 {m.name: _paper_value(row, m) for m in spec.metrics}, n,
-                edits(spec, row, result) if printed else [], guess_notes(spec, row), reasons, trained,
+                changed_settings(spec, row, result) if printed else [], guess_notes(spec, row), reasons, trained,
                 printed=printed)
     if 0 < n < len(runs):
         line.notes.append(f"mean over the {n} of {len(runs)} seeds that finished")
@@ -407,7 +407,7 @@ def _measured_cell(line: Line, m: Metric, spec: TableSpec, notes: Footnotes) -> 
 
 def _paper_cell(line: Line, m: Metric, spec: TableSpec, best: float | None, notes: Footnotes) -> str:
     value = line.paper_values[m.name]
-    if line.edits:
+    if line.changed_settings:
         return DASH + notes.mark(NOT_COMPARED, line.row)
     if value is None:
         return DASH
@@ -465,7 +465,7 @@ def evidence_lines(meta: dict[str, Any]) -> list[str]:
 
 
 def _network_cell(line: Line, notes: Footnotes) -> str:
-    label = line.network + (f" [{', '.join(line.edits)}]" if line.edits else "")
+    label = line.network + (f" [{', '.join(line.changed_settings)}]" if line.changed_settings else "")
     return _escape(label) + "".join(notes.mark(n, line.row) for n in line.notes)
 
 
@@ -516,7 +516,7 @@ def paper_comparisons(lines: list[Line]) -> dict[int, proxy.Comparison]:
     out = {}
     for line in lines:
         base = line.baseline
-        if base is None or line.edits or base.edits:
+        if base is None or line.changed_settings or base.changed_settings:
             continue
         paper, paper_base = line.paper_values.get("top1"), base.paper_values.get("top1")
         if paper is None or paper_base is None:
@@ -634,18 +634,18 @@ def table_csv(spec: TableSpec, lines: list[Line]) -> str:
     for line in lines:
         record: dict[str, Any] = {c: line.paper.get(c, "") for c in columns}
         record.update(row=line.row, name=line.name or "", network=line.network, status=line.status,
-                      reason="; ".join(filter(None, [line.reason, *line.edits, *line.notes])),
+                      reason="; ".join(filter(None, [line.reason, *line.changed_settings, *line.notes])),
                       backbone=line.result.get("backbone") or line.result.get("key") or "",
                       run_id=_joined(line, "run_id"), trial_id=_joined(line, "trial_id"))
         record.update({c: _plain(_number(line.result.get(c))) for c in _timed_columns(spec)})
         if spec.seeded:
             record.update(n=line.n, trained_params=line.trained.get("params", ""),
-                          trained_madds=line.trained.get("madds", ""), edited="; ".join(line.edits),
+                          trained_madds=line.trained.get("madds", ""), edited="; ".join(line.changed_settings),
                           above_chance="" if line.above_chance is None else str(line.above_chance).lower())
         for m in spec.metrics:
             record[m.name] = _plain(line.values[m.name], m)
             if m.paper:
-                record[f"paper_{m.name}"] = "" if line.edits else _plain(line.paper_values[m.name], m)
+                record[f"paper_{m.name}"] = "" if line.changed_settings else _plain(line.paper_values[m.name], m)
             if m.delta and spec.seeded:
                 delta = line.delta(m.name)
                 low, high = delta.interval if delta is not None and delta.interval else (None, None)
