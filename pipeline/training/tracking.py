@@ -233,7 +233,8 @@ def client(uri: str) -> MlflowClient:
     """The client of a tracking store (one per URI and process), its calls waiting out a locked store
     (`waited`). A SQLite store is opened under an exclusive lock on `<db>.lock`: processes opening a new store
     at once (trials starting together) would otherwise race to create its tables and fail; a server does that
-    itself."""
+    itself. Artifact downloads show no progress bar of MLflow's own (the console stays one line per step)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_uri(uri)
     if is_server(uri):
         return _server_client(uri)
