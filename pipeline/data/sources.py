@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..config import ConfigError
 
@@ -35,7 +36,7 @@ class Item:
 
 @dataclass
 class Scan:
-    task: str  # "classification" or "reid"
+    task: Literal["classification", "reid"]
     splits: tuple[str, ...]
     classes: tuple[str, ...] | None = None  # the label order a class list fixes (labels 0..K-1 in it)
     items: list[Item] = field(default_factory=list)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import timm
 import torch
@@ -27,7 +27,9 @@ from . import pvt  # noqa: F401  (registers pvt_v1_* with timm)
 
 CreateFn = Callable[..., nn.Module]
 
-FAMILY_TABLES = {"cnn": 1, "vit": 2, "mlp": 3}
+Family = Literal["cnn", "vit", "mlp"]
+DropoutSource = Literal["code", "guess"]
+FAMILY_TABLES: dict[Family, int] = {"cnn": 1, "vit": 2, "mlp": 3}
 """The paper's table of each family: Table 1 CNNs, Table 2 ViTs, Table 3 MLPs (params.yaml `tables.table1/2/3`)."""
 
 
@@ -44,19 +46,19 @@ class BackboneInfo:
 
     key: str
     name: str
-    family: str  # cnn | vit | mlp
+    family: Family
     noah_N: int
     noah_r: float
     noah_dropout: float
     width: float = 1.0
-    dropout_source: str = "code"  # code | guess
+    dropout_source: DropoutSource = "code"
     class_token: bool = False
     narrows: bool = False
     zero_init_last: bool = False  # its residual blocks' last norms can start at 0 (timm's ResNets)
     block_dropout: bool = False  # its blocks' MLPs take a dropout rate (timm's `proj_drop_rate`)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILY_TABLES or self.dropout_source not in ("code", "guess"):
+        if self.family not in get_args(Family) or self.dropout_source not in get_args(DropoutSource):
             raise ValueError(f"backbone {self.key}: family {self.family!r}, dropout_source {self.dropout_source!r}")
 
     @property

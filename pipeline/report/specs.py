@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,8 +31,8 @@ class Metric:
     name: str
     label: str
     paper: str
-    kind: str = "pct"  # pct | params | madds | params_m | fps
-    better: str | None = "max"  # which value is bold: max, min or none
+    kind: Literal["pct", "params", "madds", "params_m", "fps"] = "pct"
+    better: Literal["max", "min"] | None = "max"  # which value is bold (None: none)
     delta: bool = True  # printed with (↑x)/(↓x) against the block's baseline
     scale: float = 1.0
     trained: bool = True  # needs a finished training run (params and MAdds do not)
@@ -57,12 +57,12 @@ class TableSpec:
     metrics: tuple[Metric, ...]
     network: Callable[[PaperRow], str]
     decimals: int = 2
-    producer: str = "study"  # the DVC stage that writes its results file
+    producer: Literal["study", "benchmark"] = "study"  # the DVC stage that writes its results file
     groups: bool = False  # Table 10 prints CNNs / ViTs / MLPs section rows
     paper_table: int | None = None  # Tables 1-3 share one CSV: the rows whose backbone's paper_table this is
     keys: tuple[str, ...] = ()  # the proxy: only the paper CSV's rows of these backbones
     proxy: bool = False  # a proxy study: its NOAH rows' top-1 deltas are set beside the paper's (report/proxy.py)
-    task: str = "classify"  # classify | reid: which model its Params and MAdds count
+    task: Literal["classify", "reid"] = "classify"  # which model its Params and MAdds count
 
     @property
     def seeded(self) -> bool:
