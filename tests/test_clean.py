@@ -85,6 +85,7 @@ def _params_file(tmp_path: Path, tiny_params: Any) -> Path:
     data = yaml.safe_load(path.read_text())
     data["tables"] = {"table4": {"recipe": "resnet", "rows": {"baseline": {"row": 1, "backbone": "resnet18",
                                                                             "head": {"kind": "baseline"}}}}}
+    data["study"] = {"tables": ["table4"]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
