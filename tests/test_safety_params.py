@@ -169,7 +169,7 @@ def test_plan_takes_tables_of_any_name(tmp_path: Path) -> None:
     tables = yaml.safe_load(PARAMS.read_text())["tables"]
     tables = {"extra": {"recipe": "resnet", "rows": ROWS}, "table10b": {"recipe": "resnet", "rows": ROWS},
               **{k: tables[k] for k in ("table6", "table11", "proxy")}}  # proxy: its profile's, not planned here
-    params = str(_repo_params(tmp_path, tables=tables))
+    params = str(_repo_params(tmp_path, tables=tables, study={"tables": ["table6", "table11"]}))
     proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--params", params,
                            "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
